@@ -1,0 +1,277 @@
+"""Read an Ideogram 4 checkpoint (Hugging Face layout) tensor by tensor, in official names.
+
+Sources are memory-mapped safetensors; a tensor is read in row chunks so that converting the
+245 M-parameter ``llm_cond_proj`` never needs it whole in float32. Supported forms:
+
+* official fused names (``attention.qkv``, ``attention.o``) or the diffusers split layout
+  (``attention.to_q/to_k/to_v``, ``attention.to_out.0``), which is fused back here;
+* float32, bfloat16, float16, and the official FP8 (``float8_e4m3fn`` weight with a per-output-row
+  float32 ``<name>.weight_scale``: value = fp8 × scale[row], computed in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from gguf_dit.arch import BACKBONE_DIRS, Ideogram4Config, check_tensors, config_from_json, detect_config, tensor_inventory
+from gguf_dit.errors import GgufDitError, SourceError
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+_SPLIT = re.compile(r"^(layers\.\d+\.attention\.)(to_q|to_k|to_v|to_out\.0)\.weight$")
+_FLOAT_DTYPES = {"F32", "BF16", "F16", "F8_E4M3"}
+
+
+@dataclasses.dataclass
+class _Part:
+    """One stored tensor (possibly with its FP8 scale) inside a shard."""
+
+    file: Path
+    key: str
+    scale_key: str | None
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class SourceTensor:
+    """An official-name tensor backed by one or more stored parts concatenated along rows."""
+
+    name: str
+    parts: list[_Part]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = self.parts[0].shape
+        if len(first) == 1:
+            return first
+        return (sum(p.shape[0] for p in self.parts),) + tuple(first[1:])
+
+    @property
+    def dtype(self) -> str:
+        return "+".join(sorted({p.dtype + ("*scale" if p.scale_key else "") for p in self.parts}))
+
+
+class Backbone:
+    """One DiT backbone of a checkpoint: its role, files, config and official-name tensors."""
+
+    def __init__(self, role: str, directory: Path, files: list[Path], config_json: dict | None) -> None:
+        self.role = role
+        self.directory = directory
+        self.files = files
+        self.config_json = config_json
+        self.tensors: dict[str, SourceTensor] = {}
+        self.layout = "official"
+        self._handles: dict[Path, object] = {}
+        self._scan()
+        self.config = self._config()
+        check_tensors({n: t.shape for n, t in self.tensors.items()}, self.config, str(self.directory))
+
+    # -- discovery ---------------------------------------------------------------------
+    def _open(self, f: Path):
+        h = self._handles.get(f)
+        if h is None:
+            from safetensors import safe_open
+
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises several exception types for a bad header
+                raise SourceError(f"cannot read safetensors file ({_short(e)})", path=f) from None
+            self._handles[f] = h
+        return h
+
+    def _scan(self) -> None:
+        raw: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        for f in self.files:
+            h = self._open(f)
+            for key in h.keys():
+                sl = h.get_slice(key)
+                raw[key] = (f, sl.get_dtype(), tuple(int(x) for x in sl.get_shape()))
+        if not raw:
+            raise SourceError("no tensors found", path=self.directory)
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in raw)), "")
+        names = {k[len(prefix):]: v for k, v in raw.items()}
+
+        scales = {k for k in names if k.endswith(".weight_scale")}
+        split: dict[str, dict[str, _Part]] = {}
+        for key, (f, dtype, shape) in names.items():
+            if key in scales:
+                if key[: -len("_scale")] not in names:
+                    raise SourceError("weight_scale without its weight", path=f, tensor=prefix + key)
+                continue
+            if dtype not in _FLOAT_DTYPES:
+                raise SourceError(f"unsupported dtype {dtype} (expected F32, BF16, F16 or F8_E4M3 with weight_scale)", path=f, tensor=prefix + key)
+            scale_key = key + "_scale" if key + "_scale" in scales else None
+            if dtype == "F8_E4M3" and scale_key is None:
+                raise SourceError("float8 weight without a .weight_scale tensor", path=f, tensor=prefix + key)
+            if scale_key:
+                sf, sdt, sshape = names[scale_key]
+                if sdt not in ("F32", "BF16", "F16") or sshape not in ((shape[0],), (shape[0], 1), (), (1,)):
+                    raise SourceError(f"weight_scale has dtype {sdt} shape {list(sshape)}, expected float ({shape[0]},)", path=sf, tensor=prefix + scale_key)
+            part = _Part(f, prefix + key, prefix + scale_key if scale_key else None, dtype, shape)
+            m = _SPLIT.match(key)
+            if m:
+                split.setdefault(m.group(1), {})[m.group(2)] = part
+                self.layout = "diffusers"
+            else:
+                self.tensors[key] = SourceTensor(key, [part])
+        for base, parts in split.items():
+            have = set(parts)
+            if have - {"to_out.0"}:
+                missing = {"to_q", "to_k", "to_v"} - have
+                if missing:
+                    raise SourceError("diffusers split attention is missing " + ", ".join(sorted(missing)), path=self.directory, tensor=base + sorted(missing)[0] + ".weight")
+                self.tensors[base + "qkv.weight"] = SourceTensor(base + "qkv.weight", [parts["to_q"], parts["to_k"], parts["to_v"]])
+            if "to_out.0" in parts:
+                self.tensors[base + "o.weight"] = SourceTensor(base + "o.weight", [parts["to_out.0"]])
+
+    def _config(self) -> Ideogram4Config:
+        where = str(self.directory)
+        shapes = {n: t.shape for n, t in self.tensors.items()}
+        if "embed_image_indicator.weight" not in shapes:
+            raise SourceError("not an Ideogram 4 backbone (no embed_image_indicator.weight)", path=where)
+        detected = detect_config(shapes, where)
+        if self.config_json:
+            declared = config_from_json(self.config_json)
+            if "attention_head_dim" in self.config_json and "num_attention_heads" in self.config_json:
+                declared["emb_dim"] = int(self.config_json["attention_head_dim"]) * int(self.config_json["num_attention_heads"])
+            merged = dataclasses.replace(detected, **{k: v for k, v in declared.items() if k in ("rope_theta", "mrope_section")})
+            for k, v in declared.items():
+                if getattr(merged, k) != v:
+                    raise SourceError(f"config.json says {k}={v} but the tensors say {getattr(merged, k)}", path=self.directory / "config.json")
+            detected = merged
+        try:
+            detected.validate(where)
+        except GgufDitError as e:
+            raise SourceError(str(e)) from None
+        return detected
+
+    # -- reading -----------------------------------------------------------------------
+    def rows(self, name: str, r0: int, r1: int, hasher: "hashlib._Hash | None" = None) -> np.ndarray:
+        """Rows [r0, r1) of an official tensor as float32 (1-D tensors: elements)."""
+        import torch
+
+        st = self.tensors[name]
+        out = []
+        base = 0
+        for p in st.parts:
+            n = p.shape[0]
+            lo, hi = max(r0 - base, 0), min(r1 - base, n)
+            base += n
+            if lo >= hi:
+                continue
+            h = self._open(p.file)
+            try:
+                t = h.get_slice(p.key)[lo:hi]
+                scale = h.get_slice(p.scale_key)[:] if p.scale_key else None
+            except Exception as e:
+                raise SourceError(f"cannot read tensor data ({_short(e)}); the file may be truncated or corrupt", path=p.file, tensor=p.key) from None
+            if hasher is not None:
+                hasher.update(f"{p.key}:{p.dtype}:{lo}:{hi};".encode())
+                hasher.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            x = t.to(torch.float32)
+            if scale is not None:
+                s = scale.to(torch.float32).reshape(-1)
+                x.mul_((s[lo:hi] if s.numel() > 1 else s).reshape(-1, *([1] * (x.dim() - 1))))
+            out.append(x.numpy())
+        arr = out[0] if len(out) == 1 else np.concatenate(out, axis=0)
+        if not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr.reshape(-1)))[0])
+            raise SourceError(f"non-finite value (NaN or Inf) at flat index {bad + r0 * (arr.shape[1] if arr.ndim > 1 else 1)}", path=st.parts[0].file, tensor=name)
+        return arr
+
+    def chunks(self, name: str, max_bytes: int, hasher=None) -> Iterator[np.ndarray]:
+        shape = self.tensors[name].shape
+        rows = shape[0]
+        per_row = 4 * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+        step = rows if len(shape) == 1 else max(1, max_bytes // per_row)
+        for r0 in range(0, rows, step):
+            yield self.rows(name, r0, min(rows, r0 + step), hasher)
+
+    def source_names(self) -> list[str]:
+        return [f.name for f in self.files]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _short(e: Exception) -> str:
+    s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return s[:200]
+
+
+def _backbone_files(d: Path) -> list[Path]:
+    index = d / INDEX_NAME
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except Exception as e:
+            raise SourceError(f"unreadable index ({_short(e)})", path=index) from None
+        files = sorted({d / v for v in wm.values()})
+        for f in files:
+            if not f.exists():
+                raise SourceError("shard listed in the index is missing", path=f)
+        return files
+    single = d / WEIGHTS_NAME
+    if single.exists():
+        return [single]
+    found = sorted(d.glob("*.safetensors"))
+    if found:
+        return found
+    raise SourceError(f"no {WEIGHTS_NAME} or {INDEX_NAME} found", path=d)
+
+
+def _load_config(d: Path) -> dict | None:
+    cfg = d / "config.json"
+    if not cfg.exists():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except Exception as e:
+        raise SourceError(f"unreadable config.json ({_short(e)})", path=cfg) from None
+
+
+def open_checkpoint(src: str | Path, role: str | None = None) -> list[Backbone]:
+    """Resolve SRC to its backbones: a checkpoint root (both backbones), a backbone directory, or a file."""
+    src = Path(src)
+    if not src.exists():
+        raise SourceError("does not exist", path=src)
+    if src.is_file():
+        if src.suffix != ".safetensors":
+            raise SourceError("expected a .safetensors file or a checkpoint directory", path=src)
+        return [Backbone(role or "cond", src.parent, [src], _load_config(src.parent))]
+    subdirs = [n for n in BACKBONE_DIRS if (src / n).exists()]
+    if subdirs:
+        missing = [n for n in BACKBONE_DIRS if n not in subdirs]
+        if missing and role is None:
+            raise SourceError(
+                f"missing backbone folder {missing[0]}/ (a checkpoint root needs both; pass a single backbone folder to convert one)",
+                path=src,
+            )
+        chosen = [n for n in BACKBONE_DIRS if n in subdirs and (role is None or BACKBONE_DIRS[n] == role)]
+        if not chosen:
+            raise SourceError(f"no backbone folder for role {role}", path=src)
+        out = []
+        for n in chosen:
+            d = src / n
+            if not d.is_dir():
+                raise SourceError("is not a directory", path=d)
+            out.append(Backbone(BACKBONE_DIRS[n], d, _backbone_files(d), _load_config(d)))
+        return out
+    r = role or BACKBONE_DIRS.get(src.name, "cond")
+    return [Backbone(r, src, _backbone_files(src), _load_config(src))]
+
+
+def expected_names(cfg: Ideogram4Config) -> list[str]:
+    return [s.name for s in tensor_inventory(cfg)]
+
+
+ChunkReader = Callable[[str, int], Iterator[np.ndarray]]

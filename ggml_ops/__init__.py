@@ -1,0 +1,22 @@
+"""gguf-dit's door into ggml: ctypes over the libraries llama-cpp-python installs.
+
+Knows nothing about Ideogram. Importing this package loads ``libggml-base``, ``libggml``,
+``libggml-cpu`` (and ``libggml-cuda`` when present), checks the ggml version and struct layout,
+and routes ggml's log into the ``gguf_dit.ggml`` logger.
+"""
+
+from ._lib import EXPECTED_GGML_VERSION, lib
+from .backend import Backend, available, devices
+from .graph import Builder, Context, Graph, Tensor, TensorStore, download, upload
+from .quant import default_threads, dequantize, quantize
+from .types import STORAGE_TYPES, GGMLType, check_row, fits
+
+__all__ = [
+    "EXPECTED_GGML_VERSION", "lib", "Backend", "available", "devices", "Builder", "Context", "Graph",
+    "Tensor", "TensorStore", "download", "upload", "default_threads", "dequantize", "quantize",
+    "STORAGE_TYPES", "GGMLType", "check_row", "fits",
+]
+
+
+def version() -> str:
+    return lib.ggml_version().decode()

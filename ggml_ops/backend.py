@@ -1,0 +1,132 @@
+"""Backend selection through ggml's registry: one code path for CPU and CUDA.
+
+Nothing here calls ``ggml_backend_cpu_*`` directly: those symbols do not exist in a dynamic-loading
+build, and a CUDA run must not depend on them. Thread count goes through the registry's proc address.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+from gguf_dit.errors import GGMLError
+
+from ._lib import lib
+from .quant import default_threads
+
+DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL = 0, 1, 2, 3
+_SET_N_THREADS = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)
+
+_loaded = False
+
+
+def _ensure_registry() -> None:
+    global _loaded
+    if not _loaded:
+        # A GGML_BACKEND_DL build keeps its backends as plugins next to the libraries; a static
+        # build has them registered already and this is a no-op.
+        lib.ggml_backend_load_all_from_path(str(lib.dir).encode())
+        _loaded = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    description: str
+    kind: str  # "cpu" | "gpu" | "igpu" | "accel"
+    memory_free: int
+    memory_total: int
+
+
+def devices() -> list[DeviceInfo]:
+    _ensure_registry()
+    out = []
+    kinds = {DEV_CPU: "cpu", DEV_GPU: "gpu", DEV_IGPU: "igpu", DEV_ACCEL: "accel"}
+    for i in range(lib.ggml_backend_dev_count()):
+        d = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(d, ctypes.byref(free), ctypes.byref(total))
+        out.append(
+            DeviceInfo(
+                name=lib.ggml_backend_dev_name(d).decode(),
+                description=(lib.ggml_backend_dev_description(d) or b"").decode(),
+                kind=kinds.get(lib.ggml_backend_dev_type(d), "other"),
+                memory_free=free.value,
+                memory_total=total.value,
+            )
+        )
+    return out
+
+
+def available() -> list[str]:
+    """Backend choices a user may name: always ``cpu``; ``cuda`` when a GPU device is registered."""
+    names = ["cpu"]
+    if any(d.kind == "gpu" for d in devices()):
+        names.append("cuda")
+    return names
+
+
+class Backend:
+    """An initialised ggml backend (``"cpu"``, ``"cuda"``, ``"auto"`` or a device name like ``"CUDA0"``)."""
+
+    def __init__(self, name: str = "auto", threads: int | None = None) -> None:
+        _ensure_registry()
+        want = name.lower()
+        if want == "auto":
+            dev = lib.ggml_backend_dev_by_type(DEV_GPU) or lib.ggml_backend_dev_by_type(DEV_CPU)
+        elif want == "cpu":
+            dev = lib.ggml_backend_dev_by_type(DEV_CPU)
+        elif want in ("cuda", "gpu"):
+            dev = lib.ggml_backend_dev_by_type(DEV_GPU)
+            if not dev:
+                raise GGMLError(
+                    "backend 'cuda' requested but this llama-cpp-python build has no GPU backend; "
+                    'reinstall with CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36'
+                )
+        else:
+            dev = lib.ggml_backend_dev_by_name(name.encode())
+            if not dev:
+                raise GGMLError(f"unknown backend {name!r}; available: {', '.join(available())} or a device name")
+        if not dev:
+            raise GGMLError(f"no ggml device for backend {name!r}")
+        handle = lib.ggml_backend_dev_init(dev, None)
+        if not handle:
+            raise GGMLError(f"ggml could not initialise device {lib.ggml_backend_dev_name(dev).decode()}")
+        self.handle = handle
+        self.device = dev
+        self.device_name = lib.ggml_backend_dev_name(dev).decode()
+        self.description = (lib.ggml_backend_dev_description(dev) or b"").decode()
+        self.is_cpu = lib.ggml_backend_dev_type(dev) == DEV_CPU
+        self.name = "cpu" if self.is_cpu else "cuda" if self.device_name.upper().startswith("CUDA") else self.device_name.lower()
+        self.buffer_type = lib.ggml_backend_get_default_buffer_type(handle)
+        self.threads = None
+        self.set_threads(threads or default_threads())
+
+    def set_threads(self, n: int) -> None:
+        if n < 1:
+            raise GGMLError(f"thread count must be >= 1, got {n}")
+        reg = lib.ggml_backend_dev_backend_reg(self.device)
+        addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
+        if addr:
+            _SET_N_THREADS(addr)(self.handle, int(n))
+            self.threads = int(n)
+
+    def supports(self, tensor) -> bool:
+        return bool(lib.ggml_backend_supports_op(self.handle, int(tensor)))
+
+    def synchronize(self) -> None:
+        lib.ggml_backend_synchronize(self.handle)
+
+    def close(self) -> None:
+        if getattr(self, "handle", None):
+            lib.ggml_backend_free(self.handle)
+            self.handle = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter teardown order varies
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r}, device={self.device_name!r}, threads={self.threads})"

@@ -1,0 +1,440 @@
+"""Contexts, tensors, backend buffers, graphs and the ops a DiT needs.
+
+Each op checks its operands in Python first: ggml reports a bad shape or type with GGML_ASSERT,
+which aborts the whole interpreter. Shapes are ggml ``ne`` order (fastest dimension first).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from gguf_dit.errors import GGMLError
+
+from ._lib import ggml_init_params, lib, tensor_struct
+from .backend import Backend
+from .types import GGMLType, check_row
+
+_NP = {GGMLType.F32: np.float32, GGMLType.F16: np.float16}
+GGML_PREC_F32 = 10
+
+
+class Tensor:
+    """A handle on a ``ggml_tensor``; keeps its owner alive."""
+
+    __slots__ = ("ptr", "owner")
+
+    def __init__(self, ptr: int, owner: object) -> None:
+        if not ptr:
+            raise GGMLError("ggml returned a NULL tensor")
+        self.ptr = ptr
+        self.owner = owner
+
+    def __int__(self) -> int:
+        return self.ptr
+
+    @property
+    def _s(self):
+        return tensor_struct(self.ptr)
+
+    @property
+    def ne(self) -> tuple[int, int, int, int]:
+        return tuple(self._s.ne)  # type: ignore[return-value]
+
+    @property
+    def nb(self) -> tuple[int, int, int, int]:
+        return tuple(self._s.nb)  # type: ignore[return-value]
+
+    @property
+    def type(self) -> GGMLType:
+        return GGMLType(self._s.type)
+
+    @property
+    def name(self) -> str:
+        return self._s.name.decode()
+
+    @property
+    def nbytes(self) -> int:
+        return int(lib.ggml_nbytes(self.ptr))
+
+    @property
+    def nelements(self) -> int:
+        return math.prod(self.ne)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """NumPy order, trailing size-1 ggml dims dropped."""
+        ne = list(self.ne)
+        while len(ne) > 1 and ne[-1] == 1:
+            ne.pop()
+        return tuple(reversed(ne))
+
+    def is_contiguous(self) -> bool:
+        ne, nb = self.ne, self.nb
+        t = self.type
+        if nb[0] != t.type_size:
+            return False
+        expect = nb[0] * ne[0] // t.block_size
+        for i in range(1, 4):
+            if ne[i] != 1 and nb[i] != expect:
+                return False
+            expect *= ne[i]
+        return True
+
+    def rows_contiguous(self) -> bool:
+        return self.nb[0] == self.type.type_size
+
+    def set_name(self, name: str) -> "Tensor":
+        lib.ggml_set_name(self.ptr, name.encode()[:63])
+        return self
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.name!r}, {self.type.name}, ne={self.ne})"
+
+
+def _ne4(ne: Sequence[int]) -> tuple[int, int, int, int]:
+    ne = [int(x) for x in ne]
+    if not 1 <= len(ne) <= 4 or any(x <= 0 for x in ne):
+        raise GGMLError(f"invalid tensor shape {ne} (1-4 positive dims)")
+    return tuple(ne + [1] * (4 - len(ne)))  # type: ignore[return-value]
+
+
+class Context:
+    """A ``no_alloc`` ggml context: tensor metadata only; data lives in backend buffers."""
+
+    def __init__(self, n_tensors: int, graph_size: int = 0) -> None:
+        mem = (n_tensors + graph_size) * lib.ggml_tensor_overhead() + 1024
+        if graph_size:
+            mem += lib.ggml_graph_overhead_custom(graph_size, False)
+        self.capacity = n_tensors + graph_size
+        self.ptr = lib.ggml_init(ggml_init_params(mem, None, True))
+        if not self.ptr:
+            raise GGMLError("ggml_init failed")
+
+    def new_tensor(self, type_: GGMLType, ne: Sequence[int], name: str | None = None) -> Tensor:
+        type_ = GGMLType(type_)
+        ne4 = _ne4(ne)
+        check_row(type_, ne4[0], what=f"tensor {name or ''}: ")
+        n_dims = len(ne)
+        arr = (ctypes.c_int64 * 4)(*ne4)
+        t = Tensor(lib.ggml_new_tensor(self.ptr, int(type_), n_dims, arr), self)
+        if name:
+            if len(name.encode()) > 63:
+                raise GGMLError(f"tensor name {name!r} is longer than ggml's 63-character limit")
+            t.set_name(name)
+        return t
+
+    def tensors(self) -> Iterable[Tensor]:
+        p = lib.ggml_get_first_tensor(self.ptr)
+        while p:
+            yield Tensor(p, self)
+            p = lib.ggml_get_next_tensor(self.ptr, p)
+
+    def close(self) -> None:
+        if self.ptr:
+            lib.ggml_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class TensorStore:
+    """Named persistent tensors allocated together in one backend buffer (weights, or inputs that
+    must survive graph allocation, since gallocr may reuse an input's memory after its last use)."""
+
+    def __init__(self, backend: Backend, specs: Sequence[tuple[str, GGMLType, Sequence[int]]], *, usage_weights: bool = True) -> None:
+        self.backend = backend
+        self.ctx = Context(max(1, len(specs)))
+        self.tensors: dict[str, Tensor] = {}
+        for name, type_, ne in specs:
+            if name in self.tensors:
+                raise GGMLError(f"duplicate tensor name {name}")
+            self.tensors[name] = self.ctx.new_tensor(type_, ne, name)
+        self.buffer = None
+        if specs:
+            self.buffer = lib.ggml_backend_alloc_ctx_tensors(self.ctx.ptr, backend.handle)
+            if not self.buffer:
+                total = sum(t.nbytes for t in self.tensors.values())
+                raise GGMLError(f"could not allocate {total / 2**20:.1f} MiB on backend {backend.name}")
+            if usage_weights:
+                lib.ggml_backend_buffer_set_usage(self.buffer, 1)  # GGML_BACKEND_BUFFER_USAGE_WEIGHTS
+
+    @property
+    def nbytes(self) -> int:
+        return int(lib.ggml_backend_buffer_get_size(self.buffer)) if self.buffer else 0
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def close(self) -> None:
+        if self.buffer:
+            lib.ggml_backend_buffer_free(self.buffer)
+            self.buffer = None
+        self.ctx.close()
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def upload(t: Tensor, data: np.ndarray) -> None:
+    """Copy host bytes into a tensor; the byte count must match exactly."""
+    arr = np.ascontiguousarray(data)
+    if t.type in _NP and arr.dtype != np.uint8:
+        want = _NP[t.type]
+        if arr.dtype != want:
+            raise GGMLError(f"tensor {t.name}: expected {np.dtype(want).name} data for {t.type.name}, got {arr.dtype}")
+        if arr.size != t.nelements:
+            raise GGMLError(f"tensor {t.name}: {arr.size} values for shape ne={t.ne}")
+    if arr.nbytes != t.nbytes:
+        raise GGMLError(f"tensor {t.name}: {arr.nbytes} bytes given, tensor holds {t.nbytes}")
+    lib.ggml_backend_tensor_set(t.ptr, arr.ctypes.data, 0, arr.nbytes)
+
+
+def download(t: Tensor) -> np.ndarray:
+    """Read a contiguous F32/F16 tensor back as an array in NumPy order (ne reversed, all 4 dims squeezed to t.shape)."""
+    if t.type not in _NP:
+        raise GGMLError(f"tensor {t.name}: download supports F32/F16, not {t.type.name}")
+    if not t.is_contiguous():
+        raise GGMLError(f"tensor {t.name}: cannot download a non-contiguous view")
+    out = np.empty(t.shape, dtype=_NP[t.type])
+    lib.ggml_backend_tensor_get(t.ptr, out.ctypes.data, 0, out.nbytes)
+    return out
+
+
+def _can_repeat(b: Tensor, a: Tensor) -> bool:
+    return all(x % y == 0 for x, y in zip(a.ne, b.ne))
+
+
+class Builder:
+    """Op constructors over one graph context; every op validates before calling ggml."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _t(self, ptr: int) -> Tensor:
+        return Tensor(ptr, self.ctx)
+
+    def _f32(self, *ts: Tensor, op: str) -> None:
+        for t in ts:
+            if t.type is not GGMLType.F32:
+                raise GGMLError(f"{op}: expects F32 operands, got {t.type.name} for {t!r}")
+
+    # -- elementwise -------------------------------------------------------------------
+    def _binary(self, fn, a: Tensor, b: Tensor, op: str) -> Tensor:
+        self._f32(a, b, op=op)
+        if not _can_repeat(b, a):
+            raise GGMLError(f"{op}: cannot broadcast ne={b.ne} onto ne={a.ne}")
+        if not (a.rows_contiguous() and b.rows_contiguous()):
+            raise GGMLError(f"{op}: operands must be contiguous along dim 0")
+        return self._t(fn(self.ctx.ptr, a.ptr, b.ptr))
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary(lib.ggml_add, a, b, "add")
+
+    def mul(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary(lib.ggml_mul, a, b, "mul")
+
+    def sub(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary(lib.ggml_sub, a, b, "sub")
+
+    def _unary(self, fn, a: Tensor, op: str) -> Tensor:
+        self._f32(a, op=op)
+        if not a.is_contiguous():
+            a = self.cont(a)
+        return self._t(fn(self.ctx.ptr, a.ptr))
+
+    def silu(self, a: Tensor) -> Tensor:
+        return self._unary(lib.ggml_silu, a, "silu")
+
+    def tanh(self, a: Tensor) -> Tensor:
+        return self._unary(lib.ggml_tanh, a, "tanh")
+
+    def neg(self, a: Tensor) -> Tensor:
+        return self._unary(lib.ggml_neg, a, "neg")
+
+    def scale(self, a: Tensor, s: float) -> Tensor:
+        self._f32(a, op="scale")
+        if not a.is_contiguous():
+            a = self.cont(a)
+        return self._t(lib.ggml_scale(self.ctx.ptr, a.ptr, float(s)))
+
+    def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
+        """silu(gate) * up, fused."""
+        self._f32(gate, up, op="swiglu")
+        if gate.ne != up.ne:
+            raise GGMLError(f"swiglu: gate ne={gate.ne} and up ne={up.ne} differ")
+        if not gate.is_contiguous():
+            gate = self.cont(gate)
+        if not up.is_contiguous():
+            up = self.cont(up)
+        return self._t(lib.ggml_swiglu_split(self.ctx.ptr, gate.ptr, up.ptr))
+
+    # -- normalisation -----------------------------------------------------------------
+    def rms_norm(self, a: Tensor, eps: float) -> Tensor:
+        self._f32(a, op="rms_norm")
+        if not a.rows_contiguous():
+            raise GGMLError("rms_norm: rows must be contiguous")
+        return self._t(lib.ggml_rms_norm(self.ctx.ptr, a.ptr, float(eps)))
+
+    def norm(self, a: Tensor, eps: float) -> Tensor:
+        self._f32(a, op="norm")
+        if not a.rows_contiguous():
+            raise GGMLError("norm: rows must be contiguous")
+        return self._t(lib.ggml_norm(self.ctx.ptr, a.ptr, float(eps)))
+
+    # -- matmul ------------------------------------------------------------------------
+    def mul_mat(self, w: Tensor, x: Tensor, *, f32_acc: bool = False) -> Tensor:
+        """``x @ w.T``: w ne=[K, N] (any storage type), x ne=[K, T, ...] F32 -> ne=[N, T, ...]."""
+        self._f32(x, op="mul_mat")
+        if w.ne[0] != x.ne[0]:
+            raise GGMLError(f"mul_mat: weight {w.name or ''} has K={w.ne[0]}, activations have K={x.ne[0]}")
+        if x.ne[2] % w.ne[2] or x.ne[3] % w.ne[3]:
+            raise GGMLError(f"mul_mat: cannot broadcast weight ne={w.ne} over ne={x.ne}")
+        if w.nb[0] > w.nb[1]:
+            raise GGMLError("mul_mat: transposed weight")
+        out = self._t(lib.ggml_mul_mat(self.ctx.ptr, w.ptr, x.ptr))
+        if f32_acc:
+            lib.ggml_prec_set_acc(out.ptr, GGML_PREC_F32)
+        return out
+
+    def cast(self, a: Tensor, type_: GGMLType) -> Tensor:
+        type_ = GGMLType(type_)
+        if type_ not in (GGMLType.F32, GGMLType.F16):
+            raise GGMLError(f"cast: only to F32/F16, not {type_.name}")
+        return self._t(lib.ggml_cast(self.ctx.ptr, a.ptr, int(type_)))
+
+    # -- layout ------------------------------------------------------------------------
+    def cont(self, a: Tensor) -> Tensor:
+        return self._t(lib.ggml_cont(self.ctx.ptr, a.ptr))
+
+    def reshape(self, a: Tensor, *ne: int) -> Tensor:
+        if not a.is_contiguous():
+            raise GGMLError(f"reshape: {a!r} is not contiguous")
+        if math.prod(ne) != a.nelements:
+            raise GGMLError(f"reshape: {a.nelements} elements cannot become {ne}")
+        fns = {2: lib.ggml_reshape_2d, 3: lib.ggml_reshape_3d, 4: lib.ggml_reshape_4d}
+        if len(ne) not in fns:
+            raise GGMLError("reshape: 2-4 dims")
+        return self._t(fns[len(ne)](self.ctx.ptr, a.ptr, *[int(x) for x in ne]))
+
+    def view(self, a: Tensor, ne: Sequence[int], nb: Sequence[int] = (), offset: int = 0) -> Tensor:
+        """A strided view; ``nb`` gives strides for dims 1.. (bytes), ``offset`` in bytes."""
+        ne = [int(x) for x in ne]
+        nb = [int(x) for x in nb]
+        if len(nb) != len(ne) - 1:
+            raise GGMLError(f"view: {len(ne)} dims need {len(ne) - 1} strides")
+        esize = a.type.type_size // a.type.block_size if a.type.block_size == 1 else None
+        if esize is None:
+            raise GGMLError("view: only unquantized tensors")
+        last = offset + (ne[0] - 1) * esize + sum((n - 1) * s for n, s in zip(ne[1:], nb)) + esize
+        if offset < 0 or last > a.nbytes:
+            raise GGMLError(f"view: ne={ne} nb={nb} offset={offset} exceeds {a.nbytes} bytes of {a!r}")
+        c = self.ctx.ptr
+        if len(ne) == 1:
+            p = lib.ggml_view_1d(c, a.ptr, ne[0], offset)
+        elif len(ne) == 2:
+            p = lib.ggml_view_2d(c, a.ptr, ne[0], ne[1], nb[0], offset)
+        elif len(ne) == 3:
+            p = lib.ggml_view_3d(c, a.ptr, ne[0], ne[1], ne[2], nb[0], nb[1], offset)
+        else:
+            p = lib.ggml_view_4d(c, a.ptr, ne[0], ne[1], ne[2], ne[3], nb[0], nb[1], nb[2], offset)
+        return self._t(p)
+
+    def permute(self, a: Tensor, *axes: int) -> Tensor:
+        if sorted(axes) != [0, 1, 2, 3]:
+            raise GGMLError(f"permute: {axes} is not a permutation of 0..3")
+        return self._t(lib.ggml_permute(self.ctx.ptr, a.ptr, *axes))
+
+    def concat(self, a: Tensor, b: Tensor, dim: int) -> Tensor:
+        if a.type != b.type:
+            raise GGMLError(f"concat: types {a.type.name} and {b.type.name} differ")
+        for i in range(4):
+            if i != dim and a.ne[i] != b.ne[i]:
+                raise GGMLError(f"concat along {dim}: ne={a.ne} and ne={b.ne} differ in dim {i}")
+        return self._t(lib.ggml_concat(self.ctx.ptr, a.ptr, b.ptr, int(dim)))
+
+    # -- attention ---------------------------------------------------------------------
+    def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """q ne=[D, Lq, H, B] F32; k, v ne=[D, Lk, H, B] F32/F16 -> ne=[D, H, Lq, B] (permuted, as ggml returns it)."""
+        self._f32(q, op="flash_attn")
+        for t in (k, v):
+            if t.type not in (GGMLType.F32, GGMLType.F16):
+                raise GGMLError(f"flash_attn: K/V must be F32 or F16, got {t.type.name}")
+        if q.ne[0] != k.ne[0] or k.ne[1] != v.ne[1] or q.ne[2] % k.ne[2] or k.ne[2] != v.ne[2] or q.ne[3] != k.ne[3]:
+            raise GGMLError(f"flash_attn: incompatible q ne={q.ne}, k ne={k.ne}, v ne={v.ne}")
+        out = self._t(lib.ggml_flash_attn_ext(self.ctx.ptr, q.ptr, k.ptr, v.ptr, None, float(scale), 0.0, 0.0))
+        lib.ggml_prec_set_acc(out.ptr, GGML_PREC_F32)
+        return out
+
+    def soft_max(self, a: Tensor, scale: float) -> Tensor:
+        self._f32(a, op="soft_max")
+        if not a.is_contiguous():
+            a = self.cont(a)
+        return self._t(lib.ggml_soft_max_ext(self.ctx.ptr, a.ptr, None, float(scale), 0.0))
+
+
+class Graph:
+    """A compute graph built once and reused: its own context, a graph allocator reserved for it,
+    and named inputs in a separate persistent buffer so values that do not change are uploaded once."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        inputs: Sequence[tuple[str, GGMLType, Sequence[int]]],
+        build: Callable[[Builder, dict[str, Tensor]], dict[str, Tensor]],
+        *,
+        graph_size: int = 8192,
+    ) -> None:
+        self.backend = backend
+        self.inputs = TensorStore(backend, inputs, usage_weights=False)
+        self.ctx = Context(n_tensors=0, graph_size=graph_size)
+        self.builder = Builder(self.ctx)
+        self.outputs = build(self.builder, dict(self.inputs.tensors))
+        self.graph = lib.ggml_new_graph_custom(self.ctx.ptr, graph_size, False)
+        for t in self.outputs.values():
+            lib.ggml_set_output(t.ptr)
+            lib.ggml_build_forward_expand(self.graph, t.ptr)
+        self.n_nodes = lib.ggml_graph_n_nodes(self.graph)
+        self.allocr = lib.ggml_gallocr_new(backend.buffer_type)
+        if not lib.ggml_gallocr_reserve(self.allocr, self.graph) or not lib.ggml_gallocr_alloc_graph(self.allocr, self.graph):
+            raise GGMLError(f"could not allocate the compute buffer on backend {backend.name}")
+        self.compute_bytes = int(lib.ggml_gallocr_get_buffer_size(self.allocr, 0))
+
+    def set(self, name: str, data: np.ndarray) -> None:
+        if name not in self.inputs:
+            raise GGMLError(f"graph has no input {name!r}")
+        upload(self.inputs[name], data)
+
+    def compute(self) -> None:
+        status = lib.ggml_backend_graph_compute(self.backend.handle, self.graph)
+        if status != 0:
+            raise GGMLError(f"graph compute failed on backend {self.backend.name} (status {status})")
+
+    def get(self, name: str) -> np.ndarray:
+        return download(self.outputs[name])
+
+    def close(self) -> None:
+        if getattr(self, "allocr", None):
+            lib.ggml_gallocr_free(self.allocr)
+            self.allocr = None
+        self.ctx.close()
+        self.inputs.close()
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,201 @@
+"""Ideogram 4 DiT architecture knowledge shared by the converter and the runtime.
+
+Everything here is derived from ``../shared/docs/ideogram4-model.md`` §2–§4: the config fields,
+the official (fused, unprefixed) tensor names, their PyTorch shapes and which of them are linears.
+Nothing in this module reads files or builds graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Mapping
+
+from .errors import GgufDitError
+
+ARCH = "ideogram4"
+ROLES = ("cond", "uncond")
+#: Backbone directory names in the Hugging Face layout, and the role each one plays in CFG.
+BACKBONE_DIRS = {"transformer": "cond", "unconditional_transformer": "uncond"}
+
+# head_dim is fixed by the architecture: RoPE slot map and attention scale 1/16 assume 256.
+HEAD_DIM = 256
+IMAGE_POSITION_OFFSET = 65536
+MAX_TEXT_TOKENS = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Ideogram4Config:
+    emb_dim: int = 4608
+    num_layers: int = 34
+    num_heads: int = 18
+    intermediate_size: int = 12288
+    adaln_dim: int = 512
+    in_channels: int = 128
+    llm_features_dim: int = 53248
+    rope_theta: float = 5_000_000.0
+    mrope_section: tuple[int, int, int] = (24, 20, 20)
+    norm_eps: float = 1e-5
+    llm_cond_norm_eps: float = 1e-6
+    final_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.num_heads
+
+    def validate(self, where: str = "config") -> None:
+        if self.num_heads <= 0 or self.emb_dim % self.num_heads:
+            raise GgufDitError(f"emb_dim {self.emb_dim} is not divisible by num_heads {self.num_heads}", path=where)
+        if self.head_dim != HEAD_DIM:
+            raise GgufDitError(
+                f"head_dim {self.head_dim} (emb_dim {self.emb_dim} / heads {self.num_heads}) is not {HEAD_DIM}, "
+                "which the Ideogram 4 RoPE slot map and attention scale require",
+                path=where,
+            )
+        if sum(self.mrope_section) * 2 > self.head_dim:
+            raise GgufDitError(f"mrope_section {self.mrope_section} does not fit head_dim {self.head_dim}", path=where)
+
+    def to_metadata(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# diffusers' Ideogram4Transformer2DModel config keys -> ours.
+_DIFFUSERS_KEYS = {
+    "hidden_size": "emb_dim",
+    "emb_dim": "emb_dim",
+    "num_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_heads": "num_heads",
+    "intermediate_size": "intermediate_size",
+    "adaln_dim": "adaln_dim",
+    "adanln_dim": "adaln_dim",
+    "in_channels": "in_channels",
+    "llm_features_dim": "llm_features_dim",
+    "text_in_channels": "llm_features_dim",
+    "rope_theta": "rope_theta",
+    "mrope_section": "mrope_section",
+    "rope_axes_dim": "mrope_section",
+}
+
+
+def config_from_json(d: Mapping[str, object]) -> dict[str, object]:
+    """Pick the fields we know from a diffusers/official ``config.json`` (unknown keys ignored)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        ours = _DIFFUSERS_KEYS.get(k)
+        if ours is None:
+            continue
+        if ours == "mrope_section":
+            v = tuple(int(x) for x in v)  # type: ignore[union-attr]
+        elif ours == "rope_theta":
+            v = float(v)  # type: ignore[arg-type]
+        else:
+            v = int(v)  # type: ignore[arg-type]
+        out[ours] = v
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # PyTorch order (out, in)
+    kind: str  # "linear" | "bias" | "norm" | "embedding"
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[-1]
+
+
+BLOCK_LINEARS = ("attention.qkv", "attention.o", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaln_modulation")
+BLOCK_NORMS = ("attention.norm_q", "attention.norm_k", "attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2")
+
+
+def tensor_inventory(cfg: Ideogram4Config) -> list[TensorSpec]:
+    """Every tensor of one backbone, official names, in a stable order (non-block first, then blocks)."""
+    D, A, C, F, I = cfg.emb_dim, cfg.adaln_dim, cfg.in_channels, cfg.llm_features_dim, cfg.intermediate_size
+    specs = [
+        TensorSpec("input_proj.weight", (D, C), "linear"),
+        TensorSpec("input_proj.bias", (D,), "bias"),
+        TensorSpec("llm_cond_norm.weight", (F,), "norm"),
+        TensorSpec("llm_cond_proj.weight", (D, F), "linear"),
+        TensorSpec("llm_cond_proj.bias", (D,), "bias"),
+        TensorSpec("t_embedding.mlp_in.weight", (D, D), "linear"),
+        TensorSpec("t_embedding.mlp_in.bias", (D,), "bias"),
+        TensorSpec("t_embedding.mlp_out.weight", (D, D), "linear"),
+        TensorSpec("t_embedding.mlp_out.bias", (D,), "bias"),
+        TensorSpec("adaln_proj.weight", (A, D), "linear"),
+        TensorSpec("adaln_proj.bias", (A,), "bias"),
+        TensorSpec("embed_image_indicator.weight", (2, D), "embedding"),
+        TensorSpec("final_layer.linear.weight", (C, D), "linear"),
+        TensorSpec("final_layer.linear.bias", (C,), "bias"),
+        TensorSpec("final_layer.adaln_modulation.weight", (D, A), "linear"),
+        TensorSpec("final_layer.adaln_modulation.bias", (D,), "bias"),
+    ]
+    hd = cfg.head_dim
+    for n in range(cfg.num_layers):
+        p = f"layers.{n}."
+        specs += [
+            TensorSpec(p + "attention.qkv.weight", (3 * D, D), "linear"),
+            TensorSpec(p + "attention.norm_q.weight", (hd,), "norm"),
+            TensorSpec(p + "attention.norm_k.weight", (hd,), "norm"),
+            TensorSpec(p + "attention.o.weight", (D, D), "linear"),
+            TensorSpec(p + "feed_forward.w1.weight", (I, D), "linear"),
+            TensorSpec(p + "feed_forward.w2.weight", (D, I), "linear"),
+            TensorSpec(p + "feed_forward.w3.weight", (I, D), "linear"),
+            TensorSpec(p + "attention_norm1.weight", (D,), "norm"),
+            TensorSpec(p + "attention_norm2.weight", (D,), "norm"),
+            TensorSpec(p + "ffn_norm1.weight", (D,), "norm"),
+            TensorSpec(p + "ffn_norm2.weight", (D,), "norm"),
+            TensorSpec(p + "adaln_modulation.weight", (4 * D, A), "linear"),
+            TensorSpec(p + "adaln_modulation.bias", (4 * D,), "bias"),
+        ]
+    return specs
+
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+
+
+def is_ideogram4(names: Iterable[str]) -> bool:
+    """The detection rule stable-diffusion.cpp and ComfyUI-GGUF use: the image-indicator embedding."""
+    names = set(names)
+    return "embed_image_indicator.weight" in names and "input_proj.weight" in names
+
+
+def detect_config(shapes: Mapping[str, tuple[int, ...]], where: str = "model") -> Ideogram4Config:
+    """Infer the config from tensor names and PyTorch-order shapes (for files without metadata)."""
+
+    def need(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise GgufDitError("missing tensor, cannot infer the Ideogram 4 config", path=where, tensor=name)
+        return tuple(shapes[name])
+
+    D, C = need("input_proj.weight")
+    _, F = need("llm_cond_proj.weight")
+    A, _ = need("adaln_proj.weight")
+    layers = sorted({int(m.group(1)) for k in shapes if (m := _LAYER_RE.match(k))})
+    if not layers:
+        raise GgufDitError("no transformer blocks (layers.N.*) found", path=where)
+    if layers != list(range(len(layers))):
+        missing = sorted(set(range(layers[-1] + 1)) - set(layers))
+        raise GgufDitError(f"transformer blocks are not contiguous: missing layers {missing}", path=where)
+    I, _ = need("layers.0.feed_forward.w1.weight")
+    (hd,) = need("layers.0.attention.norm_q.weight")
+    if hd <= 0 or D % hd:
+        raise GgufDitError(f"head dim {hd} does not divide hidden size {D}", path=where, tensor="layers.0.attention.norm_q.weight")
+    cfg = Ideogram4Config(emb_dim=D, num_layers=len(layers), num_heads=D // hd, intermediate_size=I, adaln_dim=A, in_channels=C, llm_features_dim=F)
+    return cfg
+
+
+def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: Ideogram4Config, where: str) -> None:
+    """Raise on the first missing, unexpected or wrongly shaped tensor."""
+    specs = tensor_inventory(cfg)
+    expected = {s.name: s.shape for s in specs}
+    for s in specs:
+        if s.name not in shapes:
+            raise GgufDitError("missing tensor", path=where, tensor=s.name)
+        got = tuple(shapes[s.name])
+        if got != s.shape:
+            raise GgufDitError(f"shape {list(got)} does not match the architecture's {list(s.shape)}", path=where, tensor=s.name)
+    for name in shapes:
+        if name not in expected:
+            raise GgufDitError("unexpected tensor for an Ideogram 4 backbone", path=where, tensor=name)
