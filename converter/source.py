@@ -37,6 +37,7 @@ class _Part:
     file: Path
     key: str
     scale_key: str | None
+    scale_file: Path | None
     dtype: str
     shape: tuple[int, ...]
 
@@ -116,7 +117,7 @@ class Backbone:
                 sf, sdt, sshape = names[scale_key]
                 if sdt not in ("F32", "BF16", "F16") or sshape not in ((shape[0],), (shape[0], 1), (), (1,)):
                     raise SourceError(f"weight_scale has dtype {sdt} shape {list(sshape)}, expected float ({shape[0]},)", path=sf, tensor=prefix + scale_key)
-            part = _Part(f, prefix + key, prefix + scale_key if scale_key else None, dtype, shape)
+            part = _Part(f, prefix + key, prefix + scale_key if scale_key else None, names[scale_key][0] if scale_key else None, dtype, shape)
             m = _SPLIT.match(key)
             if m:
                 split.setdefault(m.group(1), {})[m.group(2)] = part
@@ -171,7 +172,7 @@ class Backbone:
             h = self._open(p.file)
             try:
                 t = h.get_slice(p.key)[lo:hi]
-                scale = h.get_slice(p.scale_key)[:] if p.scale_key else None
+                scale = self._open(p.scale_file).get_slice(p.scale_key)[:] if p.scale_key else None
             except Exception as e:
                 raise SourceError(f"cannot read tensor data ({_short(e)}); the file may be truncated or corrupt", path=p.file, tensor=p.key) from None
             if hasher is not None:

@@ -65,6 +65,7 @@ _DIFFUSERS_KEYS = {
     "emb_dim": "emb_dim",
     "num_layers": "num_layers",
     "num_attention_heads": "num_heads",
+    "norm_eps": "norm_eps",
     "num_heads": "num_heads",
     "intermediate_size": "intermediate_size",
     "adaln_dim": "adaln_dim",
@@ -87,7 +88,7 @@ def config_from_json(d: Mapping[str, object]) -> dict[str, object]:
             continue
         if ours == "mrope_section":
             v = tuple(int(x) for x in v)  # type: ignore[union-attr]
-        elif ours == "rope_theta":
+        elif ours in ("rope_theta", "norm_eps"):
             v = float(v)  # type: ignore[arg-type]
         else:
             v = int(v)  # type: ignore[arg-type]

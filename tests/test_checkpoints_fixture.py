@@ -97,6 +97,11 @@ def test_fp8_dequant_within_fp8_error(model0):
             assert q[k].dtype == torch.bfloat16 and k + "_scale" not in q
             assert torch.equal(deq[k], w.to(torch.bfloat16).float())
     assert n_lin == 7 + 6 * TINY_CONFIG["num_layers"]
+    # per-row scales: quantising fused qkv == quantising to_q/to_k/to_v separately
+    split = dequantized_official(to_fp8(diffusers_state_dict(model0)))
+    fused = official_to_diffusers(deq)
+    assert set(split) == set(fused)
+    assert all(torch.equal(split[k], fused[k]) for k in split)
 
 
 @pytest.mark.parametrize(

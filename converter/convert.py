@@ -1,0 +1,232 @@
+"""Checkpoint in, GGUF out: one file per backbone, streamed tensor by tensor.
+
+The header (metadata and tensor infos) is written first from shapes and chosen types alone, then
+each tensor is read in row chunks, converted, and appended. Peak memory is a few chunks, not the
+model. The file is written under a temporary name in the output directory and renamed only when
+complete, so an error or an interrupt never leaves a partial or overwritten output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gguf_dit import __version__
+from gguf_dit.arch import ARCH, BACKBONE_DIRS, tensor_inventory
+from gguf_dit.errors import GgufDitError, OutputError, RecipeError
+from gguf_dit.ggml_ops import GGMLType, quantize
+
+from .recipe import Recipe
+from .source import Backbone, open_checkpoint
+
+OUTPUT_NAMES = {role: f"{d}.gguf" for d, role in BACKBONE_DIRS.items()}
+CHUNK_BYTES = 64 << 20
+_HASH_PLACEHOLDER = "sha256:" + "?" * 64
+GGML_QNT_VERSION = 2
+
+
+class Q4KPath:
+    """Which ggml Q4_K quantizer runs. ``weighted`` passes a uniform importance vector, selecting
+    ggml's importance-weighted search (the bytes stable-diffusion.cpp writes); ``reference`` passes
+    none (the bytes ``llama-quantize`` writes without an imatrix)."""
+
+    WEIGHTED = "weighted"
+    REFERENCE = "reference"
+
+
+@dataclasses.dataclass
+class Plan:
+    name: str
+    shape: tuple[int, ...]  # PyTorch order
+    type: GGMLType
+    why: str
+
+
+@dataclasses.dataclass
+class ConvertResult:
+    role: str
+    path: Path
+    tensors: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    types: dict[str, int]
+
+
+def plan_backbone(bb: Backbone, recipe: Recipe) -> list[Plan]:
+    plans = []
+    for spec in tensor_inventory(bb.config):
+        t, why = recipe.choose(spec)
+        plans.append(Plan(spec.name, spec.shape, t, why))
+    return plans
+
+
+def _encode(x: np.ndarray, t: GGMLType, q4k_path: str, threads: int | None) -> np.ndarray:
+    if t is GGMLType.F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if t is GGMLType.F16:
+        return x.astype(np.float16)
+    if t is GGMLType.BF16:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+    imp = None
+    if t in (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K) and q4k_path == Q4KPath.WEIGHTED:
+        imp = np.ones(x2.shape[1], dtype=np.float32)
+    return quantize(x2, t, importance=imp, threads=threads)
+
+
+def _nbytes(shape: tuple[int, ...], t: GGMLType) -> int:
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return rows * t.row_bytes(shape[-1])
+
+
+def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path: str) -> None:
+    import gguf
+
+    cfg = bb.config
+    writer.add_name(f"Ideogram 4 {'conditional' if bb.role == 'cond' else 'unconditional'} DiT ({recipe.name})")
+    writer.add_uint32("general.quantization_version", GGML_QNT_VERSION)
+    writer.add_string(f"{ARCH}.role", bb.role)
+    for k, v in cfg.to_metadata().items():
+        key = f"{ARCH}.{k}"
+        if isinstance(v, tuple):
+            writer.add_array(key, [int(x) for x in v])
+        elif isinstance(v, float):
+            writer.add_float32(key, v)
+        else:
+            writer.add_uint32(key, int(v))
+    writer.add_uint32(f"{ARCH}.head_dim", cfg.head_dim)
+    writer.add_string("gguf_dit.converter_version", __version__)
+    writer.add_string("gguf_dit.recipe.name", recipe.name)
+    writer.add_string("gguf_dit.recipe.json", json.dumps(recipe.to_json(), separators=(",", ":")))
+    writer.add_string("gguf_dit.recipe.tensors", json.dumps({p.name: [p.type.name, p.why] for p in plans}, separators=(",", ":")))
+    writer.add_string("gguf_dit.quantization.q4_k_path", q4k_path)
+    writer.add_string("gguf_dit.source.layout", bb.layout)
+    writer.add_string("gguf_dit.source.dtypes", ",".join(sorted({t.dtype for t in bb.tensors.values()})))
+    writer.add_array("gguf_dit.source.files", bb.source_names())
+    writer.add_string("gguf_dit.source.sha256", _HASH_PLACEHOLDER)
+    _ = gguf  # keeps the import explicit for readers: writer is a gguf.GGUFWriter
+
+
+def _patch_hash(path: Path, digest: str) -> None:
+    # The content hash is only known after every tensor was read, but the KV section precedes the
+    # data; the placeholder has the digest's exact length, so it is overwritten in place.
+    needle = _HASH_PLACEHOLDER.encode()
+    with open(path, "r+b") as f:
+        head = f.read(4 << 20)
+        pos = head.find(needle)
+        if pos < 0:
+            raise OutputError("internal: hash placeholder not found", path=path)
+        f.seek(pos)
+        f.write(f"sha256:{digest}".encode())
+
+
+def write_backbone(
+    bb: Backbone,
+    recipe: Recipe,
+    out_path: Path,
+    *,
+    q4k_path: str = Q4KPath.WEIGHTED,
+    threads: int | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> ConvertResult:
+    import gguf
+
+    plans = plan_backbone(bb, recipe)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    t0 = time.perf_counter()
+    hasher = hashlib.sha256()
+    bytes_in = 0
+    writer = gguf.GGUFWriter(None, ARCH)
+    try:
+        _metadata(writer, bb, recipe, plans, q4k_path)
+        for p in plans:
+            raw = gguf.GGMLQuantizationType(int(p.type))
+            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.type), raw_dtype=raw)
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        align = writer.data_alignment
+        for p in plans:
+            pad = (-fout.tell()) % align
+            fout.write(b"\0" * pad)
+            written = 0
+            for chunk in bb.chunks(p.name, CHUNK_BYTES, hasher):
+                enc = _encode(chunk, p.type, q4k_path, threads)
+                fout.write(enc.tobytes())
+                written += enc.nbytes
+                bytes_in += chunk.nbytes
+                if progress:
+                    progress(p.name, chunk.nbytes)
+            expect = _nbytes(p.shape, p.type)
+            if written != expect:
+                raise OutputError(f"internal: wrote {written} bytes, expected {expect}", path=out_path, tensor=p.name)
+        fout.write(b"\0" * ((-fout.tell()) % align))
+        fout.flush()
+        os.fsync(fout.fileno())
+        writer.close()
+        _patch_hash(tmp, hasher.hexdigest())
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    types: dict[str, int] = {}
+    for p in plans:
+        types[p.type.name] = types.get(p.type.name, 0) + 1
+    return ConvertResult(bb.role, out_path, len(plans), bytes_in, out_path.stat().st_size, time.perf_counter() - t0, types)
+
+
+def convert(
+    src: str | Path,
+    out_dir: str | Path,
+    recipe: Recipe,
+    *,
+    force: bool = False,
+    role: str | None = None,
+    q4k_path: str = Q4KPath.WEIGHTED,
+    threads: int | None = None,
+    progress_factory=None,
+) -> list[ConvertResult]:
+    """Convert every backbone found at ``src`` into ``out_dir/<backbone>.gguf``."""
+    if q4k_path not in (Q4KPath.WEIGHTED, Q4KPath.REFERENCE):
+        raise GgufDitError(f"unknown Q4_K path {q4k_path!r}; use weighted or reference")
+    backbones = open_checkpoint(src, role)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError("exists and is not a directory", path=out_dir)
+    outputs = [(bb, out_dir / OUTPUT_NAMES[bb.role]) for bb in backbones]
+    for _, path in outputs:
+        if path.exists() and not force:
+            raise OutputError("already exists (use --force to overwrite)", path=path)
+    # Decide every tensor's type before writing anything, so a bad rule fails without output.
+    for bb, _ in outputs:
+        try:
+            plan_backbone(bb, recipe)
+        except RecipeError as e:
+            raise RecipeError(str(e), path=bb.directory) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for bb, path in outputs:
+        total = sum(int(np.prod(t.shape)) * 4 for t in bb.tensors.values())
+        progress = progress_factory(f"{bb.role}: {path.name}", total, len(bb.tensors)) if progress_factory else None
+        try:
+            results.append(write_backbone(bb, recipe, path, q4k_path=q4k_path, threads=threads, progress=progress))
+        finally:
+            bb.close()
+            if progress is not None and hasattr(progress, "close"):
+                progress.close()
+    return results

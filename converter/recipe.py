@@ -1,0 +1,171 @@
+"""Per-tensor storage types: named recipes, ``--type``, ``--rule REGEX=TYPE`` and recipe JSON files.
+
+Resolution order for a tensor (first decision wins):
+
+1. user rules (``--rule`` then the JSON file's ``rules``), first matching regex;
+2. 1-D tensors (norm weights, biases) and ``embed_image_indicator`` stay F32;
+3. linears take the recipe's linear type (``--type`` overrides it), or the recipe's protected-set type.
+
+A built-in choice that a tensor cannot hold (K-quants need the input dimension divisible by 256,
+Q8_0/Q4_0 by 32) falls back to Q8_0, then F16, and the fallback is recorded in the reason. A type the
+*user* asked for explicitly through a rule that the tensor cannot hold is an error naming the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+from gguf_dit.arch import TensorSpec
+from gguf_dit.errors import GgufDitError, RecipeError
+from gguf_dit.ggml_ops import GGMLType, fits
+from gguf_dit.ggml_ops.types import STORAGE_TYPES
+
+PROTECTED_W2 = r"^layers\.\d+\.feed_forward\.w2\.weight$"
+_FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    pattern: str
+    type: GGMLType
+    why: str
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    linear_type: GGMLType
+    rules: tuple[Rule, ...] = ()  # explicit: impossible type -> error
+    builtin_rules: tuple[Rule, ...] = ()  # part of a named recipe: impossible type -> fallback
+    description: str = ""
+
+    def choose(self, spec: TensorSpec) -> tuple[GGMLType, str]:
+        for r in self.rules:
+            if r.matches(spec.name):
+                if spec.kind != "linear" and spec.kind != "embedding" and r.type not in _FLOAT_TYPES:
+                    raise RecipeError(f"rule {r.pattern}={r.type.name.lower()} asks for a quantized type on a 1-D tensor", tensor=spec.name)
+                if not fits(r.type, spec.in_features):
+                    raise RecipeError(
+                        f"rule {r.pattern}={r.type.name.lower()}: {r.type.name} needs the input dimension divisible by "
+                        f"{r.type.block_size}, this tensor has {spec.in_features}",
+                        tensor=spec.name,
+                    )
+                return r.type, r.why
+        if spec.kind in ("bias", "norm"):
+            return GGMLType.F32, "1-D tensor kept F32"
+        if spec.kind == "embedding":
+            return GGMLType.F32, "embedding kept F32"
+        for r in self.builtin_rules:
+            if r.matches(spec.name):
+                return _fallback(r.type, spec, r.why)
+        return _fallback(self.linear_type, spec, f"recipe {self.name}: linear")
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "linear_type": self.linear_type.name,
+            "rules": [{"pattern": r.pattern, "type": r.type.name, "why": r.why} for r in self.rules],
+            "builtin_rules": [{"pattern": r.pattern, "type": r.type.name, "why": r.why} for r in self.builtin_rules],
+        }
+
+
+def _fallback(t: GGMLType, spec: TensorSpec, why: str) -> tuple[GGMLType, str]:
+    if fits(t, spec.in_features):
+        return t, why
+    for alt in (GGMLType.Q8_0, GGMLType.F16):
+        if fits(alt, spec.in_features):
+            return alt, f"{why}; {t.name} needs in % {t.block_size} == 0 (in = {spec.in_features}), fell back to {alt.name}"
+    raise RecipeError(f"no storage type fits input dimension {spec.in_features}", tensor=spec.name)  # pragma: no cover
+
+
+BUILTIN: dict[str, Recipe] = {
+    "f32": Recipe("f32", GGMLType.F32, description="no quantization, float32 (exact comparisons)"),
+    "f16": Recipe("f16", GGMLType.F16, description="no quantization, float16 linears"),
+    "bf16": Recipe("bf16", GGMLType.BF16, description="no quantization, bfloat16 linears"),
+    "q8_0": Recipe("q8_0", GGMLType.Q8_0, description="all linears Q8_0"),
+    "q4_k": Recipe("q4_k", GGMLType.Q4_K, description="all linears Q4_K (Q8_0 where in % 256 != 0, e.g. input_proj)"),
+    "q4_k-protect": Recipe(
+        "q4_k-protect",
+        GGMLType.Q4_K,
+        builtin_rules=(Rule(PROTECTED_W2, GGMLType.F16, "protected set (paper): FFN down-projection w2 kept F16"),),
+        description="as q4_k, with every feed_forward.w2 kept F16 (the paper's protected set)",
+    ),
+}
+
+
+def parse_rule(text: str) -> Rule:
+    if "=" not in text:
+        raise RecipeError(f"rule {text!r} is not REGEX=TYPE")
+    pattern, type_name = text.rsplit("=", 1)
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise RecipeError(f"rule {text!r}: invalid regex ({e})") from None
+    try:
+        t = GGMLType.parse(type_name)
+    except GgufDitError as e:
+        raise RecipeError(f"rule {text!r}: {e}") from None
+    if t not in STORAGE_TYPES:
+        raise RecipeError(f"rule {text!r}: {t.name} cannot store weights")
+    return Rule(pattern, t, f"rule {pattern}={t.name.lower()}")
+
+
+def _from_file(path: Path) -> Recipe:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError("recipe file not found", path=path) from None
+    except Exception as e:
+        raise RecipeError(f"unreadable recipe JSON ({e})", path=path) from None
+    if not isinstance(d, dict):
+        raise RecipeError("recipe JSON must be an object", path=path)
+    base = BUILTIN.get(str(d.get("base", "f32")))
+    if base is None:
+        raise RecipeError(f"unknown base recipe {d.get('base')!r}; known: {', '.join(BUILTIN)}", path=path)
+    linear = base.linear_type
+    if "linear_type" in d:
+        try:
+            linear = GGMLType.parse(str(d["linear_type"]))
+        except GgufDitError as e:
+            raise RecipeError(str(e), path=path) from None
+    rules = []
+    for i, r in enumerate(d.get("rules", [])):
+        try:
+            if isinstance(r, str):
+                rules.append(parse_rule(r))
+            else:
+                rule = parse_rule(f"{r['pattern']}={r['type']}")
+                rules.append(Rule(rule.pattern, rule.type, str(r.get("why", rule.why))))
+        except (KeyError, TypeError):
+            raise RecipeError(f"rules[{i}] needs 'pattern' and 'type'", path=path) from None
+        except RecipeError as e:
+            raise RecipeError(str(e), path=path) from None
+    return Recipe(str(d.get("name", path.stem)), linear, tuple(rules), base.builtin_rules, str(d.get("description", "")))
+
+
+def resolve(recipe: str, type_override: str | None = None, rules: Sequence[str] = ()) -> Recipe:
+    """A recipe from a built-in name or a JSON path, with ``--type`` and ``--rule`` applied."""
+    if recipe in BUILTIN:
+        r = BUILTIN[recipe]
+    elif recipe.endswith(".json") or Path(recipe).exists():
+        r = _from_file(Path(recipe))
+    else:
+        raise RecipeError(f"unknown recipe {recipe!r}; built-in recipes: {', '.join(BUILTIN)}, or a path to a recipe .json")
+    linear = r.linear_type
+    name = r.name
+    if type_override:
+        linear = GGMLType.parse(type_override)
+        if linear not in STORAGE_TYPES:
+            raise RecipeError(f"--type {type_override}: {linear.name} cannot store weights")
+        name = f"{name}+type={linear.name.lower()}"
+    user = tuple(parse_rule(x) for x in rules)
+    if user:
+        name = f"{name}+rules"
+    return Recipe(name, linear, user + r.rules, r.builtin_rules, r.description)

@@ -1,0 +1,166 @@
+"""The ``gguf-dit`` command line. Library errors (GgufDitError) become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="GGUF converter and ggml runtime for the Ideogram 4.0 text-to-image model.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _errors_to_exit(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from gguf_dit.errors import GgufDitError
+
+        try:
+            return fn(*args, **kwargs)
+        except GgufDitError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; no partial output was kept", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _progress_factory(quiet: bool):
+    if quiet:
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    class Bar:
+        def __init__(self, label: str, total_bytes: int, n_tensors: int) -> None:
+            self.p = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=24),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+            )
+            self.label, self.n, self.total, self.last = label, 0, n_tensors, None
+            self.p.start()
+            self.task = self.p.add_task(self._desc(), total=total_bytes)
+
+        def _desc(self) -> str:
+            return f"{self.label} [{self.n}/{self.total} tensors]"
+
+        def __call__(self, name: str, nbytes: int) -> None:
+            if name != self.last:
+                self.n, self.last = self.n + 1, name
+            self.p.update(self.task, advance=nbytes, description=self._desc())
+
+        def close(self) -> None:
+            self.p.stop()
+
+    return Bar
+
+
+@app.command()
+@_errors_to_exit
+def convert(
+    src: Path = typer.Argument(..., help="Checkpoint root (with transformer/ and unconditional_transformer/), one backbone folder, or one .safetensors file."),
+    out_dir: Path = typer.Option(..., "-o", "--out-dir", help="Output folder; writes transformer.gguf and/or unconditional_transformer.gguf."),
+    recipe: str = typer.Option("q8_0", "--recipe", help="f32, f16, bf16, q8_0, q4_k, q4_k-protect, or a recipe .json path."),
+    type_: Optional[str] = typer.Option(None, "--type", help="Storage type for every linear (e.g. q8_0, q4_k, f16); overrides the recipe's linear type."),
+    rule: List[str] = typer.Option([], "--rule", help="REGEX=TYPE for matching tensor names; repeatable; first match wins; checked before the recipe."),
+    role: Optional[str] = typer.Option(None, "--role", help="cond or uncond: convert only that backbone (or name the role of a single backbone)."),
+    q4k_path: str = typer.Option("weighted", "--q4k-path", help="K-quant search: 'weighted' (uniform importance, as stable-diffusion.cpp) or 'reference' (as llama-quantize without imatrix)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Quantization threads (default: all cores)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Convert an Ideogram 4 checkpoint's DiT backbones into GGUF files with per-tensor types."""
+    from gguf_dit.converter import convert as conv
+    from gguf_dit.converter.recipe import resolve
+    from gguf_dit.errors import GgufDitError
+
+    if role is not None and role not in ("cond", "uncond"):
+        raise GgufDitError(f"--role must be cond or uncond, got {role!r}")
+    r = resolve(recipe, type_, rule)
+    results = conv.convert(src, out_dir, r, force=force, role=role, q4k_path=q4k_path, threads=threads, progress_factory=_progress_factory(quiet))
+    for res in results:
+        types = ", ".join(f"{k} {v}" for k, v in sorted(res.types.items()))
+        mbps = res.bytes_in / 1e6 / max(res.seconds, 1e-9)
+        typer.echo(f"{res.path}: {res.tensors} tensors ({types}), {res.bytes_out / 1e6:.1f} MB, {res.seconds:.1f} s, {mbps:.0f} MB/s of f32 input")
+
+
+@app.command()
+@_errors_to_exit
+def inspect(
+    file: Path = typer.Argument(..., help="A backbone GGUF (ours or a stable-diffusion.cpp-style file without metadata)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
+    check: bool = typer.Option(False, "--check", help="Also decode every tensor and report non-finite values."),
+) -> None:
+    """Describe a backbone GGUF: architecture, role, config, types, bytes, recipe and warnings."""
+    from gguf_dit.runtime.model_file import BackboneFile
+
+    f = BackboneFile(file, strict=False)
+    warnings = list(f.warnings)
+    if check:
+        warnings += [f"non-finite values in tensor {n}" for n in f.nonfinite()]
+    report = {
+        "file": str(f.path),
+        "architecture": "ideogram4",
+        "metadata": f.has_metadata,
+        "role": f.role,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in f.config.to_metadata().items()},
+        "tensor_count": len(f.tensors),
+        "bytes": sum(t.nbytes for t in f.tensors.values()),
+        "types": f.type_counts(),
+        "recipe": f.recipe,
+        "source_sha256": f.metadata.get("gguf_dit.source.sha256"),
+        "converter_version": f.metadata.get("gguf_dit.converter_version"),
+        "warnings": warnings,
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{report['file']}")
+    typer.echo(f"  architecture  ideogram4 ({'gguf-dit metadata' if f.has_metadata else 'detected from tensor names'})")
+    typer.echo(f"  role          {f.role or 'unknown'}")
+    typer.echo("  config        " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
+    typer.echo(f"  tensors       {report['tensor_count']}, {report['bytes'] / 1e6:.2f} MB")
+    for t, d in sorted(report["types"].items()):
+        typer.echo(f"    {t:<6} {d['count']:>4} tensors  {d['bytes'] / 1e6:10.2f} MB")
+    typer.echo(f"  recipe        {f.recipe or 'unknown'}")
+    if report["source_sha256"]:
+        typer.echo(f"  source        {report['source_sha256']}")
+    for w in warnings:
+        typer.echo(f"  warning: {w}")
+
+
+@app.command("tiny-checkpoint")
+@_errors_to_exit
+def tiny_checkpoint(
+    out: Path = typer.Argument(..., help="Folder to create (transformer/ and unconditional_transformer/ inside)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (the uncond backbone uses seed + 1)."),
+    bf16: bool = typer.Option(False, "--bf16", help="Write BF16 linears instead of the official FP8 + weight_scale."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder."),
+) -> None:
+    """Write a tiny random Ideogram 4 checkpoint in the official layout (for trying convert; draws nothing)."""
+    from gguf_dit.converter.tiny import write_tiny_checkpoint
+
+    root = write_tiny_checkpoint(out, seed=seed, fp8=not bf16, force=force)
+    typer.echo(f"{root}: tiny random Ideogram 4 checkpoint ({'BF16' if bf16 else 'FP8 + weight_scale'}, official layout)")
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The project's own promises: README commands, CI wiring, CLI help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_starts_with_the_two_fresh_machine_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert "pip install torch==2.13.0" in lines[0] and "gguf-dit" in lines[0]
+    assert "pip install torch==2.13.0" in lines[1] and "pytest" in lines[1] and ".[test]" in lines[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "sed -n 2p README.md" in ci
+
+
+def test_llama_cpp_python_is_pinned_exactly():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"llama-cpp-python==0.3.36"' in text and '"torch==2.13.0"' in text
+
+
+def test_every_command_has_accurate_help(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    for cmd in ("convert", "inspect", "tiny-checkpoint"):
+        assert cmd in out
+        code, text, _ = cli(cmd, "--help")
+        assert code == 0 and "Usage" in text
+    code, text, _ = cli("convert", "--help")
+    for opt in ("--recipe", "--type", "--rule", "--force", "--out-dir", "q4_k-protect"):
+        assert opt in text
+
+
+def test_tiny_checkpoint_command_feeds_convert(cli, tmp_path):
+    code, _, err = cli("tiny-checkpoint", tmp_path / "ck")
+    assert code == 0, err
+    code, _, err = cli("convert", tmp_path / "ck", "-o", tmp_path / "out", "-q", "--recipe", "q4_k-protect")
+    assert code == 0, err
+    code, _, err = cli("tiny-checkpoint", tmp_path / "ck")
+    assert code == 2 and "--force" in err
