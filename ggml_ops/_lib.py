@@ -155,6 +155,7 @@ class _Libs:
         fn(b, "ggml_rms_norm", T, P, T, c_float)
         fn(b, "ggml_norm", T, P, T, c_float)
         fn(b, "ggml_scale", T, P, T, c_float)
+        fn(b, "ggml_scale_bias", T, P, T, c_float, c_float)
         fn(b, "ggml_concat", T, P, T, T, c_int)
         fn(b, "ggml_cast", T, P, T, c_int)
         fn(b, "ggml_swiglu_split", T, P, T, T)

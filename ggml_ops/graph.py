@@ -271,6 +271,13 @@ class Builder:
             a = self.cont(a)
         return self._t(lib.ggml_scale(self.ctx.ptr, a.ptr, float(s)))
 
+    def scale_bias(self, a: Tensor, s: float, bias: float) -> Tensor:
+        """s * a + bias (e.g. the adaLN ``1 + scale``)."""
+        self._f32(a, op="scale_bias")
+        if not a.is_contiguous():
+            a = self.cont(a)
+        return self._t(lib.ggml_scale_bias(self.ctx.ptr, a.ptr, float(s), float(bias)))
+
     def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
         """silu(gate) * up, fused."""
         self._f32(gate, up, op="swiglu")

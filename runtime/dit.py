@@ -1,0 +1,370 @@
+"""The Ideogram 4 DiT forward as one ggml graph, on whichever ggml backend is present.
+
+The graph builder mirrors the official module tree: ``layers.N.attention.qkv`` in the GGUF is
+``attention.qkv`` in :meth:`_block`, looked up by its official name; weight types come from the
+file. A graph is built once per (text length, grid) and reused every step; only the latents, the
+text features and the timestep embedding are uploaded per call (RoPE tables once per shape).
+
+Spec: ../shared/docs/ideogram4-model.md §5-§10.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from gguf_dit.arch import HEAD_DIM, IMAGE_POSITION_OFFSET, MAX_TEXT_TOKENS, Ideogram4Config
+from gguf_dit.errors import InputError, ModelError
+from gguf_dit.ggml_ops import Backend, Builder, GGMLType, Graph, Tensor, TensorStore, upload
+
+from .model_file import BackboneFile
+
+log = logging.getLogger("gguf_dit.runtime")
+
+#: On CPU a Q8_0 matmul over many tokens is faster as ggml_cast(W, F32) + F32 mul_mat than as the
+#: direct quantized kernel (docs/benchmarks.md, "Q8_0 matmul policy"); below this many tokens the
+#: direct kernel wins. K-quants always run direct.
+Q8_0_DEQUANT_MIN_TOKENS = 64
+_FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """Numerics knobs. Defaults follow the official reference where it matters."""
+
+    #: "bf16": round t to bfloat16 before the sinusoid, as the official pipeline does;
+    #: "none": keep float32 t, as diffusers does in float32.
+    t_rounding: str = "bf16"
+    #: "flash" (ggml_flash_attn_ext where the backend supports it) or "softmax" (mul_mat + soft_max).
+    attention: str = "flash"
+    #: K and V are multiplied by this before attention and the output divided by it (exact in real
+    #: arithmetic). None: 1 on CPU, 1/128 elsewhere, where flash attention stores K/V in F16.
+    kv_scale: float | None = None
+    #: "auto" (measured policy above), "direct" (quantized kernel) or "dequant" (cast to F32 in graph).
+    q8_0_matmul: str = "auto"
+    #: Run the per-sample GEMVs (timestep MLP, adaLN) on F32-cast weights: exact activations, so
+    #: the conditioning path gets no 8-bit activation rounding; costs a few ms per step.
+    exact_conditioning: bool = True
+
+    def __post_init__(self) -> None:
+        if self.t_rounding not in ("bf16", "none"):
+            raise InputError(f"t_rounding must be 'bf16' or 'none', got {self.t_rounding!r}")
+        if self.attention not in ("flash", "softmax"):
+            raise InputError(f"attention must be 'flash' or 'softmax', got {self.attention!r}")
+        if self.q8_0_matmul not in ("auto", "direct", "dequant"):
+            raise InputError(f"q8_0_matmul must be auto, direct or dequant, got {self.q8_0_matmul!r}")
+        if self.kv_scale is not None and not (self.kv_scale > 0 and math.isfinite(self.kv_scale)):
+            raise InputError(f"kv_scale must be a positive number, got {self.kv_scale}")
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def timestep_embedding(t: float, dim: int, rounding: str = "bf16") -> np.ndarray:
+    """The official EmbedScalar sinusoid: u = 1e4·t, freq_k = exp(−k·ln(1e4)/(half−1)), [sin, cos].
+
+    Computed with torch float32 ops in the reference's order, so the high-frequency phases
+    (|u·freq| up to 1e4 rad, where one float32 ulp is ~1e-3 rad) match bit for bit.
+    """
+    torch = _torch()
+    tt = torch.tensor([float(t)], dtype=torch.float32)
+    if rounding == "bf16":
+        tt = tt.to(torch.bfloat16)
+    x = tt.to(torch.float32)
+    scaled = 1e4 * (x - 0.0) / (1.0 - 0.0)
+    half = dim // 2
+    freq = math.log(1e4) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -freq)
+    emb = scaled.unsqueeze(-1) * freqs
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb[0].numpy().astype(np.float32)
+
+
+def positions(n_text: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """(L, 3) int64 (t, h, w): text token i at (i, i, i); image (y, x) at 65536 + (0, y, x)."""
+    pos = np.zeros((n_text + grid_h * grid_w, 3), dtype=np.int64)
+    pos[:n_text] = np.arange(n_text)[:, None]
+    yy, xx = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    pos[n_text:, 0] = IMAGE_POSITION_OFFSET
+    pos[n_text:, 1] = IMAGE_POSITION_OFFSET + yy.reshape(-1)
+    pos[n_text:, 2] = IMAGE_POSITION_OFFSET + xx.reshape(-1)
+    return pos
+
+
+def rope_tables(pos: np.ndarray, cfg: Ideogram4Config) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (L, head_dim) for the 3-axis interleaved MRoPE, fp32 angles (§7).
+
+    Frequency slot j takes the H axis when j ≡ 1 (mod 3) and j < 3·sections[1], the W axis when
+    j ≡ 2 (mod 3) and j < 3·sections[2], the T axis otherwise; the 128 frequencies are duplicated
+    [f, f] for rotate-half (NeoX) pairing of dims d and d + 128.
+    """
+    torch = _torch()
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    p = torch.from_numpy(pos.T.astype(np.float32))  # (3, L)
+    freqs = p[:, :, None] * inv_freq[None, None, :]  # (3, L, hd/2), one float32 product each
+    f = freqs[0].clone()
+    for axis, offset in ((1, 1), (2, 2)):
+        idx = torch.arange(offset, cfg.mrope_section[axis] * 3, 3)
+        f[:, idx] = freqs[axis][:, idx]
+    emb = torch.cat([f, f], dim=-1)
+    return emb.cos().numpy().astype(np.float32), emb.sin().numpy().astype(np.float32)
+
+
+class Ideogram4DiT:
+    """One Ideogram 4 backbone resident on a ggml backend in its GGUF storage types."""
+
+    def __init__(self, file: BackboneFile, backend: Backend, options: RuntimeOptions | None = None) -> None:
+        self.file = file
+        self.path = file.path
+        self.config = file.config
+        self.role = file.role
+        self.backend = backend
+        self.options = options or RuntimeOptions()
+        specs = [(n, t.type, t.ne) for n, t in file.tensors.items()]
+        for name, type_, ne in specs:
+            if len(name.encode()) > 63:
+                raise ModelError("tensor name longer than ggml's 63 characters", path=self.path, tensor=name)
+        self.weights = TensorStore(backend, specs)
+        for n, t in file.tensors.items():
+            upload(self.weights[n], np.asarray(t.data))
+        self._graphs: dict[tuple[int, int, int], tuple[Graph, dict]] = {}
+        log.info("loaded %s: %s", self.path, self.summary())
+
+    # -- loading -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, backend: Backend | str = "auto", *, threads: int | None = None, options: RuntimeOptions | None = None) -> "Ideogram4DiT":
+        be = backend if isinstance(backend, Backend) else Backend(backend, threads=threads)
+        return cls(BackboneFile(path, strict=True), be, options)
+
+    def summary(self) -> dict:
+        types: dict[str, dict[str, int]] = {}
+        for t in self.weights.tensors.values():
+            d = types.setdefault(t.type.name, {"count": 0, "bytes": 0})
+            d["count"] += 1
+            d["bytes"] += t.nbytes
+        return {
+            "file": str(self.path),
+            "role": self.role,
+            "backend": self.backend.name,
+            "device": self.backend.device_name,
+            "weight_bytes": self.weights.nbytes,
+            "types": types,
+            "config": self.config.to_metadata(),
+        }
+
+    def close(self) -> None:
+        for g, _ in self._graphs.values():
+            g.close()
+        self._graphs.clear()
+        self.weights.close()
+
+    # -- graph -------------------------------------------------------------------------
+    def _w(self, name: str) -> Tensor:
+        return self.weights[name]
+
+    def _cast_ok(self, b: Builder, w: Tensor) -> Tensor | None:
+        c = b.cast(w, GGMLType.F32)
+        return c if self.backend.supports(c) else None
+
+    def _linear(self, b: Builder, prefix: str, x: Tensor, *, per_sample: bool = False) -> Tensor:
+        w = self._w(prefix + ".weight")
+        n_tokens = x.ne[1]
+        wt = w
+        if w.type.is_quantized:
+            dequant = False
+            if per_sample and self.options.exact_conditioning:
+                dequant = True
+            elif w.type is GGMLType.Q8_0:
+                policy = self.options.q8_0_matmul
+                dequant = policy == "dequant" or (policy == "auto" and self.backend.is_cpu and n_tokens > Q8_0_DEQUANT_MIN_TOKENS)
+            if dequant:
+                wt = self._cast_ok(b, w) or w
+        y = b.mul_mat(wt, x, f32_acc=w.type in (GGMLType.F16, GGMLType.BF16))
+        bias = prefix + ".bias"
+        if bias in self.weights:
+            y = b.add(y, self._w(bias))
+        return y
+
+    def _rms(self, b: Builder, x: Tensor, weight: str, eps: float) -> Tensor:
+        return b.mul(b.rms_norm(x, eps), self._w(weight))
+
+    def _rope(self, b: Builder, x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+        # x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = swap_halves(x)·[−sin, sin].
+        hd, H, L = x.ne[0], x.ne[1], x.ne[2]
+        half = hd // 2
+        es = 4
+        lo = b.view(x, (half, H, L), (x.nb[1], x.nb[2]), 0)
+        hi = b.view(x, (half, H, L), (x.nb[1], x.nb[2]), half * es)
+        swapped = b.concat(hi, lo, 0)
+        return b.add(b.mul(x, cos), b.mul(swapped, sin_signed))
+
+    def _attention(self, b: Builder, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k, v ne=[hd, H, L] -> ne=[H·hd, L]."""
+        hd, H, L = q.ne[0], q.ne[1], q.ne[2]
+        scale = 1.0 / math.sqrt(hd)
+        s = self.options.kv_scale
+        if s is None:
+            s = 1.0 if self.backend.is_cpu else 1.0 / 128.0
+        if s != 1.0:
+            k = b.scale(k, s)
+            v = b.scale(v, s)
+        qp = b.permute(q, 0, 2, 1, 3)  # [hd, L, H]
+        kp = b.permute(k, 0, 2, 1, 3)
+        vp = b.permute(v, 0, 2, 1, 3)
+        out = None
+        if self.options.attention == "flash":
+            fa = b.flash_attn(qp, kp, vp, scale / s)  # [hd, H, L]
+            if self.backend.supports(fa):
+                out = b.reshape(fa, hd * H, L)
+        if out is None:
+            kq = b.soft_max(b.mul_mat(kp, qp), scale / s)  # [Lk, Lq, H]
+            vt = b.cont(b.permute(v, 1, 2, 0, 3))  # [L, hd, H]
+            o = b.mul_mat(vt, kq)  # [hd, Lq, H]
+            out = b.reshape(b.cont(b.permute(o, 0, 2, 1, 3)), hd * H, L)
+        if s != 1.0:
+            out = b.scale(out, 1.0 / s)
+        return out
+
+    def _block(self, b: Builder, n: int, h: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        cfg = self.config
+        D, hd, H = cfg.emb_dim, cfg.head_dim, cfg.num_heads
+        L = h.ne[1]
+        p = f"layers.{n}."
+        mod = self._linear(b, p + "adaln_modulation", c, per_sample=True)  # [4D, 1]: scale_msa|gate_msa|scale_mlp|gate_mlp
+        chunk = lambda i: b.view(mod, (D, 1), (mod.nb[1],), i * D * 4)  # noqa: E731
+        scale_msa, gate_msa = b.scale_bias(chunk(0), 1.0, 1.0), b.tanh(chunk(1))
+        scale_mlp, gate_mlp = b.scale_bias(chunk(2), 1.0, 1.0), b.tanh(chunk(3))
+
+        x = b.mul(self._rms(b, h, p + "attention_norm1.weight", cfg.norm_eps), scale_msa)
+        qkv = self._linear(b, p + "attention.qkv", x)  # [3D, L]: q rows, then k, then v
+        heads = lambda i: b.view(qkv, (hd, H, L), (hd * 4, qkv.nb[1]), i * D * 4)  # noqa: E731
+        q = self._rope(b, self._rms(b, heads(0), p + "attention.norm_q.weight", 1e-5), cos, sin)
+        k = self._rope(b, self._rms(b, heads(1), p + "attention.norm_k.weight", 1e-5), cos, sin)
+        v = heads(2)
+        attn = self._linear(b, p + "attention.o", self._attention(b, q, k, v))
+        h = b.add(h, b.mul(self._rms(b, attn, p + "attention_norm2.weight", cfg.norm_eps), gate_msa))
+
+        x = b.mul(self._rms(b, h, p + "ffn_norm1.weight", cfg.norm_eps), scale_mlp)
+        ff = b.swiglu(self._linear(b, p + "feed_forward.w1", x), self._linear(b, p + "feed_forward.w3", x))
+        ff = self._linear(b, p + "feed_forward.w2", ff)
+        return b.add(h, b.mul(self._rms(b, ff, p + "ffn_norm2.weight", cfg.norm_eps), gate_mlp))
+
+    def _build(self, b: Builder, inp: dict[str, Tensor], n_text: int) -> dict[str, Tensor]:
+        cfg = self.config
+        D = cfg.emb_dim
+        emb = self._w("embed_image_indicator.weight")  # ne [D, 2]: row 0 text/pad, row 1 image
+        h = b.add(self._linear(b, "input_proj", inp["x"]), b.view(emb, (D,), (), D * 4))
+        if n_text:
+            f = self._rms(b, inp["text"], "llm_cond_norm.weight", cfg.llm_cond_norm_eps)
+            ht = b.add(self._linear(b, "llm_cond_proj", f), b.view(emb, (D,), (), 0))
+            h = b.concat(ht, h, 1)
+        temb = self._linear(b, "t_embedding.mlp_out", b.silu(self._linear(b, "t_embedding.mlp_in", inp["temb"], per_sample=True)), per_sample=True)
+        c = b.silu(self._linear(b, "adaln_proj", temb, per_sample=True))  # modulation input of every block
+        for n in range(cfg.num_layers):
+            h = self._block(b, n, h, c, inp["cos"], inp["sin"])
+        scale = b.scale_bias(self._linear(b, "final_layer.adaln_modulation", b.silu(c), per_sample=True), 1.0, 1.0)
+        out = self._linear(b, "final_layer.linear", b.mul(b.norm(h, cfg.final_norm_eps), scale))  # [C, L]
+        n_img = inp["x"].ne[1]
+        img = b.cont(b.view(out, (cfg.in_channels, n_img), (out.nb[1],), n_text * out.nb[1]))
+        return {"v": img}
+
+    def _graph(self, n_text: int, grid_h: int, grid_w: int) -> Graph:
+        key = (n_text, grid_h, grid_w)
+        if key in self._graphs:
+            return self._graphs[key][0]
+        cfg = self.config
+        n_img = grid_h * grid_w
+        L = n_text + n_img
+        inputs = [
+            ("x", GGMLType.F32, (cfg.in_channels, n_img)),
+            ("temb", GGMLType.F32, (cfg.emb_dim, 1)),
+            ("cos", GGMLType.F32, (cfg.head_dim, 1, L)),
+            ("sin", GGMLType.F32, (cfg.head_dim, 1, L)),
+        ]
+        if n_text:
+            inputs.append(("text", GGMLType.F32, (cfg.llm_features_dim, n_text)))
+        g = Graph(self.backend, inputs, lambda b, i: self._build(b, i, n_text), graph_size=512 + 160 * cfg.num_layers)
+        cos, sin = rope_tables(positions(n_text, grid_h, grid_w), cfg)
+        half = cfg.head_dim // 2
+        sin[:, :half] *= -1.0
+        g.set("cos", cos)
+        g.set("sin", sin)
+        self._graphs[key] = (g, {})
+        log.debug("built graph %s: %d nodes, compute buffer %.1f MiB", key, g.n_nodes, g.compute_bytes / 2**20)
+        return g
+
+    # -- forward -----------------------------------------------------------------------
+    def velocity(self, latent_tokens: np.ndarray, t: float, text_features: np.ndarray | None = None, *, grid: tuple[int, int]) -> np.ndarray:
+        """Velocity at the image tokens, float32 (N, in_channels).
+
+        ``latent_tokens``: (N, C) or (1, N, C) noisy latents, N = grid_h·grid_w in row-major order.
+        ``text_features``: (n_text, llm_features_dim) or (1, n_text, F) for the conditional sequence
+        (text tokens first), or None for the image-only unconditional sequence.
+        """
+        cfg = self.config
+        grid_h, grid_w = (int(v) for v in grid)
+        if grid_h < 1 or grid_w < 1:
+            raise InputError(f"grid must be positive, got {grid}")
+        x = np.asarray(latent_tokens, dtype=np.float32)
+        if x.ndim == 3:
+            if x.shape[0] != 1:
+                raise InputError(f"only batch 1 is supported, latents have batch {x.shape[0]}")
+            x = x[0]
+        if x.ndim != 2 or x.shape != (grid_h * grid_w, cfg.in_channels):
+            raise InputError(
+                f"latent tokens have shape {tuple(np.shape(latent_tokens))}, expected ({grid_h * grid_w}, {cfg.in_channels}) "
+                f"for a {grid_h}x{grid_w} token grid ({grid_h * 16}x{grid_w * 16} px)"
+            )
+        if not np.isfinite(x).all():
+            raise InputError("latent tokens contain NaN or Inf")
+        n_text = 0
+        feats = None
+        if text_features is not None:
+            feats = np.asarray(text_features, dtype=np.float32)
+            if feats.ndim == 3 and feats.shape[0] == 1:
+                feats = feats[0]
+            if feats.ndim != 2 or feats.shape[1] != cfg.llm_features_dim:
+                raise InputError(f"text features have shape {tuple(np.shape(text_features))}, expected (n_text, {cfg.llm_features_dim})")
+            n_text = feats.shape[0]
+            if n_text > MAX_TEXT_TOKENS:
+                raise InputError(f"{n_text} text tokens exceed the model's maximum of {MAX_TEXT_TOKENS}")
+            if n_text == 0:
+                feats = None
+        if not (0.0 <= float(t) <= 1.0):
+            raise InputError(f"t must be in [0, 1] (0 = noise, 1 = clean), got {t}")
+        g = self._graph(n_text, grid_h, grid_w)
+        g.set("x", np.ascontiguousarray(x))
+        g.set("temb", timestep_embedding(float(t), cfg.emb_dim, self.options.t_rounding))
+        if feats is not None:
+            g.set("text", np.ascontiguousarray(feats))
+        g.compute()
+        return g.get("v")
+
+
+def check_pair(cond: Ideogram4DiT, uncond: Ideogram4DiT) -> None:
+    """A CFG pair must share one architecture; roles, when recorded, must be cond and uncond."""
+    if cond.config != uncond.config:
+        diff = [f.name for f in dataclasses.fields(Ideogram4Config) if getattr(cond.config, f.name) != getattr(uncond.config, f.name)]
+        d = diff[0]
+        raise ModelError(
+            f"conditional and unconditional backbones differ in {d}: {getattr(cond.config, d)} ({cond.path}) vs {getattr(uncond.config, d)} ({uncond.path})"
+        )
+    if cond.role == "uncond":
+        raise ModelError("given as the conditional backbone but its metadata says role=uncond", path=cond.path)
+    if uncond.role == "cond":
+        raise ModelError("given as the unconditional backbone but its metadata says role=cond", path=uncond.path)
+    if cond.backend is not uncond.backend and cond.backend.name != uncond.backend.name:
+        raise ModelError("the two backbones live on different backends")
+
+
+__all__ = ["Ideogram4DiT", "RuntimeOptions", "check_pair", "positions", "rope_tables", "timestep_embedding", "HEAD_DIM"]

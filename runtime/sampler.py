@@ -1,0 +1,94 @@
+"""The official flow-matching sampler: Euler steps with asymmetric dual-backbone CFG.
+
+Each step runs the conditional backbone on [text tokens, image tokens] and the unconditional
+backbone on the image tokens alone (no text, no negative prompt), then
+``z ← z + (g·v_cond + (1 − g)·v_uncond)·(s − t)`` (ideogram4-model.md §10, §14).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gguf_dit.errors import InputError
+
+from .dit import Ideogram4DiT, check_pair
+from .schedule import SamplerSettings, euler_step, initial_noise, resolve_settings, timesteps
+
+PIXELS_PER_TOKEN = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    index: int  # run order, 0 = first (noisiest) step
+    steps: int
+    t: float
+    s: float
+    guidance: float
+    seconds: float
+
+
+def token_grid(height: int, width: int) -> tuple[int, int]:
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < PIXELS_PER_TOKEN or v % PIXELS_PER_TOKEN:
+            raise InputError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} pixels, got {v!r}")
+    return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+
+
+def sample(
+    cond: Ideogram4DiT,
+    uncond: Ideogram4DiT,
+    text_features: np.ndarray,
+    height: int,
+    width: int,
+    *,
+    preset: str | None = "default-20",
+    steps: int | None = None,
+    guidance: float | str | Sequence[float] | None = None,
+    mu: float | None = None,
+    std: float | None = None,
+    settings: SamplerSettings | None = None,
+    seed: int = 0,
+    noise: np.ndarray | None = None,
+    ts: np.ndarray | None = None,
+    callback: Callable[[StepInfo, np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Sample final latent tokens (1, N, 128) float32 for one prompt's text features.
+
+    ``settings`` (or preset + overrides) chooses steps, per-step guidance (run order), mu and std.
+    ``noise`` replaces the seeded initial noise; ``ts`` replaces the official timestep grid
+    (run order, steps + 1 values), e.g. to reproduce another pipeline's schedule.
+    """
+    check_pair(cond, uncond)
+    grid = token_grid(height, width)
+    n_tokens = grid[0] * grid[1]
+    channels = cond.config.in_channels
+    if settings is None:
+        settings = resolve_settings(preset, steps=steps, guidance=guidance, mu=mu, std=std)
+    if ts is None:
+        ts = timesteps(settings.steps, height, width, settings.mu, settings.std)
+    ts = np.asarray(ts, dtype=np.float32)
+    if ts.shape != (settings.steps + 1,):
+        raise InputError(f"timestep grid has {ts.shape[0]} values, expected {settings.steps + 1}")
+    if noise is None:
+        z = initial_noise(seed, n_tokens, channels)
+    else:
+        z = np.array(noise, dtype=np.float32, copy=True)
+        if z.shape != (1, n_tokens, channels):
+            raise InputError(f"noise has shape {z.shape}, expected (1, {n_tokens}, {channels}) for {height}x{width}")
+    feats = np.asarray(text_features, dtype=np.float32)
+    if feats.ndim == 3 and feats.shape[0] == 1:
+        feats = feats[0]
+    for i in range(settings.steps):
+        t0 = time.perf_counter()
+        t, s = float(ts[i]), float(ts[i + 1])
+        g = float(settings.guidance[i])
+        v_c = cond.velocity(z[0], t, feats, grid=grid)
+        v_u = uncond.velocity(z[0], t, None, grid=grid)
+        z = euler_step(z, v_c[None], v_u[None], g, ts[i], ts[i + 1])
+        if callback is not None:
+            callback(StepInfo(i, settings.steps, t, s, g, time.perf_counter() - t0), z)
+    return z
