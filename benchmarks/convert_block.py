@@ -8,8 +8,11 @@ its conditional backbone once per recipe, each conversion in its own child proce
 * wall time of the child (process start to exit, imports included);
 * throughput in MB/s of float32-equivalent input (sum of numel x 4 over the backbone's tensors,
   the converter's own MB/s definition), and the FP8 source file size;
-* peak RSS of the child: ``getrusage(RUSAGE_SELF).ru_maxrss`` read by the child itself at exit
-  (the kernel's exact high-water mark of resident memory, anonymous + file-backed pages), plus the
+* peak RSS of the child: ``VmHWM`` of ``/proc/self/status`` read by the child itself at exit (the
+  kernel's exact high-water mark of its resident memory, anonymous + file-backed pages). Not
+  ``ru_maxrss``: Linux carries the parent's RSS into a spawned child's ``ru_maxrss`` (the old mm's
+  high-water mark is kept across fork/vfork + exec), so it reports the parent whenever the parent was
+  bigger; the checkpoint is also written in a child so this process stays small. Also shown: the
   peaks of ``RssAnon`` and ``RssFile`` from ``/proc/<pid>/status``, sampled by this process every
   few milliseconds (sampled, so a short spike can be missed; anonymous memory is what must fit in
   RAM, file-backed pages of the memory-mapped source are clean page cache the kernel can drop);
@@ -18,7 +21,7 @@ its conditional backbone once per recipe, each conversion in its own child proce
 * an extrapolation (labelled as such) of the full 34-block backbone: per-tensor times are recorded
   in the child by wrapping ``Backbone.chunks`` (start of the first chunk to exhaustion of the
   generator, so reading, converting, hashing and writing are all inside), and
-  full = wall - block + 34 x block.
+  full = wall - layers x block + 34 x block (``--layers``, default 1).
 
 The conversion itself is the ``gguf-dit convert`` command (``gguf_dit.cli.app``) with
 ``--role cond -q --force``, run inside the child wrapper.
@@ -26,6 +29,7 @@ The conversion itself is the ``gguf-dit convert`` command (``gguf_dit.cli.app``)
 Usage::
 
     python benchmarks/convert_block.py --recipes f16,q8_0,q4_k,q4_k-protect --repeat 2
+    python benchmarks/convert_block.py --recipes q4_k --layers 4   # how peak RSS scales with the source
 
 Not a test: nothing here is asserted, it only measures and prints.
 """
@@ -97,6 +101,16 @@ def child_convert(report: str, cli_args: list[str]) -> int:
     return rc
 
 
+def child_write(report: str, root: str, layers: int) -> int:
+    """Write the checkpoint in a child, so that this process never grows (and its children inherit nothing)."""
+    from gguf_dit.arch import Ideogram4Config
+    from gguf_dit.converter.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(root, cfg=Ideogram4Config(num_layers=layers), fp8=True, force=True)
+    _child_report(report, {"rc": 0})
+    return 0
+
+
 def child_baseline(report: str, root: str) -> int:
     """Imports and an opened checkpoint, nothing converted: the floor under every conversion."""
     import safetensors  # noqa: F401
@@ -142,19 +156,16 @@ def run_child(args: list[str], sample_s: float) -> dict:
     if rc != 0 or rep.get("rc", rc) != 0:
         raise SystemExit(f"child failed (rc {rc}): {' '.join(cmd)}")
     rep["wall_s"] = wall
+    rep["peak_kib"] = rep["status_at_exit"]["VmHWM"]
     rep["sampled_peak_kib"] = peaks
     return rep
 
 
 def machine_info() -> list[str]:
     lines = [f"python {platform.python_version()}, {platform.platform()}"]
-    try:
-        import numpy
-        import torch
+    from importlib import metadata
 
-        lines.append(f"torch {torch.__version__}, numpy {numpy.__version__}, torch threads {torch.get_num_threads()}")
-    except Exception:  # pragma: no cover - informational only
-        pass
+    lines.append(", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "numpy", "safetensors", "gguf")))
     try:
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         keep = ("Model name", "CPU(s):", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache")
@@ -197,24 +208,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where to write the checkpoint and outputs (default: a new temp dir under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (checkpoint and GGUFs) at the end")
     ap.add_argument("--sample-ms", type=float, default=5.0, help="/proc sampling period for RssAnon/RssFile peaks")
+    ap.add_argument("--layers", type=int, default=1, help="blocks in the benchmark checkpoint (default 1; more shows how memory scales)")
     ap.add_argument("--json", default=None, help="also write all measurements to this JSON file")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     if a.child:
         report, mode, *rest = a.child
+        if mode == "write":
+            return child_write(report, rest[0], int(rest[1]))
         if mode == "baseline":
             return child_baseline(report, rest[0])
-        return child_convert(report, rest)
+        return child_convert(report, [mode, *rest])
 
     from gguf_dit.arch import Ideogram4Config
-    from gguf_dit.converter.tiny import write_tiny_checkpoint
-
     recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="gguf-dit-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     root = work / "ckpt"
-    cfg = Ideogram4Config(num_layers=1)
+    cfg = Ideogram4Config(num_layers=a.layers)
     full = Ideogram4Config()
     in_bytes, nonblock_bytes, block_bytes, largest = inventory_bytes(cfg)
     full_bytes = inventory_bytes(full)[0]
@@ -224,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + ln)
     try:
         src = root / "transformer" / "diffusion_pytorch_model.safetensors"
-        if not src.exists():
+        cfg_json = root / "transformer" / "config.json"
+        if not src.exists() or json.loads(cfg_json.read_text()).get("num_layers") != a.layers:
             t0 = time.perf_counter()
-            print(f"writing FP8 checkpoint (real shapes, num_layers=1) to {root} ...", flush=True)
-            write_tiny_checkpoint(root, cfg=cfg, fp8=True, force=True)
+            print(f"writing FP8 checkpoint (real shapes, num_layers={a.layers}) to {root} ...", flush=True)
+            run_child(["write", str(root), str(a.layers)], 0.05)
             print(f"  written in {time.perf_counter() - t0:.1f} s", flush=True)
         src_bytes = src.stat().st_size
         print(f"input: {in_bytes / 1e6:.1f} MB fp32-equivalent ({in_bytes // 4 / 1e6:.1f} M params), "
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(a.repeat):
             b = run_child(["baseline", str(root)], a.sample_ms / 1000)
             baselines.append(b)
-            print(f"[round {rnd + 1}] baseline: ru_maxrss {b['ru_maxrss_kib'] / 1024:.0f} MiB", flush=True)
+            print(f"[round {rnd + 1}] baseline: peak RSS {b['peak_kib'] / 1024:.0f} MiB", flush=True)
             for r in recipes:
                 out = work / f"out-{r}"
                 cli = ["convert", str(root), "-o", str(out), "--recipe", r, "--role", "cond", "-q", "--force"]
@@ -249,17 +262,17 @@ def main(argv: list[str] | None = None) -> int:
                 rep["out_bytes"] = (out / "transformer.gguf").stat().st_size
                 results[r].append(rep)
                 sp = rep["sampled_peak_kib"]
-                print(f"[round {rnd + 1}] {r}: {rep['wall_s']:.1f} s, ru_maxrss {rep['ru_maxrss_kib'] / 1024:.0f} MiB "
+                print(f"[round {rnd + 1}] {r}: {rep['wall_s']:.1f} s, peak RSS (VmHWM) {rep['peak_kib'] / 1024:.0f} MiB "
                       f"(sampled RssAnon {sp['RssAnon'] / 1024:.0f} MiB, RssFile {sp['RssFile'] / 1024:.0f} MiB)", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
 
-        base_kib = max(b["ru_maxrss_kib"] for b in baselines)
+        base_kib = max(b["peak_kib"] for b in baselines)
         base_anon = max(b["status_at_exit"].get("RssAnon", 0) for b in baselines)
         base_file = max(b["status_at_exit"].get("RssFile", 0) for b in baselines)
         print()
         print(f"baseline (imports + opened checkpoint): peak RSS {base_kib / 1024:.0f} MiB "
               f"(RssAnon {base_anon / 1024:.0f} MiB, RssFile {base_file / 1024:.0f} MiB)")
-        print(f"one block + non-block tensors: {in_bytes / 1e6:.0f} MB fp32-equivalent in, FP8 source {src_bytes / 1e6:.0f} MB; "
+        print(f"{a.layers} block(s) + non-block tensors: {in_bytes / 1e6:.0f} MB fp32-equivalent in, FP8 source {src_bytes / 1e6:.0f} MB; "
               f"min of {a.repeat} run(s) for wall time, max for memory")
         hdr = ("recipe", "wall s", "MB/s", "peak RSS MiB", "/baseline", "+over base MiB", "RssAnon MiB", "RssFile MiB", "out MB")
         print("| " + " | ".join(hdr) + " |")
@@ -268,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in recipes:
             reps = results[r]
             wall = min(x["wall_s"] for x in reps)
-            peak = max(x["ru_maxrss_kib"] for x in reps)
+            peak = max(x["peak_kib"] for x in reps)
             anon = max(x["sampled_peak_kib"]["RssAnon"] for x in reps)
             filep = max(x["sampled_peak_kib"]["RssFile"] for x in reps)
             out_b = reps[0]["out_bytes"]
@@ -280,16 +293,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print()
         print(f"EXTRAPOLATION (not measured): full {FULL_LAYERS}-block backbone, {full_bytes / 1e9:.1f} GB fp32-equivalent; "
-              f"full = wall - block + {FULL_LAYERS} x block, block time measured per tensor in the fastest run")
+              f"full = wall - {a.layers} x block + {FULL_LAYERS} x block, block = mean time of one block's tensors in the fastest run")
         print("| recipe | non-block s | block s | other s | full backbone est. s | est. min | est. MB/s |")
         print("|---|---|---|---|---|---|---|")
         for row in rows:
             best = min(results[row["recipe"]], key=lambda x: x["wall_s"])
             ts = best["tensor_seconds"]
-            blk = sum(v for k, v in ts.items() if k.startswith("layers.0."))
+            blocks = sum(v for k, v in ts.items() if k.startswith("layers."))
+            blk = blocks / a.layers
             nb = sum(v for k, v in ts.items() if not k.startswith("layers."))
-            other = best["wall_s"] - blk - nb
-            est = best["wall_s"] - blk + FULL_LAYERS * blk
+            other = best["wall_s"] - blocks - nb
+            est = best["wall_s"] - blocks + FULL_LAYERS * blk
             row.update({"nonblock_s": nb, "block_s": blk, "other_s": other, "full_est_s": est})
             print(f"| {row['recipe']} | {nb:.1f} | {blk:.1f} | {other:.1f} | {est:.0f} | {est / 60:.1f} | {full_bytes / 1e6 / est:.0f} |")
 
