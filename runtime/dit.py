@@ -135,8 +135,9 @@ class Ideogram4DiT:
             if len(name.encode()) > 63:
                 raise ModelError("tensor name longer than ggml's 63 characters", path=self.path, tensor=name)
         self.weights = TensorStore(backend, specs)
-        for n, t in file.tensors.items():
-            upload(self.weights[n], np.asarray(t.data))
+        with open(file.path, "rb") as f:
+            for n in file.tensors:
+                upload(self.weights[n], file.read_bytes(n, f))
         self._graphs: dict[tuple[int, int, int], tuple[Graph, dict]] = {}
         log.info("loaded %s: %s", self.path, self.summary())
 

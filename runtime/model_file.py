@@ -20,6 +20,7 @@ class FileTensor:
     type: GGMLType
     shape: tuple[int, ...]  # PyTorch order
     data: np.ndarray  # raw bytes/elements as stored (memory-mapped)
+    offset: int = 0  # absolute byte offset of the data in the file
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -62,7 +63,7 @@ class BackboneFile:
             except ValueError:
                 raise ModelError(f"unsupported tensor type id {int(t.tensor_type)}", path=self.path, tensor=t.name) from None
             shape = tuple(int(x) for x in reversed([int(v) for v in t.shape]))
-            self.tensors[t.name] = FileTensor(t.name, gt, shape, t.data)
+            self.tensors[t.name] = FileTensor(t.name, gt, shape, t.data, int(t.data_offset))
         self.arch = _field(reader, "general.architecture")
         self.has_metadata = self.arch is not None and _field(reader, f"{ARCH}.emb_dim") is not None
         if self.arch is not None and self.arch != ARCH:
@@ -111,6 +112,15 @@ class BackboneFile:
             for n in shapes:
                 if n not in expected:
                     self.warnings.append(f"unexpected tensor {n}")
+
+    def read_bytes(self, name: str, f) -> np.ndarray:
+        """A tensor's stored bytes read with plain file I/O (no mmap residency: RSS grows by one tensor)."""
+        t = self.tensors[name]
+        buf = np.empty(t.nbytes, dtype=np.uint8)
+        f.seek(t.offset)
+        if f.readinto(memoryview(buf)) != t.nbytes:
+            raise ModelError("file ends inside the tensor data (truncated?)", path=self.path, tensor=name)
+        return buf
 
     def type_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
