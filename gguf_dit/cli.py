@@ -142,6 +142,142 @@ def inspect(
         typer.echo(f"  warning: {w}")
 
 
+def _output_paths(out: Path, count: int, seeds: list[int], index0: int = 0) -> list[Path]:
+    if out.suffix.lower() == ".png":
+        if count == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{i:03d}.png") for i in range(count)]
+    return [out / f"{index0 + i:05d}-{s}.png" for i, s in enumerate(seeds)]
+
+
+@app.command()
+@_errors_to_exit
+def run(
+    prompt_file: Path = typer.Argument(..., help="A JSON caption, JSON Lines (one caption per line), or plain text (one prompt per line)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Folder with transformer.gguf, unconditional_transformer.gguf, text_encoder.gguf, vae.gguf (from gguf-dit convert). Default: the embedded demo model."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="A text encoder GGUF to use instead of MODEL/text_encoder.gguf (e.g. a community Qwen3-VL-8B-Instruct GGUF)."),
+    preset: str = typer.Option("default-20", "--preset", help="quality-48, default-20 or turbo-12."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Number of steps (overrides the preset; the preset's final low-guidance steps are kept)."),
+    guidance: Optional[str] = typer.Option(None, "--guidance", help="Constant guidance (7) or a run-order schedule (7x18+3x2)."),
+    mu: Optional[float] = typer.Option(None, "--mu", help="Logit-normal schedule mean (before the resolution shift)."),
+    std: Optional[float] = typer.Option(None, "--std", help="Logit-normal schedule standard deviation."),
+    width: Optional[int] = typer.Option(None, "--width", "-W", help="Image width in pixels, a multiple of 16 (default: the model's default size)."),
+    height: Optional[int] = typer.Option(None, "--height", "-H", help="Image height in pixels, a multiple of 16."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the first image; each further image adds 1."),
+    count: int = typer.Option(1, "-n", "--count", help="Images per prompt."),
+    out: Path = typer.Option(Path("outputs"), "-o", "--out", help="Output folder, or a .png path for a single image."),
+    backend: str = typer.Option("auto", "--backend", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    raw: bool = typer.Option(False, "--raw", help="Pass plain-text prompts to the encoder unchanged instead of wrapping them in a minimal JSON caption."),
+    keep_bboxes: bool = typer.Option(False, "--keep-bboxes", help="Keep element bboxes in JSON captions (the official pipeline strips them)."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Decode in tiles of this many latent pixels (saves memory on large images)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing PNGs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Generate PNGs from a prompt file: encode, sample both CFG backbones, decode."""
+    from gguf_dit.errors import InputError
+    from gguf_dit.runtime.caption import caption_summary, prompts_from_file
+    from gguf_dit.runtime.pipeline import ModelFiles, Pipeline, png_metadata, write_png
+    from gguf_dit.runtime.schedule import resolve_settings
+
+    if count < 1:
+        raise InputError(f"-n must be at least 1, got {count}")
+    prompts = prompts_from_file(prompt_file, raw=raw, keep_bboxes=keep_bboxes)
+    for p in prompts:
+        for w in p.warnings:
+            typer.echo(f"warning: {prompt_file}{f':{p.line}' if p.line else ''}: {w}", err=True)
+    settings = resolve_settings(preset, steps=steps, guidance=guidance, mu=mu, std=std)
+    model_dir = model
+    if model_dir is None:
+        from gguf_dit.runtime import demo
+
+        model_dir = demo.model_dir()
+        if not quiet:
+            typer.echo(demo.NOTICE, err=True)
+    files = ModelFiles.find(model_dir, text_encoder)
+    pipe = Pipeline(files, backend=backend, threads=threads)
+    jobs = [(pi, k) for pi in range(len(prompts)) for k in range(count)]
+    seeds = [seed + j for j in range(len(jobs))]
+    paths = _output_paths(out, len(jobs), seeds)
+    for pth in paths:
+        if pth.exists() and not force:
+            raise InputError("already exists (use --force to overwrite)", path=pth)
+    cond, _ = pipe.load_backbones()
+    from gguf_dit.runtime.pipeline import size_range
+
+    default = 1024 if size_range(cond)[0] <= 1024 <= size_range(cond)[1] else size_range(cond)[0]
+    default = int(cond.file.metadata.get("gguf_dit.default_size") or default)
+    h, w = height or default, width or default
+    from gguf_dit.runtime.pipeline import check_size
+
+    check_size(h, w, size_range(cond))
+    progress = _run_progress(quiet)
+    feats = pipe.encode([p.text for p in prompts], progress.encoded(len(prompts)))
+    for f in feats:
+        pipe.check_features(f)
+    models = pipe.describe()
+    if not out.suffix.lower() == ".png":
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    for j, (pi, _) in enumerate(jobs):
+        gen = pipe.generate(feats[pi], h, w, settings, seeds[j], step_callback=progress.stepper(j, len(jobs), settings.steps), tile=tile)
+        meta = png_metadata(prompts[pi].text, settings, seeds[j], h, w, models, {"prompt_source": prompts[pi].source})
+        write_png(paths[j], gen.image, meta, force=force)
+        progress.done(paths[j], caption_summary(prompts[pi].text))
+    progress.close()
+
+
+class _RunProgress:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.p = None
+        if not quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                              TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+            self.p.start()
+
+    def encoded(self, n: int):
+        if self.p is None:
+            return None
+        task = self.p.add_task("encode", total=n, rate="")
+        import time
+
+        t0 = time.perf_counter()
+
+        def cb(i: int) -> None:
+            self.p.update(task, completed=i, rate=f"{i / max(time.perf_counter() - t0, 1e-9):.2f} prompt/s")
+
+        return cb
+
+    def stepper(self, j: int, n: int, steps: int):
+        if self.p is None:
+            return None
+        task = self.p.add_task(f"sample {j + 1}/{n}", total=steps, rate="")
+
+        def cb(info, z) -> None:
+            self.p.update(task, completed=info.index + 1, rate=f"{1.0 / max(info.seconds, 1e-9):.2f} step/s")
+
+        return cb
+
+    def done(self, path, summary: str) -> None:
+        if self.p is not None:
+            self.p.console.print(f"wrote {path}  ({summary})")
+        else:
+            typer.echo(str(path))
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+
+
+def _run_progress(quiet: bool) -> _RunProgress:
+    return _RunProgress(quiet)
+
+
 @app.command("tiny-checkpoint")
 @_errors_to_exit
 def tiny_checkpoint(

@@ -1,0 +1,239 @@
+"""Prompt to PNG: text encoder (llama.cpp) → both DiT backbones (ggml) → FLUX.2 decoder → PNG.
+
+The stages run in an order that keeps peak memory low: every prompt is encoded first, the encoder is
+freed, then the two backbones sample each image, and the decoder turns latents into pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gguf_dit import __version__
+from gguf_dit.errors import InputError, ModelError, OutputError
+
+from .dit import Ideogram4DiT, RuntimeOptions, check_pair
+from .sampler import StepInfo, sample, token_grid
+from .schedule import SamplerSettings
+
+FILES = {
+    "transformer": "transformer.gguf",
+    "unconditional_transformer": "unconditional_transformer.gguf",
+    "text_encoder": "text_encoder.gguf",
+    "vae": "vae.gguf",
+}
+REAL_SIZE_RANGE = (256, 2048)
+MAX_ASPECT = 6.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    transformer: Path
+    unconditional_transformer: Path
+    text_encoder: Path
+    vae: Path
+
+    @classmethod
+    def find(cls, model_dir: str | Path, text_encoder: str | Path | None = None) -> "ModelFiles":
+        d = Path(model_dir)
+        if not d.is_dir():
+            raise ModelError("model folder does not exist", path=d)
+        paths = {k: d / v for k, v in FILES.items()}
+        if text_encoder is not None:
+            paths["text_encoder"] = Path(text_encoder)
+        for k, p in paths.items():
+            if not p.exists():
+                hint = " (convert a checkpoint with `gguf-dit convert`, or pass --text-encoder FILE)" if k == "text_encoder" else " (convert a checkpoint with `gguf-dit convert`)"
+                raise ModelError(f"missing {k} file{hint}", path=p)
+        return cls(**paths)
+
+
+def _file_hash(path: Path) -> str:
+    # sha256 of the first and last MiB plus the size: identifies a model file cheaply (A1111 "Model hash").
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return h.hexdigest()[:10]
+
+
+def size_range(dit: Ideogram4DiT) -> tuple[int, int]:
+    meta = dit.file.metadata.get("gguf_dit.size_range")
+    if meta:
+        lo, hi = (int(x) for x in meta)
+        return lo, hi
+    return REAL_SIZE_RANGE if dit.config.emb_dim == 4608 else (16, 2048)
+
+
+def check_size(height: int, width: int, rng: tuple[int, int]) -> None:
+    token_grid(height, width)
+    lo, hi = rng
+    for name, v in (("height", height), ("width", width)):
+        if not lo <= v <= hi:
+            raise InputError(f"{name} {v} is outside the model's range {lo}..{hi} pixels")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise InputError(f"aspect ratio {width}:{height} exceeds {MAX_ASPECT:.0f}:1")
+
+
+@dataclasses.dataclass
+class Generated:
+    image: np.ndarray  # (H, W, 3) uint8
+    latents: np.ndarray
+    seed: int
+    info: dict
+
+
+class Pipeline:
+    """The whole journey for one model folder. Stages are separate methods so each can be tested."""
+
+    def __init__(self, files: ModelFiles, *, backend: str = "auto", threads: int | None = None, options: RuntimeOptions | None = None) -> None:
+        self.files = files
+        self.backend_name = backend
+        self.threads = threads
+        self.options = options or RuntimeOptions()
+        self._cond = self._uncond = self._vae = None
+
+    # -- stages ------------------------------------------------------------------------
+    def encode(self, captions: list[str], progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        from .text_encoder import TextEncoder
+
+        enc = TextEncoder.load(self.files.text_encoder, n_threads=self.threads)
+        try:
+            feats = []
+            for i, c in enumerate(captions):
+                feats.append(enc.encode(c))
+                if progress:
+                    progress(i + 1)
+            return feats
+        finally:
+            enc.close()
+
+    def load_backbones(self) -> tuple[Ideogram4DiT, Ideogram4DiT]:
+        if self._cond is None:
+            from gguf_dit.ggml_ops import Backend
+
+            be = Backend(self.backend_name, threads=self.threads)
+            self._cond = Ideogram4DiT.load(self.files.transformer, be, options=self.options)
+            self._uncond = Ideogram4DiT.load(self.files.unconditional_transformer, be, options=self.options)
+            check_pair(self._cond, self._uncond)
+        return self._cond, self._uncond
+
+    def vae(self):
+        if self._vae is None:
+            from .vae import VAEDecoder
+
+            self._vae = VAEDecoder.load(self.files.vae)
+        return self._vae
+
+    def check_features(self, feats: np.ndarray) -> None:
+        cond, _ = self.load_backbones()
+        if feats.shape[-1] != cond.config.llm_features_dim:
+            raise ModelError(
+                f"text encoder gives {feats.shape[-1]} features per token, but the DiT expects {cond.config.llm_features_dim}",
+                path=self.files.text_encoder,
+            )
+
+    def generate(
+        self,
+        feats: np.ndarray,
+        height: int,
+        width: int,
+        settings: SamplerSettings,
+        seed: int,
+        *,
+        step_callback: Callable[[StepInfo, np.ndarray], None] | None = None,
+        tile: int | None = None,
+    ) -> Generated:
+        cond, uncond = self.load_backbones()
+        check_size(height, width, size_range(cond))
+        self.check_features(feats)
+        z = sample(cond, uncond, feats, height, width, settings=settings, seed=seed, callback=step_callback)
+        gh, gw = token_grid(height, width)
+        image = self.vae().decode_tokens(z, gh, gw, tile=tile)
+        return Generated(image, z, seed, {})
+
+    def describe(self) -> dict:
+        cond, uncond = self.load_backbones()
+        return {
+            "transformer": {"file": self.files.transformer.name, "hash": _file_hash(self.files.transformer), "recipe": cond.file.recipe},
+            "unconditional_transformer": {"file": self.files.unconditional_transformer.name, "hash": _file_hash(self.files.unconditional_transformer), "recipe": uncond.file.recipe},
+            "text_encoder": {"file": self.files.text_encoder.name, "hash": _file_hash(self.files.text_encoder)},
+            "vae": {"file": self.files.vae.name, "hash": _file_hash(self.files.vae)},
+            "backend": cond.backend.name,
+            "device": cond.backend.description,
+        }
+
+    def close(self) -> None:
+        for m in (self._cond, self._uncond):
+            if m is not None:
+                m.close()
+        self._cond = self._uncond = self._vae = None
+
+
+def guidance_text(g: tuple[float, ...]) -> str:
+    """Run-length form of a per-step guidance schedule, e.g. 7x18+3x2."""
+    parts = []
+    i = 0
+    while i < len(g):
+        j = i
+        while j < len(g) and g[j] == g[i]:
+            j += 1
+        parts.append(f"{g[i]:g}x{j - i}")
+        i = j
+    return "+".join(parts)
+
+
+def png_metadata(prompt_text: str, settings: SamplerSettings, seed: int, height: int, width: int, models: dict, extra: dict | None = None) -> dict[str, str]:
+    """A1111-style ``parameters`` text plus the full settings as JSON."""
+    g = guidance_text(settings.guidance)
+    cfg = f"{settings.guidance[0]:g}" if len(set(settings.guidance)) == 1 else g
+    params = (
+        f"{prompt_text}\n"
+        f"Steps: {settings.steps}, Sampler: Euler flow-matching (logit-normal mu {settings.mu:g} std {settings.std:g}), "
+        f"CFG scale: {cfg}, Seed: {seed}, Size: {width}x{height}, "
+        f"Model: {models['transformer']['file']}, Model hash: {models['transformer']['hash']}, "
+        f"Recipe: {models['transformer'].get('recipe')}, Preset: {settings.name}, Version: gguf-dit {__version__}"
+    )
+    full = {
+        "prompt": prompt_text,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "preset": settings.name,
+        "steps": settings.steps,
+        "guidance": list(settings.guidance),
+        "mu": settings.mu,
+        "std": settings.std,
+        "models": models,
+        "version": __version__,
+        **(extra or {}),
+    }
+    return {"parameters": params, "gguf-dit": json.dumps(full, ensure_ascii=False, separators=(",", ":"))}
+
+
+def write_png(path: Path, image: np.ndarray, text: dict[str, str], *, force: bool = False) -> None:
+    from PIL import Image, PngImagePlugin
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputError("already exists (use --force to overwrite)", path=path)
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_itxt(k, v)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
