@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes (default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over all recipes; the table shows min wall time and max peak RSS")
     ap.add_argument("--threads", type=int, default=None, help="passed to gguf-dit convert --threads (default: its own, all cores)")
-    ap.add_argument("--workdir", default=None, help="where to write the checkpoint and outputs (default: a new temp dir under /tmp)")
+    ap.add_argument("--workdir", default=None, help="where to write the checkpoint and outputs, kept afterwards (default: a new temp dir under /tmp, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (checkpoint and GGUFs) at the end")
     ap.add_argument("--sample-ms", type=float, default=5.0, help="/proc sampling period for RssAnon/RssFile peaks")
     ap.add_argument("--layers", type=int, default=1, help="blocks in the benchmark checkpoint (default 1; more shows how memory scales)")
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": results, "table": rows,
             }, indent=1))
     finally:
-        if a.keep:
+        if a.keep or a.workdir:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)

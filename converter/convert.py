@@ -168,6 +168,7 @@ def write_backbone(
                 bytes_in += chunk.nbytes
                 if progress:
                     progress(p.name, chunk.nbytes)
+            bb.release()
             expect = _nbytes(p.shape, p.type)
             if written != expect:
                 raise OutputError(f"internal: wrote {written} bytes, expected {expect}", path=out_path, tensor=p.name)

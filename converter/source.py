@@ -197,6 +197,11 @@ class Backbone:
         for r0 in range(0, rows, step):
             yield self.rows(name, r0, min(rows, r0 + step), hasher)
 
+    def release(self) -> None:
+        """Drop the memory-mapped file handles: pages a finished tensor touched leave the RSS with them,
+        so peak memory is one tensor's source pages, not the whole checkpoint's."""
+        self._handles.clear()
+
     def source_names(self) -> list[str]:
         return [f.name for f in self.files]
 
