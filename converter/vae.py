@@ -1,0 +1,263 @@
+"""Ideogram 4 / FLUX.2 VAE (diffusers ``AutoencoderKLFlux2`` folder) in, ``vae.gguf`` out.
+
+Only what decoding needs is written: ``post_quant_conv.*`` and ``decoder.*`` (diffusers names, PyTorch shapes; the
+GGUF writer stores ggml's reversed ``ne`` order). Encoder, ``quant_conv`` and ``bn`` tensors are not written; the
+``bn`` running statistics go into metadata next to the official de-normalisation constants. Format: ``docs/vae.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gguf_dit import __version__
+from gguf_dit.errors import GgufDitError, OutputError, SourceError
+from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
+from gguf_dit.runtime.vae import NORM_EPS, VAE_ARCH, VAEConfig, decoder_inventory
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = "config.json"
+F16_MAX = 65504.0
+_SKIPPED_PREFIXES = ("encoder.", "quant_conv.", "bn.")
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return s[:160]
+
+
+def _find_dir(vae_dir: Path) -> Path:
+    if not vae_dir.exists():
+        raise SourceError("does not exist", path=vae_dir)
+    if not vae_dir.is_dir():
+        raise SourceError("expected a VAE folder (config.json + diffusion_pytorch_model.safetensors)", path=vae_dir)
+    if not (vae_dir / CONFIG_NAME).exists() and (vae_dir / "vae" / CONFIG_NAME).exists():
+        return vae_dir / "vae"  # a checkpoint root was given
+    return vae_dir
+
+
+def read_vae_config(vae_dir: Path) -> tuple[VAEConfig, dict]:
+    p = vae_dir / CONFIG_NAME
+    if not p.exists():
+        raise SourceError("missing (a diffusers AutoencoderKLFlux2 config is required)", path=p)
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise SourceError(f"unreadable config.json ({_short(e)})", path=p) from None
+    if not isinstance(raw, dict):
+        raise SourceError("config.json is not a JSON object", path=p)
+    cls = raw.get("_class_name")
+    if cls is not None and cls != "AutoencoderKLFlux2":
+        raise SourceError(f"_class_name is {cls!r}, expected 'AutoencoderKLFlux2'", path=p)
+    try:
+        enc_ch = raw.get("block_out_channels", [128, 256, 512, 512])
+        dec_ch = raw.get("decoder_block_out_channels") or enc_ch
+        up_types = raw.get("up_block_types", ["UpDecoderBlock2D"] * len(dec_ch))
+        patch = raw.get("patch_size", [2, 2])
+        if isinstance(patch, int):
+            patch = [patch, patch]
+        if len(patch) != 2 or patch[0] != patch[1]:
+            raise SourceError(f"patch_size {patch} is not square", path=p)
+        cfg = VAEConfig(
+            block_out_channels=tuple(int(c) for c in dec_ch),
+            layers_per_block=int(raw.get("layers_per_block", 2)),
+            latent_channels=int(raw.get("latent_channels", 32)),
+            out_channels=int(raw.get("out_channels", 3)),
+            norm_num_groups=int(raw.get("norm_num_groups", 32)),
+            mid_block_add_attention=bool(raw.get("mid_block_add_attention", True)),
+            use_post_quant_conv=bool(raw.get("use_post_quant_conv", True)),
+            patch_size=int(patch[0]),
+            batch_norm_eps=float(raw.get("batch_norm_eps", 1e-4)),
+        )
+    except (TypeError, ValueError) as e:
+        raise SourceError(f"bad config value ({_short(e)})", path=p) from None
+    bad = cfg.problems()
+    act = raw.get("act_fn", "silu")
+    if act not in ("silu", "swish"):
+        bad.append(f"act_fn {act!r} is not silu")
+    if list(up_types) != ["UpDecoderBlock2D"] * len(cfg.block_out_channels):
+        bad.append(f"up_block_types {up_types} are not all UpDecoderBlock2D (one per decoder level)")
+    if cfg.token_dim != LATENT_SHIFT.shape[0]:
+        bad.append(f"latent_channels {cfg.latent_channels} x patch {cfg.patch_size}^2 != 128 (Ideogram 4 needs 32 latent channels)")
+    if bad:
+        raise SourceError("unsupported VAE config: " + "; ".join(bad), path=p)
+    return cfg, raw
+
+
+class _Weights:
+    """Memory-mapped safetensors reader returning float32 numpy arrays (F32/F16/BF16 sources)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        if not path.exists():
+            raise SourceError("missing (the VAE weights file)", path=path)
+        try:
+            self.f = safe_open(str(path), framework="pt")
+            self.keys = set(self.f.keys())
+        except Exception as e:
+            raise SourceError(f"cannot read safetensors file ({_short(e)})", path=path) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.f.get_slice(key).get_shape())
+
+    def get(self, key: str) -> np.ndarray:
+        import torch
+
+        try:
+            t = self.f.get_tensor(key)
+        except Exception as e:
+            raise SourceError(f"cannot read tensor data ({_short(e)}); the file may be truncated or corrupt", path=self.path, tensor=key) from None
+        if not t.is_floating_point():
+            raise SourceError(f"dtype {t.dtype} is not a float type", path=self.path, tensor=key)
+        a = t.to(torch.float32).numpy()
+        if not np.isfinite(a).all():
+            bad = int(np.flatnonzero(~np.isfinite(a.reshape(-1)))[0])
+            raise SourceError(f"non-finite value (NaN or Inf) at flat index {bad}", path=self.path, tensor=key)
+        return a
+
+
+def _plan(cfg: VAEConfig, w: _Weights) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(gguf name, source key, target shape) for every decoder tensor; checks presence, shapes, strays."""
+    inv = decoder_inventory(cfg)
+    plan = []
+    for name, shape in inv.items():
+        if name not in w.keys:
+            raise SourceError("tensor missing", path=w.path, tensor=name)
+        got = w.shape(name)
+        # Older checkpoints store the mid attention projections as 1x1 convs (C, C, 1, 1).
+        ok = got == shape or (len(shape) == 2 and got == shape + (1, 1) and ".attentions." in name)
+        if not ok:
+            raise SourceError(f"shape {list(got)}, expected {list(shape)} from config.json", path=w.path, tensor=name)
+        plan.append((name, name, shape))
+    strays = sorted(k for k in w.keys if k not in inv and not k.startswith(_SKIPPED_PREFIXES))
+    if strays:
+        raise SourceError(f"unexpected tensor (not part of the decoder config.json describes; {len(strays)} in all)", path=w.path, tensor=strays[0])
+    return plan
+
+
+def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16", force: bool = False) -> dict:
+    """Write the VAE decoder at ``vae_dir`` (diffusers folder, or a checkpoint root holding ``vae/``) to ``out_path``.
+
+    ``dtype``: ``"f16"`` stores 2-D and 4-D weights as F16 (1-D norms and biases stay F32; a weight whose magnitude
+    exceeds the F16 range stays F32 too), ``"f32"`` stores everything F32. Returns a summary dict.
+    """
+    import gguf
+
+    t0 = time.perf_counter()
+    if dtype not in ("f16", "f32"):
+        raise GgufDitError(f"unknown VAE dtype {dtype!r}; use f16 or f32")
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise OutputError("already exists (use --force to overwrite)", path=out_path)
+    if out_path.exists() and out_path.is_dir():
+        raise OutputError("is a directory", path=out_path)
+    vae_dir = _find_dir(Path(vae_dir))
+    cfg, raw_cfg = read_vae_config(vae_dir)
+    w = _Weights(vae_dir / WEIGHTS_NAME)
+    plan = _plan(cfg, w)
+
+    bn = {}
+    for k in ("bn.running_mean", "bn.running_var"):
+        if k in w.keys:
+            shp = w.shape(k)
+            if shp != (cfg.token_dim,):
+                raise SourceError(f"shape {list(shp)}, expected [{cfg.token_dim}]", path=w.path, tensor=k)
+            bn[k] = w.get(k).astype(np.float32)
+    if "bn.running_var" in bn and (bn["bn.running_var"] + cfg.batch_norm_eps <= 0).any():
+        raise SourceError("running_var + batch_norm_eps is not positive", path=w.path, tensor="bn.running_var")
+
+    # Read and encode every tensor before creating the output, so a bad tensor leaves nothing behind.
+    tensors: list[tuple[str, np.ndarray]] = []
+    types: dict[str, int] = {}
+    kept_f32: list[str] = []
+    bytes_in = 0
+    for name, key, shape in plan:
+        a = w.get(key).reshape(shape)
+        bytes_in += a.nbytes
+        if dtype == "f16" and a.ndim > 1:
+            if np.abs(a).max(initial=0.0) > F16_MAX:
+                kept_f32.append(name)
+                enc = np.ascontiguousarray(a, dtype=np.float32)
+            else:
+                enc = a.astype(np.float16)
+        else:
+            enc = np.ascontiguousarray(a, dtype=np.float32)
+        tname = "F16" if enc.dtype == np.float16 else "F32"
+        types[tname] = types.get(tname, 0) + 1
+        tensors.append((name, enc))
+    skipped = sorted(k for k in w.keys if k.startswith(_SKIPPED_PREFIXES))
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), VAE_ARCH)
+    try:
+        writer.add_name("Ideogram 4 VAE decoder (FLUX.2 KL)")
+        a = VAE_ARCH
+        writer.add_array(f"{a}.block_out_channels", [int(c) for c in cfg.block_out_channels])
+        writer.add_uint32(f"{a}.layers_per_block", cfg.layers_per_block)
+        writer.add_uint32(f"{a}.latent_channels", cfg.latent_channels)
+        writer.add_uint32(f"{a}.out_channels", cfg.out_channels)
+        writer.add_uint32(f"{a}.norm_num_groups", cfg.norm_num_groups)
+        writer.add_float32(f"{a}.norm_eps", NORM_EPS)
+        writer.add_bool(f"{a}.mid_block_add_attention", cfg.mid_block_add_attention)
+        writer.add_bool(f"{a}.use_post_quant_conv", cfg.use_post_quant_conv)
+        writer.add_uint32(f"{a}.patch_size", cfg.patch_size)
+        writer.add_uint32(f"{a}.scale_factor", cfg.scale_factor)
+        writer.add_float32(f"{a}.batch_norm_eps", cfg.batch_norm_eps)
+        writer.add_string(f"{a}.latent_norm_source", "official")
+        writer.add_array(f"{a}.latent_shift", [float(x) for x in LATENT_SHIFT])
+        writer.add_array(f"{a}.latent_scale", [float(x) for x in LATENT_SCALE])
+        if "bn.running_mean" in bn and "bn.running_var" in bn:
+            writer.add_array(f"{a}.checkpoint_bn_mean", [float(x) for x in bn["bn.running_mean"]])
+            writer.add_array(f"{a}.checkpoint_bn_var", [float(x) for x in bn["bn.running_var"]])
+        writer.add_string("gguf_dit.converter_version", __version__)
+        writer.add_string("gguf_dit.vae.dtype", dtype)
+        writer.add_string("gguf_dit.source.files", WEIGHTS_NAME)
+        writer.add_string("gguf_dit.source.config", json.dumps(raw_cfg, separators=(",", ":"), sort_keys=True))
+        for name, arr in tensors:
+            writer.add_tensor(name, arr)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        fout = writer.fout[0] if isinstance(writer.fout, list) else writer.fout
+        fout.flush()
+        os.fsync(fout.fileno())
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+    bn_diff = None
+    if len(bn) == 2:
+        scale = np.sqrt(bn["bn.running_var"].astype(np.float64) + cfg.batch_norm_eps)
+        bn_diff = {
+            "shift_max_abs": float(np.abs(bn["bn.running_mean"] - LATENT_SHIFT).max()),
+            "scale_max_abs": float(np.abs(scale - LATENT_SCALE).max()),
+        }
+    return {
+        "path": str(out_path),
+        "source": str(vae_dir),
+        "dtype": dtype,
+        "tensors": len(tensors),
+        "types": types,
+        "kept_f32_for_range": kept_f32,
+        "skipped_tensors": len(skipped),
+        "bytes_in": bytes_in,
+        "bytes_out": out_path.stat().st_size,
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "latent_norm_source": "official",
+        "checkpoint_bn": bool(bn_diff is not None),
+        "checkpoint_bn_vs_official": bn_diff,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,489 @@
+"""FLUX.2 VAE decoder for Ideogram 4: reads ``vae.gguf`` (written by ``gguf_dit.converter.vae``), decodes latents.
+
+The decoder runs in PyTorch, not ggml: see ``docs/vae.md`` ("Why torch"). Weights stored as F16 are widened to
+float32 on load; all arithmetic is float32.
+
+Decoding a DiT output (``decode_tokens``) follows the official pipeline's ``_decode`` step by step:
+
+1. de-normalise each 128-dim token: ``z * LATENT_SCALE + LATENT_SHIFT`` (official constants by default);
+2. unpatchify: token ``(y, x)`` dim ``k = (ph*2 + pw)*32 + c`` -> latent pixel ``(2y + ph, 2x + pw)``, channel ``c``;
+3. ``post_quant_conv`` (1x1), then the decoder (conv_in, mid ResNet / attention / ResNet, up blocks, GroupNorm,
+   SiLU, conv_out -> 3 channels);
+4. clamp to [-1, 1], ``uint8 = round((x + 1) * 127.5)`` (round half to even, as ``torch.round``).
+
+Tiled decoding (``tile=`` in latent pixels): ``post_quant_conv``, ``conv_in`` and the mid block (ResNet, global
+self-attention, ResNet) run once on the whole latent, which is small; the up path, where nearly all memory and time
+go, runs on overlapping windows of that result, blended linearly (``tiled_apply``). GroupNorm statistics in the up
+path are then per window, so tiled output is close to, not equal to, untiled output; see ``docs/vae.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gguf_dit.errors import InputError, ModelError
+
+from .latent_norm import LATENT_SCALE, LATENT_SHIFT, PATCH
+
+VAE_ARCH = "flux2_vae"
+NORM_EPS = 1e-6  # GroupNorm eps of every decoder norm (fixed by the architecture, stored for readers)
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """What is needed to rebuild the decoder. ``block_out_channels`` are the *decoder's* channels, listed
+    from the highest resolution (``conv_out`` side) to the lowest (``conv_in`` side), as in diffusers."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2  # the decoder has layers_per_block + 1 ResNets per up block
+    latent_channels: int = 32
+    out_channels: int = 3
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    use_post_quant_conv: bool = True
+    patch_size: int = PATCH
+    batch_norm_eps: float = 1e-4
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.latent_channels
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.block_out_channels:
+            out.append("block_out_channels is empty")
+        for c in self.block_out_channels:
+            if c <= 0 or c % self.norm_num_groups:
+                out.append(f"channel count {c} is not a positive multiple of norm_num_groups {self.norm_num_groups}")
+        if self.layers_per_block < 1:
+            out.append(f"layers_per_block {self.layers_per_block} < 1")
+        if self.latent_channels <= 0 or self.out_channels <= 0:
+            out.append("latent_channels and out_channels must be positive")
+        if self.patch_size != PATCH:
+            out.append(f"patch_size {self.patch_size} is not {PATCH}")
+        return out
+
+
+def decoder_inventory(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the decoder needs, in diffusers names (as stored in vae.gguf), with its PyTorch shape."""
+    inv: dict[str, tuple[int, ...]] = {}
+    z = cfg.latent_channels
+
+    def conv(name, cout, cin, k):
+        inv[f"{name}.weight"] = (cout, cin, k, k)
+        inv[f"{name}.bias"] = (cout,)
+
+    def norm(name, c):
+        inv[f"{name}.weight"] = (c,)
+        inv[f"{name}.bias"] = (c,)
+
+    def resnet(name, cin, cout):
+        norm(f"{name}.norm1", cin)
+        conv(f"{name}.conv1", cout, cin, 3)
+        norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.conv_shortcut", cout, cin, 1)
+
+    if cfg.use_post_quant_conv:
+        conv("post_quant_conv", z, z, 1)
+    chans = list(reversed(cfg.block_out_channels))
+    top = chans[0]
+    conv("decoder.conv_in", top, z, 3)
+    resnet("decoder.mid_block.resnets.0", top, top)
+    if cfg.mid_block_add_attention:
+        a = "decoder.mid_block.attentions.0"
+        norm(f"{a}.group_norm", top)
+        for p in ("to_q", "to_k", "to_v", "to_out.0"):
+            inv[f"{a}.{p}.weight"] = (top, top)
+            inv[f"{a}.{p}.bias"] = (top,)
+    resnet("decoder.mid_block.resnets.1", top, top)
+    prev = top
+    for i, c in enumerate(chans):
+        for j in range(cfg.layers_per_block + 1):
+            resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else c, c)
+        if i < len(chans) - 1:
+            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3)
+        prev = c
+    norm("decoder.conv_norm_out", cfg.block_out_channels[0])
+    conv("decoder.conv_out", cfg.out_channels, cfg.block_out_channels[0], 3)
+    return inv
+
+
+# ----------------------------------------------------------------------------------------------- modules
+# Module attribute names follow the stored (diffusers) tensor names so that the file's tensors load by name.
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=NORM_EPS)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=NORM_EPS)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class _SelfAttention(nn.Module):
+    """Single-head self-attention over all latent pixels, GroupNorm first, residual added."""
+
+    def __init__(self, c: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=NORM_EPS)
+        self.to_q = nn.Linear(c, c)
+        self.to_k = nn.Linear(c, c)
+        self.to_v = nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (b, h*w, c)
+        q, k, v = (m(t).unsqueeze(1) for m in (self.to_q, self.to_k, self.to_v))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # scale 1/sqrt(c): one head of width c
+        o = self.to_out[0](o)
+        return x + o.transpose(1, 2).reshape(b, c, h, w)
+
+
+class _MidBlock(nn.Module):
+    def __init__(self, c: int, groups: int, attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([_ResBlock(c, c, groups), _ResBlock(c, c, groups)])
+        self.attentions = nn.ModuleList([_SelfAttention(c, groups)]) if attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class _Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, n: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([_ResBlock(cin if j == 0 else cout, cout, groups) for j in range(n)])
+        self.upsamplers = nn.ModuleList([_Upsample(cout)]) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for r in self.resnets:
+            x = r(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class _Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g = cfg.norm_num_groups
+        chans = list(reversed(cfg.block_out_channels))
+        self.conv_in = nn.Conv2d(cfg.latent_channels, chans[0], 3, padding=1)
+        self.mid_block = _MidBlock(chans[0], g, cfg.mid_block_add_attention)
+        blocks, prev = [], chans[0]
+        for i, c in enumerate(chans):
+            blocks.append(_UpBlock(prev, c, cfg.layers_per_block + 1, g, upsample=i < len(chans) - 1))
+            prev = c
+        self.up_blocks = nn.ModuleList(blocks)
+        self.conv_norm_out = nn.GroupNorm(g, cfg.block_out_channels[0], eps=NORM_EPS)
+        self.conv_out = nn.Conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, padding=1)
+
+    def low(self, z: torch.Tensor) -> torch.Tensor:
+        """conv_in and the mid block: latent resolution, global (self-attention over every latent pixel)."""
+        return self.mid_block(self.conv_in(z))
+
+    def high(self, x: torch.Tensor) -> torch.Tensor:
+        """Up blocks, output norm and conv: all the high-resolution (memory-heavy) work; local apart from GroupNorm."""
+        for b in self.up_blocks:
+            x = b(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.high(self.low(z))
+
+
+class VAEDecoderModule(nn.Module):
+    """``post_quant_conv`` (optional, 1x1) followed by the decoder. Input (B, latent_channels, h, w) -> (B, 3, 8h, 8w)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
+        self.decoder = _Decoder(cfg)
+
+    def low(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder.low(z)
+
+    def high(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder.high(x)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.high(self.low(z))
+
+
+# ----------------------------------------------------------------------------------------------- tiling
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of windows of size ``tile`` covering [0, n): as few as keep every overlap >= ``overlap``,
+    spread evenly (so the last window ends exactly at n)."""
+    if n <= tile:
+        return [0]
+    count = math.ceil((n - overlap) / (tile - overlap))
+    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramp(length: int, ramp: int, at_start: bool, at_end: bool) -> torch.Tensor:
+    """1-D blending weight of one window: rises linearly over ``ramp`` pixels on sides that border another window,
+    flat 1 on sides at the image border. Never zero, so weights can always be normalised."""
+    w = torch.ones(length, dtype=torch.float32)
+    if ramp > 0:
+        r = (torch.arange(length, dtype=torch.float32) + 0.5) / ramp
+        if not at_start:
+            w = torch.minimum(w, r)
+        if not at_end:
+            w = torch.minimum(w, r.flip(0))
+    return w
+
+
+def tiled_apply(fn, z: torch.Tensor, tile: int, overlap: int, scale: int, out_channels: int) -> torch.Tensor:
+    """Apply ``fn`` (latent (1, C, h, w) -> image (1, out_channels, h*scale, w*scale)) window by window.
+
+    Windows are ``tile`` x ``tile`` latent pixels (clipped to the latent), neighbours overlap by at least
+    ``overlap`` latent pixels. Outputs are blended as ``sum(w_i * x_i) / sum(w_i)`` with separable linear ramps
+    ``w_i`` of ``overlap * scale`` output pixels on inner edges, so overlaps cross-fade and a pointwise ``fn``
+    reproduces its untiled result exactly.
+    """
+    _, _, h, w = z.shape
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    out = torch.zeros(1, out_channels, h * scale, w * scale, dtype=torch.float32, device=z.device)
+    acc = torch.zeros(1, 1, h * scale, w * scale, dtype=torch.float32, device=z.device)
+    rp = overlap * scale
+    for y0 in ys:
+        th = min(tile, h)
+        wy = _ramp(th * scale, rp, y0 == 0, y0 + th == h).to(z.device)
+        for x0 in xs:
+            tw = min(tile, w)
+            wx = _ramp(tw * scale, rp, x0 == 0, x0 + tw == w).to(z.device)
+            piece = fn(z[:, :, y0 : y0 + th, x0 : x0 + tw]).float()
+            wgt = (wy[:, None] * wx[None, :])[None, None]
+            sl = (slice(None), slice(None), slice(y0 * scale, (y0 + th) * scale), slice(x0 * scale, (x0 + tw) * scale))
+            out[sl] += piece * wgt
+            acc[sl] += wgt
+    return out / acc
+
+
+# ----------------------------------------------------------------------------------------------- file + API
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    return f.contents()
+
+
+def read_config(reader, path) -> VAEConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != VAE_ARCH:
+        raise ModelError(f"general.architecture is {arch!r}, not {VAE_ARCH!r} (not a gguf-dit VAE file)", path=path)
+    vals = {}
+    for f in dataclasses.fields(VAEConfig):
+        v = _field(reader, f"{VAE_ARCH}.{f.name}")
+        if v is None:
+            raise ModelError(f"metadata key {VAE_ARCH}.{f.name} is missing", path=path)
+        if f.name == "block_out_channels":
+            v = tuple(int(x) for x in v)
+        elif f.name in ("mid_block_add_attention", "use_post_quant_conv"):
+            v = bool(v)
+        elif f.name == "batch_norm_eps":
+            v = float(v)
+        else:
+            v = int(v)
+        vals[f.name] = v
+    cfg = VAEConfig(**vals)
+    bad = cfg.problems()
+    if bad:
+        raise ModelError("bad VAE config: " + "; ".join(bad), path=path)
+    return cfg
+
+
+def _norm_array(reader, key: str, n: int, path) -> np.ndarray | None:
+    v = _field(reader, key)
+    if v is None:
+        return None
+    a = np.asarray(v, dtype=np.float32)
+    if a.shape != (n,) or not np.isfinite(a).all():
+        raise ModelError(f"metadata {key} must be {n} finite floats, got shape {a.shape}", path=path)
+    return a
+
+
+class VAEDecoder:
+    """A loaded VAE decoder plus the latent de-normalisation it applies to DiT tokens.
+
+    ``latent_norm``: ``"official"`` (default; the constants stored in the file, which the converter takes from the
+    official ``latent_norm.py``) or ``"checkpoint"`` (the VAE checkpoint's own BatchNorm statistics, shift =
+    running_mean, scale = sqrt(running_var + batch_norm_eps), as diffusers' pipeline uses; only if the file has them).
+    """
+
+    def __init__(self, module: VAEDecoderModule, cfg: VAEConfig, shift: np.ndarray, scale: np.ndarray, *, device="cpu", latent_norm: str = "official", path: Path | None = None):
+        self.module = module.eval()
+        self.config = cfg
+        self.device = torch.device(device)
+        self.latent_norm = latent_norm
+        self.path = path
+        self.shift = torch.as_tensor(np.asarray(shift, dtype=np.float32), device=self.device)
+        self.scale = torch.as_tensor(np.asarray(scale, dtype=np.float32), device=self.device)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", *, latent_norm: str = "official") -> "VAEDecoder":
+        import gguf
+
+        path = Path(path)
+        if not path.exists():
+            raise ModelError("does not exist", path=path)
+        if latent_norm not in ("official", "checkpoint"):
+            raise ModelError(f"unknown latent_norm {latent_norm!r}; use 'official' or 'checkpoint'", path=path)
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as e:
+            msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise ModelError(f"not a readable GGUF file ({msg})", path=path) from None
+        cfg = read_config(reader, path)
+        n = cfg.token_dim
+        if latent_norm == "official":
+            shift = _norm_array(reader, f"{VAE_ARCH}.latent_shift", n, path)
+            scale = _norm_array(reader, f"{VAE_ARCH}.latent_scale", n, path)
+            if shift is None or scale is None:
+                if n != LATENT_SHIFT.shape[0]:
+                    raise ModelError(f"no {VAE_ARCH}.latent_shift/latent_scale and token dim {n} != 128", path=path)
+                shift, scale = LATENT_SHIFT.copy(), LATENT_SCALE.copy()
+        else:
+            mean = _norm_array(reader, f"{VAE_ARCH}.checkpoint_bn_mean", n, path)
+            var = _norm_array(reader, f"{VAE_ARCH}.checkpoint_bn_var", n, path)
+            if mean is None or var is None:
+                raise ModelError("latent_norm='checkpoint' but the file has no checkpoint BatchNorm statistics", path=path)
+            shift = mean
+            scale = np.sqrt(var.astype(np.float64) + cfg.batch_norm_eps).astype(np.float32)
+
+        inv = decoder_inventory(cfg)
+        stored = {t.name: t for t in reader.tensors}
+        state = {}
+        for name, shape in inv.items():
+            t = stored.get(name)
+            if t is None:
+                raise ModelError("tensor missing", path=path, tensor=name)
+            tt = int(t.tensor_type)
+            if tt not in (int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.F16)):
+                raise ModelError(f"tensor type {gguf.GGMLQuantizationType(tt).name} unsupported (F32 or F16 only)", path=path, tensor=name)
+            arr = np.asarray(t.data)
+            if tuple(arr.shape) != shape:
+                raise ModelError(f"shape {list(arr.shape)}, expected {list(shape)}", path=path, tensor=name)
+            state[name] = torch.from_numpy(arr.astype(np.float32))
+        module = VAEDecoderModule(cfg)
+        module.load_state_dict(state, strict=True)
+        module.to(device=torch.device(device), dtype=torch.float32)
+        return cls(module, cfg, shift, scale, device=device, latent_norm=latent_norm, path=path)
+
+    # -- decoding
+
+    def _check_tile(self, tile, overlap) -> tuple[int, int] | None:
+        if tile is None:
+            return None
+        tile = int(tile)
+        if tile < 2:
+            raise InputError(f"tile must be >= 2 latent pixels, got {tile}")
+        ov = tile // 4 if overlap is None else int(overlap)
+        if not 0 <= ov < tile:
+            raise InputError(f"overlap must be in [0, tile), got {ov} for tile {tile}")
+        return tile, ov
+
+    @torch.inference_mode()
+    def decode_latents(self, z, *, tile: int | None = None, overlap: int | None = None, clamp: bool = True) -> torch.Tensor:
+        """VAE latents (1, latent_channels, h, w) (or without the batch dim) -> image (1, 3, h*8, w*8), float32,
+        clamped to [-1, 1] unless ``clamp=False``. ``tile``/``overlap`` in latent pixels (overlap default tile//4)."""
+        z = torch.as_tensor(z)
+        if z.ndim == 3:
+            z = z.unsqueeze(0)
+        c = self.config.latent_channels
+        if z.ndim != 4 or z.shape[0] != 1 or z.shape[1] != c or z.shape[2] < 1 or z.shape[3] < 1:
+            raise InputError(f"latents must have shape (1, {c}, h, w), got {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise InputError(f"latents must be floating point, got {z.dtype}")
+        z = z.to(device=self.device, dtype=torch.float32)
+        if not torch.isfinite(z).all():
+            raise InputError("latents contain NaN or Inf")
+        tl = self._check_tile(tile, overlap)
+        if tl is None or (tl[0] >= z.shape[2] and tl[0] >= z.shape[3]):
+            x = self.module(z)
+        else:
+            # The latent-resolution part (with the global mid attention) runs whole; only the up path is tiled.
+            h = self.module.low(z)
+            x = tiled_apply(self.module.high, h, tl[0], tl[1], self.config.scale_factor, self.config.out_channels)
+        return x.clamp(-1.0, 1.0) if clamp else x
+
+    def tokens_to_latents(self, tokens, grid_h: int, grid_w: int) -> torch.Tensor:
+        """De-normalise DiT tokens (1, N, 128) or (N, 128) and unpatchify to VAE latents (1, 32, 2*grid_h, 2*grid_w)."""
+        t = torch.as_tensor(tokens)
+        d = self.config.token_dim
+        if t.ndim == 3:
+            if t.shape[0] != 1:
+                raise InputError(f"latent tokens must have batch size 1, got shape {tuple(t.shape)}")
+            t = t[0]
+        if t.ndim != 2 or t.shape[1] != d:
+            raise InputError(f"latent tokens must have shape (1, N, {d}) or (N, {d}), got {tuple(torch.as_tensor(tokens).shape)}")
+        if not t.is_floating_point():
+            raise InputError(f"latent tokens must be floating point, got {t.dtype}")
+        if int(grid_h) != grid_h or int(grid_w) != grid_w or grid_h < 1 or grid_w < 1:
+            raise InputError(f"grid must be positive integers, got {grid_h}x{grid_w}")
+        gh, gw = int(grid_h), int(grid_w)
+        if t.shape[0] != gh * gw:
+            raise InputError(f"{t.shape[0]} latent tokens do not fill a {gh}x{gw} grid ({gh * gw} tokens)")
+        t = t.to(device=self.device, dtype=torch.float32)
+        if not torch.isfinite(t).all():
+            raise InputError("latent tokens contain NaN or Inf")
+        p, c = self.config.patch_size, self.config.latent_channels
+        t = t * self.scale + self.shift
+        # (gh, gw, ph, pw, c) -> (c, gh, ph, gw, pw): dim k = (ph*p + pw)*c_total + c
+        t = t.view(gh, gw, p, p, c).permute(4, 0, 2, 1, 3).reshape(1, c, gh * p, gw * p)
+        return t.contiguous()
+
+    def decode_tokens(self, latent_tokens, grid_h: int, grid_w: int, *, tile: int | None = None, overlap: int | None = None) -> np.ndarray:
+        """DiT output tokens -> uint8 image (grid_h*16, grid_w*16, 3), as the official pipeline's ``_decode``."""
+        z = self.tokens_to_latents(latent_tokens, grid_h, grid_w)
+        x = self.decode_latents(z, tile=tile, overlap=overlap, clamp=True)
+        return to_uint8(x)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) float in [-1, 1] -> (H, W, 3) uint8 = round((clamp(x) + 1) * 127.5)."""
+    x = x.float().clamp(-1.0, 1.0)
+    return ((x + 1.0) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
