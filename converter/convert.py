@@ -231,3 +231,95 @@ def convert(
             if progress is not None and hasattr(progress, "close"):
                 progress.close()
     return results
+
+
+PARTS = ("dit", "text_encoder", "vae")
+_TE_DEFAULT = {"f32": "f32", "f16": "f16", "bf16": "bf16"}
+
+
+@dataclasses.dataclass
+class PartResult:
+    part: str
+    path: Path
+    summary: str
+
+
+def _detect_parts(src: Path) -> list[str]:
+    if not src.is_dir() or not any((src / d).is_dir() for d in ("transformer", "unconditional_transformer", "text_encoder", "vae")):
+        return ["dit"]
+    found = []
+    if any((src / d).exists() for d in BACKBONE_DIRS):
+        found.append("dit")
+    if (src / "text_encoder").is_dir():
+        found.append("text_encoder")
+    if (src / "vae").is_dir():
+        found.append("vae")
+    return found
+
+
+def convert_checkpoint(
+    src: str | Path,
+    out_dir: str | Path,
+    recipe: Recipe,
+    *,
+    parts: list[str] | None = None,
+    force: bool = False,
+    role: str | None = None,
+    q4k_path: str = Q4KPath.WEIGHTED,
+    threads: int | None = None,
+    te_type: str | None = None,
+    te_down_proj_type: str | None = None,
+    vae_type: str | None = None,
+    progress_factory=None,
+) -> list[PartResult]:
+    """The whole checkpoint: both DiT backbones, the text encoder (+ tokenizer) and the VAE decoder.
+
+    ``parts`` None converts every part the checkpoint root holds; naming a part that is absent is an error.
+    The encoder's linears default to Q8_0 (F32/F16/BF16 under the matching float recipe), the VAE to F16
+    (F32 under the f32 recipe).
+    """
+    src = Path(src)
+    out_dir = Path(out_dir)
+    if not src.exists():
+        raise GgufDitError("does not exist", path=src)
+    chosen = parts or (["dit"] if role else _detect_parts(src))
+    for p in chosen:
+        if p not in PARTS:
+            raise GgufDitError(f"unknown part {p!r}; choose from {', '.join(PARTS)}")
+    te_type = te_type or _TE_DEFAULT.get(recipe.name, "q8_0")
+    vae_type = vae_type or ("f32" if recipe.name == "f32" else "f16")
+    jobs = []
+    if "text_encoder" in chosen:
+        te_dir, tok_dir = src / "text_encoder", src / "tokenizer"
+        for d in (te_dir, tok_dir):
+            if not d.is_dir():
+                raise GgufDitError(f"missing {d.name}/ folder (needed for the text encoder)", path=src)
+        jobs.append(("text_encoder", out_dir / "text_encoder.gguf"))
+    if "vae" in chosen:
+        if not (src / "vae").is_dir():
+            raise GgufDitError("missing vae/ folder", path=src)
+        jobs.append(("vae", out_dir / "vae.gguf"))
+    for _, path in jobs:
+        if path.exists() and not force:
+            raise OutputError("already exists (use --force to overwrite)", path=path)
+    results: list[PartResult] = []
+    if "dit" in chosen:
+        for r in convert(src, out_dir, recipe, force=force, role=role, q4k_path=q4k_path, threads=threads, progress_factory=progress_factory):
+            types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
+            mbps = r.bytes_in / 1e6 / max(r.seconds, 1e-9)
+            results.append(PartResult(r.role, r.path, f"{r.tensors} tensors ({types}), {r.bytes_out / 1e6:.1f} MB, {r.seconds:.1f} s, {mbps:.0f} MB/s of f32 input"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for part, path in jobs:
+        t0 = time.perf_counter()
+        if part == "text_encoder":
+            from .text_encoder import convert_text_encoder
+
+            s = convert_text_encoder(src / "text_encoder", src / "tokenizer", path, linear_type=te_type, down_proj_type=te_down_proj_type, force=force, threads=threads)
+        else:
+            from .vae import convert_vae
+
+            s = convert_vae(src / "vae", path, dtype=vae_type, force=force)
+        types = s.get("types") if isinstance(s, dict) else None
+        tdesc = ", ".join(f"{k} {v}" for k, v in sorted(types.items())) if isinstance(types, dict) else ""
+        results.append(PartResult(part, path, f"{tdesc + ', ' if tdesc else ''}{path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s"))
+    return results

@@ -79,10 +79,14 @@ def convert(
     role: Optional[str] = typer.Option(None, "--role", help="cond or uncond: convert only that backbone (or name the role of a single backbone)."),
     q4k_path: str = typer.Option("weighted", "--q4k-path", help="K-quant search: 'weighted' (uniform importance, as stable-diffusion.cpp) or 'reference' (as llama-quantize without imatrix)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Quantization threads (default: all cores)."),
+    parts: Optional[str] = typer.Option(None, "--parts", help="Comma-separated subset of dit,text_encoder,vae (default: every part the checkpoint holds)."),
+    te_type: Optional[str] = typer.Option(None, "--te-type", help="Text encoder linear type (default q8_0; f32/f16/bf16 under those recipes)."),
+    te_down_proj_type: Optional[str] = typer.Option(None, "--te-down-proj-type", help="Type for the encoder's mlp.down_proj (massive activations), e.g. f16."),
+    vae_type: Optional[str] = typer.Option(None, "--vae-type", help="VAE decoder weights: f16 (default) or f32 (default under the f32 recipe)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Convert an Ideogram 4 checkpoint's DiT backbones into GGUF files with per-tensor types."""
+    """Convert an Ideogram 4 checkpoint into GGUF files: both DiT backbones, the text encoder, the VAE decoder."""
     from gguf_dit.converter import convert as conv
     from gguf_dit.converter.recipe import resolve
     from gguf_dit.errors import GgufDitError
@@ -90,11 +94,13 @@ def convert(
     if role is not None and role not in ("cond", "uncond"):
         raise GgufDitError(f"--role must be cond or uncond, got {role!r}")
     r = resolve(recipe, type_, rule)
-    results = conv.convert(src, out_dir, r, force=force, role=role, q4k_path=q4k_path, threads=threads, progress_factory=_progress_factory(quiet))
+    chosen = [p.strip() for p in parts.split(",") if p.strip()] if parts else None
+    results = conv.convert_checkpoint(
+        src, out_dir, r, parts=chosen, force=force, role=role, q4k_path=q4k_path, threads=threads,
+        te_type=te_type, te_down_proj_type=te_down_proj_type, vae_type=vae_type, progress_factory=_progress_factory(quiet),
+    )
     for res in results:
-        types = ", ".join(f"{k} {v}" for k, v in sorted(res.types.items()))
-        mbps = res.bytes_in / 1e6 / max(res.seconds, 1e-9)
-        typer.echo(f"{res.path}: {res.tensors} tensors ({types}), {res.bytes_out / 1e6:.1f} MB, {res.seconds:.1f} s, {mbps:.0f} MB/s of f32 input")
+        typer.echo(f"{res.path}: {res.summary}")
 
 
 @app.command()
