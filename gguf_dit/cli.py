@@ -177,6 +177,7 @@ def run(
     raw: bool = typer.Option(False, "--raw", help="Pass plain-text prompts to the encoder unchanged instead of wrapping them in a minimal JSON caption."),
     keep_bboxes: bool = typer.Option(False, "--keep-bboxes", help="Keep element bboxes in JSON captions (the official pipeline strips them)."),
     tile: Optional[int] = typer.Option(None, "--tile", help="Decode in tiles of this many latent pixels (saves memory on large images)."),
+    reference: str = typer.Option("official", "--reference", help="official (the official loop: bf16-rounded t, ends at t_max) or diffusers (reproduces diffusers' Ideogram4Pipeline: float32 t, its sigma grid ending at t = 1)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing PNGs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -200,8 +201,12 @@ def run(
         model_dir = demo.model_dir()
         if not quiet:
             typer.echo(demo.NOTICE, err=True)
+    if reference not in ("official", "diffusers"):
+        raise InputError(f"--reference must be official or diffusers, got {reference!r}")
+    from gguf_dit.runtime.dit import RuntimeOptions
+
     files = ModelFiles.find(model_dir, text_encoder)
-    pipe = Pipeline(files, backend=backend, threads=threads)
+    pipe = Pipeline(files, backend=backend, threads=threads, options=RuntimeOptions(t_rounding="bf16" if reference == "official" else "none"))
     jobs = [(pi, k) for pi in range(len(prompts)) for k in range(count)]
     seeds = [seed + j for j in range(len(jobs))]
     paths = _output_paths(out, len(jobs), seeds)
@@ -226,9 +231,14 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
+    ts = None
+    if reference == "diffusers":
+        from gguf_dit.runtime.schedule import diffusers_timesteps
+
+        ts = diffusers_timesteps(settings.steps, h, w, settings.mu, settings.std)
     for j, (pi, _) in enumerate(jobs):
-        gen = pipe.generate(feats[pi], h, w, settings, seeds[j], step_callback=progress.stepper(j, len(jobs), settings.steps), tile=tile)
-        meta = png_metadata(prompts[pi].text, settings, seeds[j], h, w, models, {"prompt_source": prompts[pi].source})
+        gen = pipe.generate(feats[pi], h, w, settings, seeds[j], step_callback=progress.stepper(j, len(jobs), settings.steps), tile=tile, ts=ts)
+        meta = png_metadata(prompts[pi].text, settings, seeds[j], h, w, models, {"prompt_source": prompts[pi].source, "reference": reference})
         write_png(paths[j], gen.image, meta, force=force)
         progress.done(paths[j], caption_summary(prompts[pi].text))
     progress.close()

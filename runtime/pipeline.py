@@ -153,11 +153,12 @@ class Pipeline:
         *,
         step_callback: Callable[[StepInfo, np.ndarray], None] | None = None,
         tile: int | None = None,
+        ts: np.ndarray | None = None,
     ) -> Generated:
         cond, uncond = self.load_backbones()
         check_size(height, width, size_range(cond))
         self.check_features(feats)
-        z = sample(cond, uncond, feats, height, width, settings=settings, seed=seed, callback=step_callback)
+        z = sample(cond, uncond, feats, height, width, settings=settings, seed=seed, callback=step_callback, ts=ts)
         gh, gw = token_grid(height, width)
         image = self.vae().decode_tokens(z, gh, gw, tile=tile)
         return Generated(image, z, seed, {})

@@ -281,3 +281,23 @@ def initial_noise(seed: int, n_tokens: int, channels: int = LATENT_CHANNELS) -> 
 
     gen = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn((1, n_tokens, channels), generator=gen, dtype=torch.float32).numpy()
+
+
+def diffusers_timesteps(steps: int, height: int, width: int, mu: float, std: float) -> np.ndarray:
+    """The grid diffusers' Ideogram4Pipeline steps on, as model times in run order (steps + 1 values).
+
+    It evaluates the same logit-normal formula on a float64 grid, converts to σ = 1 − t in float32,
+    and its FlowMatchEulerDiscreteScheduler (default config: shift 1) appends a terminal σ = 0, so
+    the last step lands on t = 1 instead of T_MAX. Used by ``gguf-dit run --reference diffusers`` to
+    reproduce that pipeline; the official loop is :func:`timesteps`.
+    """
+    steps = _check_steps(steps)
+    _check_mu_std(mu, std)
+    mean = resolution_mean(mu, height, width)
+    u = np.linspace(0.0, 1.0, steps + 1, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        t = 1.0 - expit(mean + std * ndtri(u))
+    t = np.clip(t, T_MIN, T_MAX)
+    sigmas = (1.0 - t)[::-1][:-1].astype(np.float32)
+    sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
+    return (np.float32(1.0) - sigmas).astype(np.float32)

@@ -283,3 +283,20 @@ def test_timesteps_match_diffusers_except_float32_roundtrip_and_final_t(diffuser
     assert t_model[0] == np.float32(1.2338161e-4) and ts[0] == np.float32(1.2339458e-4)
     np.testing.assert_allclose(t_model, ts[:-1], rtol=0, atol=2e-7)
     assert float(scheduler.sigmas[-1]) == 0.0 and ts[-1] == np.float32(T_MAX)
+
+
+def test_diffusers_timesteps_reproduce_the_pipeline_grid():
+    pytest.importorskip("diffusers")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.ideogram4 import pipeline_ideogram4 as p
+
+    from gguf_dit.runtime.schedule import diffusers_timesteps
+
+    for steps, h, w, mu, std in ((12, 1024, 1024, 0.5, 1.75), (20, 64, 96, 0.0, 1.75), (48, 2048, 768, 0.0, 1.5)):
+        sched = FlowMatchEulerDiscreteScheduler()
+        sigmas = p._logit_normal_sigmas(steps, p._resolution_aware_mu(height=h, width=w, base_mu=mu), std=std)
+        sched.set_timesteps(sigmas=sigmas.tolist())
+        want = (1.0 - sched.sigmas.to(torch.float32).numpy()).astype(np.float32)
+        got = diffusers_timesteps(steps, h, w, mu, std)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+        assert got[-1] == 1.0
