@@ -108,10 +108,12 @@ class _Libs:
         for required in ("ggml-base", "ggml", "ggml-cpu"):
             if found[required] is None:
                 raise GGMLError(f"{self.dir}: lib{required}.so not found (is llama-cpp-python==0.3.36 installed?)")
-        # Order matters: base defines the symbols the others link against.
+        # Order matters. base defines the symbols the others link against; cpu must be loaded before
+        # ggml, whose DT_NEEDED "libggml-cpu.so.0" then matches the already-loaded SONAME instead of
+        # mapping a second copy of the CPU backend (the wheel ships real copies, not symlinks).
         self.base = _load(found["ggml-base"])  # type: ignore[arg-type]
-        self.ggml = _load(found["ggml"])  # type: ignore[arg-type]
         self.cpu = _load(found["ggml-cpu"])  # type: ignore[arg-type]
+        self.ggml = _load(found["ggml"])  # type: ignore[arg-type]
         self.cuda = _load(found["ggml-cuda"]) if found["ggml-cuda"] else None
         self._declare()
 

@@ -177,3 +177,15 @@ def test_ggml_log_goes_to_python_logging(caplog):
         _lib._log_cb(3, b"hello from ggml ", None)
         _lib._log_cb(5, b"continued\n", None)
     assert ("gguf_dit.ggml", logging.WARNING, "hello from ggml continued") in caplog.record_tuples
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps is Linux-only")
+def test_each_ggml_library_is_mapped_once_even_with_llama_cpp():
+    code = (
+        "import re; from gguf_dit import ggml_ops; import llama_cpp; "
+        "libs = set(re.findall(r'(/\\S*/lib(ggml[a-z-]*)\\.so[.0-9]*)', open('/proc/self/maps').read())); "
+        "names = sorted(n for _, n in libs); print(names); assert len(names) == len(set(names)), names"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "'ggml-cpu'" in out.stdout and "'ggml-base'" in out.stdout

@@ -1,0 +1,710 @@
+"""Qwen3-VL text encoder checkpoint in, llama.cpp-loadable GGUF out (the language model only).
+
+Ideogram 4 conditions on hidden states of Qwen3-VL-8B-Instruct run on text alone. For text-only
+input the three MRoPE position axes are equal, so the interleaved MRoPE reduces to ordinary 1-D
+NEOX RoPE with the same theta, and the language model is computationally a plain Qwen3 decoder.
+We therefore write llama.cpp's ``qwen3`` architecture (``rope.freq_base`` = theta, no
+``rope.dimension_sections``, no deepstack keys, no Q/K permutation) rather than ``qwen3vl``: any
+llama.cpp build that knows Qwen3 loads it, and there is no vision-only key to get wrong. The
+runtime accepts community ``qwen3vl`` GGUFs too (docs/text_encoder.md).
+
+Sources (Hugging Face layout): ``config.json`` (Qwen3-VL nests the language-model config under
+``text_config``) and ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Keys may
+be prefixed ``model.language_model.`` (stock ``Qwen3VLForConditionalGeneration``),
+``language_model.`` (``Qwen3VLModel``) or ``model.`` (plain Qwen3). ``visual.*`` and ``lm_head`` are
+ignored: an encoder needs no output head, and llama.cpp's qwen3 loader falls back to the token
+embedding when ``output.weight`` is absent. Weights may be float32, bfloat16, float16, or FP8
+(``float8_e4m3fn``) with a per-row, per-tensor ``.weight_scale`` (value = fp8 × scale[row]) or a
+block-wise ``.weight_scale_inv`` (value = fp8 × scale_inv[row // B, col // B]), all in float32.
+
+The tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) goes into the GGUF as llama.cpp's
+``gpt2`` BPE with pre-tokenizer ``qwen2``. The file is written under a temporary name and renamed
+only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from gguf_dit import __version__
+from gguf_dit.errors import GgufDitError, OutputError, RecipeError, SourceError
+from gguf_dit.ggml_ops import GGMLType, fits, quantize
+from gguf_dit.ggml_ops.types import STORAGE_TYPES
+from gguf_dit.runtime.text_encoder import KEY_TAPS, KEY_TEMPLATE, LLAMA_ARCH, TEMPLATE, default_taps
+
+from .source import _short
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CHUNK_BYTES = 64 << 20
+GGML_QNT_VERSION = 2
+#: Checked in order: the stock Instruct layout's prefix also starts with ``model.``.
+LM_PREFIXES = ("model.language_model.", "language_model.", "model.")
+_FLOAT_DTYPES = {"F32", "BF16", "F16", "F8_E4M3"}
+_SCALED = ("weight_scale", "weight_scale_inv")
+#: Qwen2's pre-tokenizer regex, which llama.cpp implements as pre-tokenizer ``qwen2``.
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+#: Qwen3-VL-8B values used when the checkpoint has no config.json (shapes give everything else).
+DEFAULT_ROPE_THETA = 5_000_000.0
+DEFAULT_RMS_EPS = 1e-6
+DEFAULT_CONTEXT = 262_144
+
+# HF language-model name (after the prefix) -> GGUF name; {i} is the layer.
+_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+# gguf TokenType values
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
+
+
+class _Tensor:
+    """One language-model tensor in a shard, with its optional FP8 scale."""
+
+    def __init__(self, hf_name: str, key: str, file: Path, dtype: str, shape: tuple[int, ...]) -> None:
+        self.hf_name = hf_name  # without the prefix
+        self.key = key  # as stored
+        self.file = file
+        self.dtype = dtype
+        self.shape = shape
+        self.scale: tuple[str, Path, str, tuple[int, ...]] | None = None  # (key, file, kind, shape)
+
+
+class TextEncoderSource:
+    """A Qwen3(-VL) language model inside a Hugging Face checkpoint, read tensor by tensor."""
+
+    def __init__(self, te_dir: str | Path) -> None:
+        te_dir = Path(te_dir)
+        if not te_dir.exists():
+            raise SourceError("does not exist", path=te_dir)
+        self.directory = te_dir if te_dir.is_dir() else te_dir.parent
+        self.files = _weight_files(te_dir)
+        self.config_path = self.directory / "config.json"
+        self._handles: dict[Path, object] = {}
+        self.tensors: dict[str, _Tensor] = {}
+        self.prefix = ""
+        self._scan()
+        self.config = self._config()
+
+    # -- discovery ---------------------------------------------------------------------
+    def _open(self, f: Path):
+        h = self._handles.get(f)
+        if h is None:
+            from safetensors import safe_open
+
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise SourceError(f"cannot read safetensors file ({_short(e)})", path=f) from None
+            self._handles[f] = h
+        return h
+
+    def _scan(self) -> None:
+        raw: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        for f in self.files:
+            h = self._open(f)
+            for key in h.keys():
+                sl = h.get_slice(key)
+                raw[key] = (f, sl.get_dtype(), tuple(int(x) for x in sl.get_shape()))
+        prefix = next((p for p in LM_PREFIXES if p + "embed_tokens.weight" in raw), None)
+        if prefix is None:
+            if "embed_tokens.weight" in raw:
+                prefix = ""
+            else:
+                raise SourceError(
+                    "no language model found (expected model.language_model.embed_tokens.weight, "
+                    "language_model.embed_tokens.weight or model.embed_tokens.weight)",
+                    path=self.directory,
+                )
+        self.prefix = prefix
+        lm = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+        if prefix == "model.":
+            # A Qwen3-VL checkpoint never reaches here (its embedding is under model.language_model.),
+            # but skip a stray vision tower stored as model.visual.* all the same.
+            lm = {k: v for k, v in lm.items() if not k.startswith(("visual.", "language_model."))}
+        scales = {k for k in lm if k.endswith(tuple("." + s for s in _SCALED))}
+        for name, (f, dtype, shape) in lm.items():
+            if name in scales:
+                continue
+            if name not in ("embed_tokens.weight", "norm.weight"):
+                m = _LAYER_RE.match(name)
+                if not m or m.group(2) not in _LAYER_MAP:
+                    if name.startswith(("rotary_emb.",)):
+                        continue
+                    raise SourceError(
+                        "unexpected language-model tensor (not a Qwen3 decoder weight; attention biases are not supported)",
+                        path=f,
+                        tensor=prefix + name,
+                    )
+            if dtype not in _FLOAT_DTYPES:
+                raise SourceError(f"unsupported dtype {dtype} (expected F32, BF16, F16 or F8_E4M3 with a weight scale)", path=f, tensor=prefix + name)
+            t = _Tensor(name, prefix + name, f, dtype, shape)
+            base = name[: -len("weight")]
+            for kind in _SCALED:
+                if base + kind in lm:
+                    sf, sdt, sshape = lm[base + kind]
+                    if sdt not in ("F32", "BF16", "F16"):
+                        raise SourceError(f"{kind} has dtype {sdt}, expected a float type", path=sf, tensor=prefix + base + kind)
+                    t.scale = (prefix + base + kind, sf, kind, sshape)
+            if dtype == "F8_E4M3" and t.scale is None:
+                raise SourceError("float8 weight without a .weight_scale or .weight_scale_inv tensor", path=f, tensor=t.key)
+            if t.scale is not None:
+                _check_scale(t)
+            self.tensors[name] = t
+        for s in scales:
+            w = s.rsplit(".", 1)[0] + ".weight"
+            if w not in self.tensors:
+                raise SourceError("weight scale without its weight", path=lm[s][0], tensor=prefix + s)
+
+    def _config(self) -> dict:
+        shapes = {n: t.shape for n, t in self.tensors.items()}
+        emb = shapes["embed_tokens.weight"]
+        if len(emb) != 2:
+            raise SourceError(f"embedding has shape {list(emb)}, expected [vocab, hidden]", path=self.tensors["embed_tokens.weight"].file, tensor=self.tensors["embed_tokens.weight"].key)
+        vocab, hidden = emb
+        layers = sorted({int(m.group(1)) for n in shapes if (m := _LAYER_RE.match(n))})
+        n_layers = len(layers)
+        if n_layers == 0 or layers != list(range(n_layers)):
+            raise SourceError(f"decoder layers are not numbered 0..N-1 (found {layers[:5]}{'...' if len(layers) > 5 else ''})", path=self.directory)
+
+        def need(name: str) -> tuple[int, ...]:
+            if name not in shapes:
+                raise SourceError("missing tensor", path=self.directory, tensor=self.prefix + name)
+            return shapes[name]
+
+        head_dim = need("layers.0.self_attn.q_norm.weight")[0]
+        q_rows = need("layers.0.self_attn.q_proj.weight")[0]
+        kv_rows = need("layers.0.self_attn.k_proj.weight")[0]
+        ffn = need("layers.0.mlp.gate_proj.weight")[0]
+        if head_dim <= 0 or q_rows % head_dim or kv_rows % head_dim:
+            raise SourceError(f"q/k projections ({q_rows}, {kv_rows} rows) are not multiples of head_dim {head_dim}", path=self.directory)
+        cfg = {
+            "hidden": hidden,
+            "vocab": vocab,
+            "n_layers": n_layers,
+            "head_dim": head_dim,
+            "n_heads": q_rows // head_dim,
+            "n_kv_heads": kv_rows // head_dim,
+            "ffn": ffn,
+            "rope_theta": DEFAULT_ROPE_THETA,
+            "rms_eps": DEFAULT_RMS_EPS,
+            "context_length": DEFAULT_CONTEXT,
+            "mrope_section": None,
+            "n_deepstack": 0,
+            "config_source": "inferred from tensor shapes (Qwen3-VL-8B rope theta and eps assumed)",
+        }
+        if self.config_path.exists():
+            try:
+                js = json.loads(self.config_path.read_text())
+            except Exception as e:
+                raise SourceError(f"unreadable config.json ({_short(e)})", path=self.config_path) from None
+            _merge_config(cfg, js, self.config_path)
+        # Every expected tensor present, with the shape the config implies.
+        h, hd, nh, nkv, f = cfg["hidden"], cfg["head_dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["ffn"]
+        want = {"embed_tokens.weight": (vocab, h), "norm.weight": (h,)}
+        per = {
+            "input_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (nh * hd, h),
+            "self_attn.k_proj.weight": (nkv * hd, h),
+            "self_attn.v_proj.weight": (nkv * hd, h),
+            "self_attn.o_proj.weight": (h, nh * hd),
+            "self_attn.q_norm.weight": (hd,),
+            "self_attn.k_norm.weight": (hd,),
+            "post_attention_layernorm.weight": (h,),
+            "mlp.gate_proj.weight": (f, h),
+            "mlp.up_proj.weight": (f, h),
+            "mlp.down_proj.weight": (h, f),
+        }
+        for i in range(cfg["n_layers"]):
+            for k, s in per.items():
+                want[f"layers.{i}.{k}"] = s
+        for name, shape in want.items():
+            if name not in self.tensors:
+                raise SourceError("missing tensor", path=self.directory, tensor=self.prefix + name)
+            got = self.tensors[name].shape
+            if tuple(got) != shape:
+                raise SourceError(f"shape {list(got)}, expected {list(shape)}", path=self.tensors[name].file, tensor=self.tensors[name].key)
+        return cfg
+
+    # -- reading -----------------------------------------------------------------------
+    def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of a language-model tensor as float32 (1-D tensors: elements)."""
+        import torch
+
+        t = self.tensors[name]
+        try:
+            x = self._open(t.file).get_slice(t.key)[r0:r1].to(torch.float32)
+            if t.scale is not None:
+                skey, sfile, kind, sshape = t.scale
+                s = self._open(sfile).get_slice(skey)[:].to(torch.float32)
+        except SourceError:
+            raise
+        except Exception as e:
+            raise SourceError(f"cannot read tensor data ({_short(e)}); the file may be truncated or corrupt", path=t.file, tensor=t.key) from None
+        if t.scale is not None:
+            if kind == "weight_scale":
+                s = s.reshape(-1)
+                x.mul_((s[r0:r1] if s.numel() > 1 else s).reshape(-1, *([1] * (x.dim() - 1))))
+            else:
+                rows, cols = t.shape
+                b_r, b_c = math.ceil(rows / sshape[0]), math.ceil(cols / sshape[1])
+                s = s.repeat_interleave(b_r, 0)[r0:r1].repeat_interleave(b_c, 1)[:, :cols]
+                x.mul_(s)
+        arr = x.numpy()
+        if not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr.reshape(-1)))[0])
+            per_row = int(np.prod(arr.shape[1:])) if arr.ndim > 1 else 1
+            raise SourceError(f"non-finite value (NaN or Inf) at flat index {bad + r0 * per_row}", path=t.file, tensor=t.key)
+        return arr
+
+    def chunks(self, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+        shape = self.tensors[name].shape
+        per_row = 4 * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+        step = shape[0] if len(shape) == 1 else max(1, max_bytes // per_row)
+        for r0 in range(0, shape[0], step):
+            yield self.rows(name, r0, min(shape[0], r0 + step))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def source_size(te_dir: str | Path) -> tuple[int, int]:
+    """(float32 bytes, tensor count) of the language model at ``te_dir``: the totals that
+    ``convert_text_encoder``'s ``progress(name, nbytes)`` calls add up to."""
+    src = TextEncoderSource(te_dir)
+    try:
+        return sum(4 * int(np.prod(t.shape)) for t in src.tensors.values()), len(src.tensors)
+    finally:
+        src.close()
+
+
+def _check_scale(t: _Tensor) -> None:
+    skey, sfile, kind, sshape = t.scale  # type: ignore[misc]
+    rows = t.shape[0]
+    if kind == "weight_scale":
+        ok = sshape in ((rows,), (rows, 1), (), (1,))
+        want = f"({rows},), ({rows}, 1) or a scalar"
+    else:  # block scales: [ceil(rows / B_r), ceil(cols / B_c)]
+        ok = len(t.shape) == 2 and len(sshape) == 2 and min(sshape) > 0
+        if ok:
+            b_r, b_c = math.ceil(rows / sshape[0]), math.ceil(t.shape[1] / sshape[1])
+            ok = math.ceil(rows / b_r) == sshape[0] and math.ceil(t.shape[1] / b_c) == sshape[1]
+        want = "[ceil(rows/B), ceil(cols/B)] block scales"
+    if not ok:
+        raise SourceError(f"{kind} has shape {list(sshape)}, expected {want} for weight shape {list(t.shape)}", path=sfile, tensor=skey)
+
+
+def _weight_files(te_dir: Path) -> list[Path]:
+    if te_dir.is_file():
+        if te_dir.suffix != ".safetensors":
+            raise SourceError("expected a .safetensors file or a text encoder directory", path=te_dir)
+        return [te_dir]
+    index = te_dir / INDEX_NAME
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except Exception as e:
+            raise SourceError(f"unreadable index ({_short(e)})", path=index) from None
+        files = sorted({te_dir / v for v in wm.values()})
+        for f in files:
+            if not f.exists():
+                raise SourceError("shard listed in the index is missing", path=f)
+        return files
+    if (te_dir / WEIGHTS_NAME).exists():
+        return [te_dir / WEIGHTS_NAME]
+    found = sorted(te_dir.glob("*.safetensors"))
+    if found:
+        return found
+    raise SourceError(f"no {WEIGHTS_NAME} or {INDEX_NAME} found", path=te_dir)
+
+
+def _merge_config(cfg: dict, js: dict, where: Path) -> None:
+    """Fill ``cfg`` from config.json (Qwen3-VL: ``text_config``; plain Qwen3: top level) and check it
+    against the shapes already in ``cfg``."""
+    tc = js.get("text_config") if isinstance(js.get("text_config"), dict) else js
+    declared = {
+        "hidden": tc.get("hidden_size"),
+        "n_layers": tc.get("num_hidden_layers"),
+        "n_heads": tc.get("num_attention_heads"),
+        "n_kv_heads": tc.get("num_key_value_heads"),
+        "head_dim": tc.get("head_dim"),
+        "ffn": tc.get("intermediate_size"),
+        "vocab": tc.get("vocab_size"),
+    }
+    for k, v in declared.items():
+        if v is not None and int(v) != cfg[k]:
+            raise SourceError(f"config.json says {k}={v} but the tensors say {cfg[k]}", path=where)
+    if tc.get("attention_bias"):
+        raise SourceError("attention_bias=true is not supported (Qwen3 has no attention biases)", path=where)
+    if tc.get("hidden_act", "silu") != "silu":
+        raise SourceError(f"hidden_act {tc.get('hidden_act')!r} is not supported (Qwen3 uses silu)", path=where)
+    rope: dict = {}
+    for src in (js, tc):  # older configs: rope_theta + rope_scaling; transformers 5: rope_parameters
+        for key in ("rope_scaling", "rope_parameters"):
+            if isinstance(src.get(key), dict):
+                rope.update(src[key])
+        if src.get("rope_theta") is not None:
+            rope.setdefault("rope_theta", src["rope_theta"])
+    if tc.get("rope_theta") is not None:
+        rope["rope_theta"] = tc["rope_theta"]
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "mrope", None):
+        raise SourceError(f"rope type {kind!r} is not supported (Qwen3-VL uses default/mrope)", path=where)
+    if rope.get("rope_theta") is None:
+        raise SourceError("no rope_theta in config.json (looked in text_config, rope_parameters and rope_scaling)", path=where)
+    cfg["rope_theta"] = float(rope["rope_theta"])
+    cfg["mrope_section"] = [int(x) for x in rope["mrope_section"]] if rope.get("mrope_section") else None
+    if cfg["mrope_section"] and sum(cfg["mrope_section"]) * 2 != cfg["head_dim"]:
+        raise SourceError(f"mrope_section {cfg['mrope_section']} does not cover head_dim {cfg['head_dim']}", path=where)
+    if tc.get("rms_norm_eps") is not None:
+        cfg["rms_eps"] = float(tc["rms_norm_eps"])
+    if tc.get("max_position_embeddings"):
+        cfg["context_length"] = int(tc["max_position_embeddings"])
+    vc = js.get("vision_config") if isinstance(js.get("vision_config"), dict) else {}
+    cfg["n_deepstack"] = len(vc.get("deepstack_visual_indexes") or [])
+    cfg["config_source"] = str(where.name)
+
+
+# -- tokenizer ---------------------------------------------------------------------------
+
+
+def read_tokenizer(tok_dir: str | Path, n_rows: int) -> dict:
+    """The GGUF tokenizer fields from ``tokenizer.json`` (+ ``tokenizer_config.json``), padded to ``n_rows``."""
+    tok_dir = Path(tok_dir)
+    path = tok_dir / "tokenizer.json" if tok_dir.is_dir() else tok_dir
+    if not path.exists():
+        raise SourceError("tokenizer.json not found", path=path)
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+    except Exception as e:
+        raise SourceError(f"unreadable tokenizer.json ({_short(e)})", path=path) from None
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        raise SourceError(f"tokenizer model is {model.get('type')!r}, expected a byte-level BPE (Qwen2)", path=path)
+    _check_pretokenizer(tj.get("pre_tokenizer"), path)
+    conf_path = path.parent / "tokenizer_config.json"
+    conf: dict = {}
+    if conf_path.exists():
+        try:
+            conf = json.loads(conf_path.read_text(encoding="utf-8"))
+        except Exception as e:
+            raise SourceError(f"unreadable tokenizer_config.json ({_short(e)})", path=conf_path) from None
+
+    tokens: dict[int, str] = {int(i): t for t, i in model.get("vocab", {}).items()}
+    types: dict[int, int] = {i: TOKEN_NORMAL for i in tokens}
+    for at in tj.get("added_tokens", []):
+        i, content = int(at["id"]), at["content"]
+        tokens[i] = content
+        special = bool(at.get("special")) or (content.startswith("<|") and content.endswith("|>"))
+        types[i] = TOKEN_CONTROL if special else TOKEN_USER_DEFINED
+    if not tokens:
+        raise SourceError("tokenizer has an empty vocabulary", path=path)
+    n_tok = max(tokens) + 1
+    if n_tok > n_rows:
+        raise SourceError(f"tokenizer has ids up to {n_tok - 1} but the embedding has only {n_rows} rows", path=path)
+    token_list, type_list = [], []
+    for i in range(n_rows):
+        if i in tokens:
+            token_list.append(tokens[i])
+            type_list.append(types[i])
+        else:
+            token_list.append(f"[PAD{i}]")
+            type_list.append(TOKEN_UNUSED)
+    merges = []
+    for m in model.get("merges", []):
+        merges.append(" ".join(m) if isinstance(m, (list, tuple)) else str(m))
+    by_content = {t: i for i, t in tokens.items()}
+
+    def special_id(name: str, fallback: str | None) -> int | None:
+        v = conf.get(name)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str) and v in by_content:
+            return by_content[v]
+        return by_content.get(fallback) if fallback else None
+
+    eos = special_id("eos_token", "<|im_end|>")
+    if eos is None:
+        eos = by_content.get("<|endoftext|>")
+    out = {
+        "tokens": token_list,
+        "types": type_list,
+        "merges": merges,
+        "n_tokenizer": n_tok,
+        "eos": eos,
+        "bos": special_id("bos_token", "<|endoftext|>"),
+        "pad": special_id("pad_token", "<|endoftext|>"),
+        "chat_template": conf.get("chat_template") if isinstance(conf.get("chat_template"), str) else None,
+        "files": [p.name for p in (path, conf_path) if p.exists()],
+    }
+    return out
+
+
+def _check_pretokenizer(pt, path: Path) -> None:
+    """llama.cpp's ``qwen2`` pre-tokenizer hard-codes Qwen2's split regex; refuse anything else."""
+    def walk(node):
+        if isinstance(node, dict):
+            yield node
+            for p in node.get("pretokenizers", []) or []:
+                yield from walk(p)
+
+    nodes = list(walk(pt)) if pt else []
+    kinds = [n.get("type") for n in nodes]
+    if "ByteLevel" not in kinds:
+        raise SourceError(f"pre-tokenizer {kinds or None} is not byte-level; expected Qwen2's Split + ByteLevel", path=path)
+    for n in nodes:
+        if n.get("type") == "Split":
+            pat = n.get("pattern", {})
+            regex = pat.get("Regex") if isinstance(pat, dict) else None
+            if regex != QWEN2_SPLIT:
+                raise SourceError("pre-tokenizer split pattern is not Qwen2's (llama.cpp pre-tokenizer qwen2 would tokenize differently)", path=path)
+
+
+# -- types -------------------------------------------------------------------------------
+
+
+def _parse_type(name: str | GGMLType, what: str) -> GGMLType:
+    if isinstance(name, GGMLType):
+        t = name
+    else:
+        try:
+            t = GGMLType.parse(str(name))
+        except GgufDitError as e:
+            raise RecipeError(f"text encoder {what}: {e}") from None
+    if t not in STORAGE_TYPES:
+        raise RecipeError(f"text encoder {what}: {t.name} cannot store weights")
+    return t
+
+
+def plan_types(src: TextEncoderSource, linear_type: GGMLType, down_proj_type: GGMLType | None) -> dict[str, tuple[GGMLType, str]]:
+    """GGUF tensor type and reason for every language-model tensor (HF names)."""
+    plans: dict[str, tuple[GGMLType, str]] = {}
+    for name, t in src.tensors.items():
+        if len(t.shape) == 1:
+            plans[name] = (GGMLType.F32, "norm kept F32")
+            continue
+        k = t.shape[1]
+        if name == "embed_tokens.weight":
+            if fits(linear_type, k):
+                plans[name] = (linear_type, "token embedding at the linear type")
+            else:
+                plans[name] = (GGMLType.F16, f"token embedding: {linear_type.name} needs rows divisible by {linear_type.block_size} (row = {k}), F16")
+            continue
+        if down_proj_type is not None and name.endswith("mlp.down_proj.weight"):
+            if not fits(down_proj_type, k):
+                raise RecipeError(
+                    f"down_proj_type {down_proj_type.name} needs the input dimension divisible by {down_proj_type.block_size}, this tensor has {k}",
+                    tensor=src.prefix + name,
+                )
+            plans[name] = (down_proj_type, "down_proj_type (massive activations)")
+            continue
+        if fits(linear_type, k):
+            plans[name] = (linear_type, "linear")
+            continue
+        for alt in (GGMLType.Q8_0, GGMLType.F16):
+            if fits(alt, k):
+                plans[name] = (alt, f"linear; {linear_type.name} needs in % {linear_type.block_size} == 0 (in = {k}), fell back to {alt.name}")
+                break
+    return plans
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name == "embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "norm.weight":
+        return "output_norm.weight"
+    m = _LAYER_RE.match(hf_name)
+    assert m is not None
+    return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+
+
+def _encode(x: np.ndarray, t: GGMLType, threads: int | None) -> np.ndarray:
+    if t is GGMLType.F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if t is GGMLType.F16:
+        return x.astype(np.float16)
+    if t is GGMLType.BF16:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    imp = np.ones(x.shape[1], dtype=np.float32) if t in (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K) else None
+    return quantize(x, t, importance=imp, threads=threads)
+
+
+def _nbytes(shape: tuple[int, ...], t: GGMLType) -> int:
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return rows * t.row_bytes(shape[-1])
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+def convert_text_encoder(
+    te_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out_path: str | Path,
+    *,
+    linear_type: str | GGMLType = "q8_0",
+    down_proj_type: str | GGMLType | None = None,
+    force: bool = False,
+    threads: int | None = None,
+    progress: Callable[[str, int], None] | None = None,
+    arch: str = LLAMA_ARCH,
+) -> dict:
+    """Convert a Qwen3-VL (or Qwen3) language model and its tokenizer into one GGUF of arch ``qwen3``.
+
+    ``linear_type`` applies to every 2-D weight (token embedding included; a type the row length
+    cannot hold falls back to Q8_0, then F16; the embedding falls back to F16); ``down_proj_type``,
+    when given, applies to every ``mlp.down_proj`` and must fit. Norms stay F32. ``arch`` "qwen3vl"
+    writes the layout of community Qwen3-VL GGUFs instead (MRoPE sections, deepstack count; same
+    tensors, same features for text). Returns a summary dict (path, arch, n_layers, hidden, taps,
+    features_dim, types, plans, bytes, seconds, ...).
+    """
+    if arch not in ("qwen3", "qwen3vl"):
+        raise RecipeError(f"text encoder arch {arch!r}: use qwen3 (default) or qwen3vl")
+    t0 = time.perf_counter()
+    out_path = Path(out_path)
+    lt = _parse_type(linear_type, "linear_type")
+    dt = _parse_type(down_proj_type, "down_proj_type") if down_proj_type is not None else None
+    if out_path.exists() and not force:
+        raise OutputError("already exists (use --force to overwrite)", path=out_path)
+    if out_path.exists() and out_path.is_dir():
+        raise OutputError("is a directory", path=out_path)
+    src = TextEncoderSource(te_dir)
+    try:
+        cfg = src.config
+        tok = read_tokenizer(tokenizer_dir, cfg["vocab"])
+        plans = plan_types(src, lt, dt)
+        order = ["embed_tokens.weight"] + [f"layers.{i}.{k}" for i in range(cfg["n_layers"]) for k in _LAYER_MAP] + ["norm.weight"]
+        taps = default_taps(cfg["n_layers"])
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        result = _write(src, cfg, tok, plans, order, taps, out_path, lt, dt, threads, progress, arch)
+    finally:
+        src.close()
+    types: dict[str, int] = {}
+    for t, _ in plans.values():
+        types[t.name] = types.get(t.name, 0) + 1
+    result.update(
+        {
+            "path": out_path,
+            "arch": arch,
+            "n_layers": cfg["n_layers"],
+            "hidden": cfg["hidden"],
+            "features_dim": cfg["hidden"] * len(taps),
+            "taps": taps,
+            "vocab": cfg["vocab"],
+            "tokenizer_tokens": tok["n_tokenizer"],
+            "tensors": len(plans),
+            "types": types,
+            "source_layout": src.prefix or "(none)",
+            "config_source": cfg["config_source"],
+            "bytes_out": out_path.stat().st_size,
+            "seconds": time.perf_counter() - t0,
+        }
+    )
+    return result
+
+
+def _write(src, cfg, tok, plans, order, taps, out_path, lt, dt, threads, progress, arch) -> dict:
+    import gguf
+
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(None, arch)
+    bytes_in = 0
+    try:
+        a = arch
+        writer.add_name("Qwen3-VL text encoder (language model) for Ideogram 4")
+        writer.add_uint32("general.quantization_version", GGML_QNT_VERSION)
+        writer.add_uint32(f"{a}.context_length", cfg["context_length"])
+        writer.add_uint32(f"{a}.embedding_length", cfg["hidden"])
+        writer.add_uint32(f"{a}.block_count", cfg["n_layers"])
+        writer.add_uint32(f"{a}.feed_forward_length", cfg["ffn"])
+        writer.add_uint32(f"{a}.attention.head_count", cfg["n_heads"])
+        writer.add_uint32(f"{a}.attention.head_count_kv", cfg["n_kv_heads"])
+        writer.add_uint32(f"{a}.attention.key_length", cfg["head_dim"])
+        writer.add_uint32(f"{a}.attention.value_length", cfg["head_dim"])
+        writer.add_float32(f"{a}.rope.freq_base", cfg["rope_theta"])
+        writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg["rms_eps"])
+        writer.add_uint32(f"{a}.pooling_type", 0)  # NONE: an encoder; every token is an output
+        if arch == "qwen3vl":
+            sections = (cfg["mrope_section"] or [cfg["head_dim"] // 2, 0, 0]) + [0]
+            writer.add_array(f"{a}.rope.dimension_sections", [int(x) for x in sections[:4]])
+            writer.add_uint32(f"{a}.n_deepstack_layers", cfg["n_deepstack"])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("qwen2")
+        writer.add_token_list(tok["tokens"])
+        writer.add_token_types(tok["types"])
+        writer.add_token_merges(tok["merges"])
+        for key, fn in (("eos", writer.add_eos_token_id), ("bos", writer.add_bos_token_id), ("pad", writer.add_pad_token_id)):
+            if tok[key] is not None:
+                fn(tok[key])
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+        if tok["chat_template"]:
+            writer.add_chat_template(tok["chat_template"])
+        writer.add_array(KEY_TAPS, [int(x) for x in taps])
+        writer.add_string(KEY_TEMPLATE, TEMPLATE)
+        writer.add_string("gguf_dit.converter_version", __version__)
+        writer.add_string("gguf_dit.text_encoder.linear_type", lt.name)
+        if dt is not None:
+            writer.add_string("gguf_dit.text_encoder.down_proj_type", dt.name)
+        writer.add_string("gguf_dit.text_encoder.source.layout", src.prefix or "(none)")
+        writer.add_string("gguf_dit.text_encoder.source.dtypes", ",".join(sorted({t.dtype + ("*" + t.scale[2] if t.scale else "") for t in src.tensors.values()})))
+        writer.add_array("gguf_dit.text_encoder.source.files", [f.name for f in src.files] + tok["files"])
+        if cfg["mrope_section"]:
+            writer.add_array("gguf_dit.text_encoder.source.mrope_section", cfg["mrope_section"])
+        for name in order:
+            t, _ = plans[name]
+            shape = src.tensors[name].shape
+            writer.add_tensor_info(_gguf_name(name), shape, np.dtype(np.float32), _nbytes(shape, t), raw_dtype=gguf.GGMLQuantizationType(int(t)))
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        align = writer.data_alignment
+        for name in order:
+            t, _ = plans[name]
+            shape = src.tensors[name].shape
+            fout.write(b"\0" * ((-fout.tell()) % align))
+            written = 0
+            for chunk in src.chunks(name):
+                enc = _encode(chunk, t, threads)
+                fout.write(enc.tobytes())
+                written += enc.nbytes
+                bytes_in += chunk.nbytes
+                if progress:
+                    progress(_gguf_name(name), chunk.nbytes)
+            if written != _nbytes(shape, t):
+                raise OutputError(f"internal: wrote {written} bytes, expected {_nbytes(shape, t)}", path=out_path, tensor=_gguf_name(name))
+        fout.write(b"\0" * ((-fout.tell()) % align))
+        fout.flush()
+        os.fsync(fout.fileno())
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    return {"bytes_in": bytes_in, "plans": {_gguf_name(n): [plans[n][0].name, plans[n][1]] for n in order}}

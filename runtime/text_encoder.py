@@ -1,0 +1,399 @@
+"""Caption -> Ideogram 4 text features, with Qwen3-VL's language model run by llama.cpp.
+
+The caption is wrapped in the chat template (one user message, generation prompt, no system
+prompt, no ``<think>`` block), tokenized by llama.cpp without BOS and with special tokens parsed,
+and run through the decoder once. The outputs of 13 decoder layers (0, 3, …, 33, 35 of 36; raw
+residual stream, no final norm) are stacked on a new last axis and flattened, so feature
+``f = d·13 + j`` holds hidden channel ``d`` of tap ``j`` (docs/ideogram4-model.md §11).
+
+llama.cpp exposes only the final (normed) hidden state, so the taps are read while the graph runs:
+``llama_context_params.cb_eval`` is a ggml scheduler callback that is asked about every graph node
+(``ask = true``) and, for the nodes it claims, called again once the node is computed
+(``ask = false``). We claim the nodes named ``l_out-<il>`` for the tap layers and copy them out
+with ``ggml_backend_tensor_get``. After the last tap we return false, which ends the graph split:
+the final norm and the lm_head are never computed. The KV cache is F32 and flash attention off
+(F16 KV costs ~1e-3 absolute error; docs/gguf-and-ggml.md §10); every token is an output.
+
+Accepts our GGUFs (arch ``qwen3``, written by ``converter/text_encoder.py``) and community
+Qwen3-VL GGUFs (arch ``qwen3vl``; with text-only input MRoPE equals 1-D RoPE).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+
+from gguf_dit.errors import InputError, ModelError
+
+LLAMA_ARCH = "qwen3"
+ACCEPTED_ARCHES = ("qwen3", "qwen3vl")
+TEMPLATE = "<|im_start|>user\n{caption}<|im_end|>\n<|im_start|>assistant\n"
+OFFICIAL_TAPS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)
+N_TAPS = 13
+MAX_TOKENS = 2048
+KEY_TAPS = "gguf_dit.text_encoder.taps"
+KEY_TEMPLATE = "gguf_dit.text_encoder.template"
+GGML_TYPE_F32 = 0
+_CTX_STEP = 256  # contexts are sized in steps of this many tokens (llama.cpp pads n_ctx to 256)
+
+log = logging.getLogger("gguf_dit.llama")
+
+
+def default_taps(n_layers: int) -> list[int]:
+    """Tap layers for an ``n_layers`` decoder: the official rule generalised.
+
+    Every third layer from 0 below the last, plus the last: for 36 layers exactly the official
+    (0, 3, …, 33, 35); for 35 or 37 also 13 taps. Other depths with at least 13 layers get 13
+    evenly spaced layers from 0 to N-1 (rounded half up), so the feature width stays hidden × 13;
+    fewer than 13 layers keep the every-third rule (fewer taps; the DiT check then refuses).
+    """
+    if n_layers <= 0:
+        return []
+    taps = list(range(0, n_layers - 1, 3)) + [n_layers - 1]
+    if len(taps) == N_TAPS or n_layers < N_TAPS:
+        return taps
+    return [int(j * (n_layers - 1) / (N_TAPS - 1) + 0.5) for j in range(N_TAPS)]
+
+
+# -- llama_cpp plumbing --------------------------------------------------------------------
+
+_setup_lock = threading.Lock()
+_llama = None
+
+
+def _llama_cpp():
+    """Import llama_cpp once, route llama.cpp's log into Python logging, and check that it shares
+    ggml with gguf_dit.ggml_ops (one libggml-base mapped, so a tensor pointer means the same to both)."""
+    global _llama
+    with _setup_lock:
+        if _llama is not None:
+            return _llama
+        from gguf_dit.ggml_ops import _lib as glib
+
+        try:
+            import llama_cpp
+        except Exception as e:  # pragma: no cover - llama-cpp-python is a hard dependency
+            raise ModelError(f"llama-cpp-python is not importable ({e}); install llama-cpp-python==0.3.36") from None
+        llama_cpp.llama_log_set(_llama_log_cb, None)
+        # llama_log_set also replaces ggml's log callback; give ggml's back to gguf_dit.ggml_ops.
+        glib.lib.ggml_log_set(glib._log_cb, None)
+        _check_shared_ggml(glib)
+        llama_cpp.llama_backend_init()
+        _llama = llama_cpp
+        return _llama
+
+
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_pending: list[str] = []
+_last = [logging.DEBUG]
+
+
+def _log(level: int, text: bytes, _user) -> None:  # pragma: no cover - exercised via llama.cpp
+    if level != 5:
+        _last[0] = _LEVELS.get(level, logging.DEBUG)
+    _pending.append(text.decode("utf-8", "replace") if text else "")
+    joined = "".join(_pending)
+    if joined.endswith("\n"):
+        _pending.clear()
+        for line in joined.rstrip("\n").splitlines():
+            log.log(_last[0], line)
+
+
+_llama_log_cb = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(_log)
+
+
+def _check_shared_ggml(glib) -> None:
+    """Both sides must use one libggml-base: ggml_ops reads tensors llama.cpp created."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # pragma: no cover - not Linux
+        return
+    paths = {line.split()[-1] for line in maps.splitlines() if "libggml-base" in line and "/" in line}
+    if len(paths) > 1:
+        raise ModelError(f"two copies of libggml-base are loaded ({', '.join(sorted(paths))}); llama.cpp and gguf_dit.ggml_ops must share one")
+
+
+# -- metadata ------------------------------------------------------------------------------
+
+
+def _read_meta(path: Path) -> dict:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelError(f"not a readable GGUF file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})", path=path) from None
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except Exception:  # pragma: no cover - older gguf-py
+            return None
+
+    arch = field("general.architecture")
+    if arch not in ACCEPTED_ARCHES:
+        raise ModelError(
+            f"general.architecture is {arch!r}; a text encoder must be a Qwen3-VL language model (arch {' or '.join(ACCEPTED_ARCHES)})",
+            path=path,
+        )
+    meta = {
+        "arch": arch,
+        "n_layers": field(f"{arch}.block_count"),
+        "hidden": field(f"{arch}.embedding_length"),
+        "taps": field(KEY_TAPS),
+        "template": field(KEY_TEMPLATE),
+        "tokenizer": field("tokenizer.ggml.model"),
+        "pre": field("tokenizer.ggml.pre"),
+    }
+    if not meta["n_layers"] or not meta["hidden"]:
+        raise ModelError(f"missing {arch}.block_count or {arch}.embedding_length", path=path)
+    if meta["tokenizer"] != "gpt2":
+        raise ModelError(f"tokenizer.ggml.model is {meta['tokenizer']!r}, expected the gpt2 (byte-level BPE) tokenizer of Qwen", path=path)
+    if meta["pre"] != "qwen2":
+        log.warning("%s: tokenizer.ggml.pre is %r, not qwen2; token ids may differ from Qwen's tokenizer", path, meta["pre"])
+    del reader
+    return meta
+
+
+# -- the encoder ---------------------------------------------------------------------------
+
+
+class TextEncoder:
+    """A loaded Qwen3-VL language model that turns captions into Ideogram 4 text features."""
+
+    def __init__(self, path: Path, meta: dict, model, n_threads: int) -> None:
+        self.path = path
+        self.arch: str = meta["arch"]
+        self.n_layers: int = int(meta["n_layers"])
+        self.hidden: int = int(meta["hidden"])
+        taps = meta["taps"]
+        self.taps: tuple[int, ...] = tuple(int(x) for x in (taps if taps is not None else default_taps(self.n_layers)))
+        if not self.taps or any(b <= a for a, b in zip(self.taps, self.taps[1:])) or self.taps[0] < 0 or self.taps[-1] >= self.n_layers:
+            raise ModelError(f"invalid tap layers {list(self.taps)} for {self.n_layers} layers", path=path)
+        self.template: str = meta["template"] or TEMPLATE
+        self.n_threads = n_threads
+        self._model = model
+        self._vocab = _llama.llama_model_get_vocab(model)
+        self._ctx = None
+        self._ctx_tokens = 0
+        self._lock = threading.Lock()
+        # capture state used by the eval callback
+        self._want = {f"l_out-{il}".encode(): j for j, il in enumerate(self.taps)}
+        self._stop_after = f"l_out-{self.taps[-1]}".encode()
+        self._pieces: list[list[np.ndarray]] = []
+        self._active = False
+        self._error: str | None = None
+        self._cb = _llama.ggml_backend_sched_eval_callback(self._eval)
+
+    @property
+    def features_dim(self) -> int:
+        return self.hidden * len(self.taps)
+
+    # -- loading -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, *, n_threads: int | None = None, n_gpu_layers: int = 0) -> "TextEncoder":
+        """Load a text-encoder GGUF (ours, arch qwen3, or a community Qwen3-VL GGUF, arch qwen3vl)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError("does not exist" if not path.exists() else "is not a file", path=path)
+        meta = _read_meta(path)
+        lc = _llama_cpp()
+        from gguf_dit.ggml_ops import default_threads
+
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = int(n_gpu_layers)
+        model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            raise ModelError("llama.cpp could not load this GGUF (see the gguf_dit.llama log for the reason)", path=path)
+        try:
+            enc = cls(path, meta, model, int(n_threads or default_threads()))
+        except BaseException:
+            lc.llama_model_free(model)
+            raise
+        n_embd, n_layer = int(lc.llama_model_n_embd(model)), int(lc.llama_model_n_layer(model))
+        if n_embd != enc.hidden or n_layer != enc.n_layers:
+            enc.close()
+            raise ModelError(f"llama.cpp reports hidden {n_embd} and {n_layer} layers; the metadata says {enc.hidden} and {enc.n_layers}", path=path)
+        return enc
+
+    def check_features_dim(self, llm_features_dim: int) -> None:
+        """Refuse an encoder whose stacked taps do not have the width the DiT's llm_cond_proj expects."""
+        if self.features_dim != int(llm_features_dim):
+            raise ModelError(
+                f"encoder hidden {self.hidden} × {len(self.taps)} taps = {self.features_dim}, but the DiT expects {int(llm_features_dim)}",
+                path=self.path,
+            )
+
+    # -- tokens ------------------------------------------------------------------------
+    def prompt(self, caption: str) -> str:
+        return self.template.replace("{caption}", caption)
+
+    def tokenize(self, caption: str) -> list[int]:
+        """Token ids of the templated caption: no BOS, special tokens parsed, NFC-normalised first
+        (Qwen's tokenizer normalises to NFC; llama.cpp does not)."""
+        if not isinstance(caption, str):
+            raise InputError(f"caption must be a string, got {type(caption).__name__}")
+        text = unicodedata.normalize("NFC", self.prompt(caption)).encode("utf-8")
+        self._require_open()
+        cap = len(text) + 16
+        buf = (_llama.llama_token * cap)()
+        n = _llama.llama_tokenize(self._vocab, text, len(text), buf, cap, False, True)
+        if n < 0:  # pragma: no cover - more tokens than bytes cannot happen for byte-level BPE
+            cap = -n
+            buf = (_llama.llama_token * cap)()
+            n = _llama.llama_tokenize(self._vocab, text, len(text), buf, cap, False, True)
+        if n < 0:  # pragma: no cover
+            raise InputError("llama.cpp failed to tokenize the caption")
+        return list(buf[:n])
+
+    # -- encoding ----------------------------------------------------------------------
+    def encode(self, caption: str) -> np.ndarray:
+        """Features [n_tokens, hidden × n_taps] float32 for every token of the templated caption."""
+        return self.encode_tokens(self.tokenize(caption))
+
+    def encode_tokens(self, tokens: list[int]) -> np.ndarray:
+        n = len(tokens)
+        if n == 0:
+            raise InputError("empty token sequence")
+        if n > MAX_TOKENS:
+            raise InputError(f"caption is {n} tokens with the chat template; the text encoder takes at most {MAX_TOKENS} (shorten the caption)")
+        n_vocab = int(_llama.llama_vocab_n_tokens(self._vocab))
+        bad = [t for t in tokens if not 0 <= int(t) < n_vocab]
+        if bad:
+            raise InputError(f"token id {bad[0]} outside the vocabulary (0..{n_vocab - 1})")
+        with self._lock:
+            self._require_open()
+            ctx = self._context(n)
+            lc = _llama
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            batch = lc.llama_batch_init(n, 0, 1)
+            try:
+                batch.n_tokens = n
+                for i, t in enumerate(tokens):
+                    batch.token[i] = int(t)
+                    batch.pos[i] = i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1
+                self._pieces = [[] for _ in self.taps]
+                self._error = None
+                self._active = True
+                try:
+                    rc = lc.llama_decode(ctx, batch)
+                finally:
+                    self._active = False
+            finally:
+                lc.llama_batch_free(batch)
+            if rc != 0:
+                raise ModelError(f"llama_decode failed with code {rc} for {n} tokens", path=self.path)
+            if self._error:
+                raise ModelError(self._error, path=self.path)
+            taps = []
+            for j, il in enumerate(self.taps):
+                if not self._pieces[j]:
+                    raise ModelError(f"layer output l_out-{il} was not seen during decoding", path=self.path)
+                x = np.concatenate(self._pieces[j], axis=0)
+                if x.shape != (n, self.hidden):
+                    raise ModelError(f"layer output l_out-{il} has shape {list(x.shape)}, expected [{n}, {self.hidden}]", path=self.path)
+                taps.append(x)
+            self._pieces = []
+        # f = d * n_taps + j: stack taps on a new last axis, then flatten (d, j).
+        return np.ascontiguousarray(np.stack(taps, axis=-1).reshape(n, self.hidden * len(self.taps)), dtype=np.float32)
+
+    def _context(self, n_tokens: int):
+        size = min(MAX_TOKENS, -(-n_tokens // _CTX_STEP) * _CTX_STEP)
+        if self._ctx is not None and self._ctx_tokens >= size:
+            return self._ctx
+        self._free_context()
+        lc = _llama
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = size
+        cp.n_batch = size
+        cp.n_ubatch = size  # one ubatch: each layer output arrives in one piece
+        cp.n_seq_max = 1
+        cp.n_threads = self.n_threads
+        cp.n_threads_batch = self.n_threads
+        cp.embeddings = True
+        cp.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
+        cp.attention_type = lc.LLAMA_ATTENTION_TYPE_CAUSAL
+        cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.type_k = GGML_TYPE_F32
+        cp.type_v = GGML_TYPE_F32
+        cp.cb_eval = self._cb
+        cp.cb_eval_user_data = None
+        cp.no_perf = True
+        ctx = lc.llama_init_from_model(self._model, cp)
+        if not ctx:
+            raise ModelError(f"llama.cpp could not create a context for {size} tokens (out of memory?)", path=self.path)
+        self._ctx, self._ctx_tokens = ctx, size
+        return ctx
+
+    def _eval(self, t, ask, _user) -> bool:
+        """ggml scheduler callback: claim the tap nodes, copy them out when computed."""
+        if not self._active:
+            return not ask  # not decoding for us: claim nothing, never stop a graph
+        from gguf_dit.ggml_ops._lib import lib, tensor_struct
+
+        s = tensor_struct(t)
+        name = s.name
+        j = self._want.get(name)
+        if ask:
+            return j is not None
+        if j is None:
+            return True
+        try:
+            ne0, ne1 = int(s.ne[0]), int(s.ne[1])
+            if s.type != GGML_TYPE_F32 or ne0 != self.hidden or int(s.ne[2]) != 1 or int(s.ne[3]) != 1:
+                self._error = f"{name.decode()} is {list(s.ne)} of type {s.type}, expected F32 [{self.hidden}, n_tokens]"
+                return False
+            out = np.empty((ne1, ne0), dtype=np.float32)
+            if int(s.nb[1]) == 4 * ne0:
+                lib.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+            else:  # a strided view: copy row by row
+                for r in range(ne1):
+                    lib.ggml_backend_tensor_get(t, out[r].ctypes.data, r * int(s.nb[1]), 4 * ne0)
+            self._pieces[j].append(out)
+        except Exception as e:  # never let a Python exception unwind through C
+            self._error = f"reading {name.decode(errors='replace')} failed: {e}"
+            return False
+        # After the last tap nothing else is needed: returning false ends this graph split, so the
+        # final norm and the lm_head are skipped (their outputs are never read).
+        return name != self._stop_after
+
+    # -- lifetime ----------------------------------------------------------------------
+    def _require_open(self) -> None:
+        if self._model is None:
+            raise ModelError("text encoder is closed", path=self.path)
+
+    def _free_context(self) -> None:
+        if self._ctx is not None:
+            _llama.llama_free(self._ctx)
+            self._ctx, self._ctx_tokens = None, 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._free_context()
+            if self._model is not None:
+                _llama.llama_model_free(self._model)
+                self._model = None
+
+    def __enter__(self) -> "TextEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            if _llama is not None:
+                self.close()
+        except Exception:
+            pass
