@@ -213,19 +213,13 @@ def run(
     for pth in paths:
         if pth.exists() and not force:
             raise InputError("already exists (use --force to overwrite)", path=pth)
-    cond, _ = pipe.load_backbones()
-    from gguf_dit.runtime.pipeline import size_range
+    from gguf_dit.runtime.pipeline import check_size, default_size, size_range
 
-    default = 1024 if size_range(cond)[0] <= 1024 <= size_range(cond)[1] else size_range(cond)[0]
-    default = int(cond.file.metadata.get("gguf_dit.default_size") or default)
-    h, w = height or default, width or default
-    from gguf_dit.runtime.pipeline import check_size
-
-    check_size(h, w, size_range(cond))
+    header = pipe.header()
+    h, w = height or default_size(header), width or default_size(header)
+    check_size(h, w, size_range(header))
     progress = _run_progress(quiet)
     feats = pipe.encode([p.text for p in prompts], progress.encoded(len(prompts)))
-    for f in feats:
-        pipe.check_features(f)
     models = pipe.describe()
     if not out.suffix.lower() == ".png":
         out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +231,8 @@ def run(
 
         ts = diffusers_timesteps(settings.steps, h, w, settings.mu, settings.std)
     for j, (pi, _) in enumerate(jobs):
-        gen = pipe.generate(feats[pi], h, w, settings, seeds[j], step_callback=progress.stepper(j, len(jobs), settings.steps), tile=tile, ts=ts)
+        gen = pipe.generate(feats[pi], h, w, settings, seeds[j], step_callback=progress.stepper(j, len(jobs), settings.steps), tile=tile, ts=ts,
+                           decode_started=progress.decoding(j, len(jobs)))
         meta = png_metadata(prompts[pi].text, settings, seeds[j], h, w, models, {"prompt_source": prompts[pi].source, "reference": reference})
         write_png(paths[j], gen.image, meta, force=force)
         progress.done(paths[j], caption_summary(prompts[pi].text))
@@ -279,7 +274,25 @@ class _RunProgress:
 
         return cb
 
+    def decoding(self, j: int, n: int):
+        if self.p is None:
+            return None
+
+        def cb() -> None:
+            import time
+
+            self._decode_task = self.p.add_task(f"decode {j + 1}/{n}", total=1, rate="")
+            self._decode_t0 = time.perf_counter()
+
+        return cb
+
     def done(self, path, summary: str) -> None:
+        if self.p is not None and getattr(self, "_decode_task", None) is not None:
+            import time
+
+            dt = time.perf_counter() - self._decode_t0
+            self.p.update(self._decode_task, completed=1, rate=f"{1.0 / max(dt, 1e-9):.2f} img/s")
+            self._decode_task = None
         if self.p is not None:
             self.p.console.print(f"wrote {path}  ({summary})")
         else:

@@ -67,12 +67,20 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:10]
 
 
-def size_range(dit: Ideogram4DiT) -> tuple[int, int]:
-    meta = dit.file.metadata.get("gguf_dit.size_range")
+def size_range(f) -> tuple[int, int]:
+    """Allowed image sides for a backbone file: its ``gguf_dit.size_range`` metadata, else 256..2048
+    for the real model's width and 16..2048 for smaller test models."""
+    meta = f.metadata.get("gguf_dit.size_range")
     if meta:
         lo, hi = (int(x) for x in meta)
         return lo, hi
-    return REAL_SIZE_RANGE if dit.config.emb_dim == 4608 else (16, 2048)
+    return REAL_SIZE_RANGE if f.config.emb_dim == 4608 else (16, 2048)
+
+
+def default_size(f) -> int:
+    lo, hi = size_range(f)
+    meta = f.metadata.get("gguf_dit.default_size")
+    return int(meta) if meta else (1024 if lo <= 1024 <= hi else lo)
 
 
 def check_size(height: int, width: int, rng: tuple[int, int]) -> None:
@@ -104,11 +112,21 @@ class Pipeline:
         self._cond = self._uncond = self._vae = None
 
     # -- stages ------------------------------------------------------------------------
+    def header(self):
+        """The conditional backbone's GGUF header (config, metadata) without loading its weights."""
+        from .model_file import BackboneFile
+
+        if getattr(self, "_header", None) is None:
+            self._header = BackboneFile(self.files.transformer)
+        return self._header
+
     def encode(self, captions: list[str], progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Encode every caption, then free the encoder: it never shares memory with the backbones."""
         from .text_encoder import TextEncoder
 
         enc = TextEncoder.load(self.files.text_encoder, n_threads=self.threads)
         try:
+            enc.check_features_dim(self.header().config.llm_features_dim)
             feats = []
             for i, c in enumerate(captions):
                 feats.append(enc.encode(c))
@@ -154,14 +172,19 @@ class Pipeline:
         step_callback: Callable[[StepInfo, np.ndarray], None] | None = None,
         tile: int | None = None,
         ts: np.ndarray | None = None,
+        decode_started: Callable[[], None] | None = None,
     ) -> Generated:
         cond, uncond = self.load_backbones()
-        check_size(height, width, size_range(cond))
+        check_size(height, width, size_range(cond.file))
         self.check_features(feats)
         z = sample(cond, uncond, feats, height, width, settings=settings, seed=seed, callback=step_callback, ts=ts)
+        if decode_started is not None:
+            decode_started()
+        return Generated(self.decode(z, height, width, tile=tile), z, seed, {})
+
+    def decode(self, z: np.ndarray, height: int, width: int, *, tile: int | None = None) -> np.ndarray:
         gh, gw = token_grid(height, width)
-        image = self.vae().decode_tokens(z, gh, gw, tile=tile)
-        return Generated(image, z, seed, {})
+        return self.vae().decode_tokens(z, gh, gw, tile=tile)
 
     def describe(self) -> dict:
         cond, uncond = self.load_backbones()
