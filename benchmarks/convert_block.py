@@ -106,7 +106,7 @@ def child_write(report: str, root: str, layers: int) -> int:
     from gguf_dit.arch import Ideogram4Config
     from gguf_dit.converter.tiny import write_tiny_checkpoint
 
-    write_tiny_checkpoint(root, cfg=Ideogram4Config(num_layers=layers), fp8=True, force=True)
+    write_tiny_checkpoint(root, cfg=Ideogram4Config(num_layers=layers), fp8=True, force=True, full=False)
     _child_report(report, {"rc": 0})
     return 0
 

@@ -1,8 +1,11 @@
 """Write a tiny random Ideogram 4 checkpoint in the official Hugging Face layout.
 
-Real weights cannot be downloaded everywhere; this gives the converter (and a first-time user)
-something genuine to chew on: the official FP8 format, official names, real head_dim and RoPE
-sections, with every other size shrunk. Not a model that draws anything.
+Real weights cannot be downloaded everywhere; this gives the converter and the runtime (and a
+first-time user) something genuine to chew on: both DiT backbones in the official FP8 format with
+official names, real head_dim and RoPE sections; a 36-layer Qwen3-VL-layout text encoder (hidden 32,
+so 13 taps give the DiT's 416 features) with a byte-level BPE tokenizer in the Qwen2 format; and a
+FLUX.2-layout VAE with 32 latent channels and ×8 down-sampling. Every other size is shrunk and every
+weight is random: the whole pipeline runs, and draws noise.
 """
 
 from __future__ import annotations
@@ -18,7 +21,122 @@ from gguf_dit.errors import OutputError
 TINY = Ideogram4Config(emb_dim=512, num_layers=2, num_heads=2, intermediate_size=768, adaln_dim=256, in_channels=128, llm_features_dim=13 * 32)
 
 
-def write_tiny_checkpoint(root: str | Path, *, cfg: Ideogram4Config = TINY, seed: int = 0, fp8: bool = True, force: bool = False) -> Path:
+TE_HIDDEN, TE_LAYERS, TE_HEADS, TE_KV_HEADS, TE_HEAD_DIM, TE_FFN, TE_ROWS = 32, 36, 2, 1, 16, 64, 320
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_BIGRAMS = ("Ġa", "Ġt", "Ġs", "th", "he", "in", "er", "an", "re", "on", "Ġthe", "ed", "nd", "es", "or", "ou")
+VAE_CHANNELS = (16, 32, 32, 32)
+
+
+def _byte_chars() -> list[str]:
+    # GPT-2's reversible byte -> printable character map, which byte-level BPE vocabularies use.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _write_tokenizer(d: Path) -> int:
+    from gguf_dit.converter.text_encoder import QWEN2_SPLIT
+
+    vocab = {c: i for i, c in enumerate(_byte_chars())}
+    merges = []
+    for m in _BIGRAMS:
+        left, right = (m[:-1], m[-1]) if m != "Ġthe" else ("Ġt", "he")
+        merges.append(f"{left} {right}")
+        vocab.setdefault(m, len(vocab))
+    added = [{"id": len(vocab) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True} for i, t in enumerate(SPECIALS)]
+    tj = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        ]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False, "vocab": vocab, "merges": merges},
+    }
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    conf = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False}
+    (d / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
+    return len(vocab) + len(SPECIALS)
+
+
+def _write_text_encoder(d: Path, g) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    H, F, hd = TE_HIDDEN, TE_FFN, TE_HEAD_DIM
+    p = "model.language_model."
+    sd = {p + "embed_tokens.weight": torch.randn(TE_ROWS, H, generator=g), p + "norm.weight": 1 + 0.2 * torch.randn(H, generator=g)}
+    shapes = {
+        "self_attn.q_proj.weight": (TE_HEADS * hd, H), "self_attn.k_proj.weight": (TE_KV_HEADS * hd, H),
+        "self_attn.v_proj.weight": (TE_KV_HEADS * hd, H), "self_attn.o_proj.weight": (H, TE_HEADS * hd),
+        "mlp.gate_proj.weight": (F, H), "mlp.up_proj.weight": (F, H), "mlp.down_proj.weight": (H, F),
+    }
+    for n in range(TE_LAYERS):
+        q = f"{p}layers.{n}."
+        for k, shp in shapes.items():
+            sd[q + k] = torch.randn(shp, generator=g) / np.sqrt(shp[1])
+        for k, c in (("input_layernorm.weight", H), ("post_attention_layernorm.weight", H), ("self_attn.q_norm.weight", hd), ("self_attn.k_norm.weight", hd)):
+            sd[q + k] = 1 + 0.2 * torch.randn(c, generator=g)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "text_config": {
+            "hidden_size": H, "intermediate_size": F, "num_hidden_layers": TE_LAYERS, "num_attention_heads": TE_HEADS,
+            "num_key_value_heads": TE_KV_HEADS, "head_dim": hd, "vocab_size": TE_ROWS, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 4096, "hidden_act": "silu", "attention_bias": False,
+            "rope_theta": 5_000_000.0, "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        },
+        "vision_config": {},
+    }
+    (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_vae(d: Path, g) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
+    from gguf_dit.runtime.vae import VAEConfig, decoder_inventory
+
+    cfg = VAEConfig(block_out_channels=VAE_CHANNELS, layers_per_block=1, norm_num_groups=8)
+    sd = {}
+    for name, shape in decoder_inventory(cfg).items():
+        if len(shape) == 1:
+            base = 1.0 if "norm" in name and name.endswith(".weight") else 0.0
+            sd[name] = base + 0.05 * torch.randn(shape, generator=g)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            sd[name] = torch.randn(shape, generator=g) / np.sqrt(fan_in)
+    sd["bn.running_mean"] = torch.from_numpy(LATENT_SHIFT.copy())
+    sd["bn.running_var"] = torch.from_numpy((LATENT_SCALE.astype(np.float64) ** 2 - 1e-4).astype(np.float32))
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in sd.items()}, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "_class_name": "AutoencoderKLFlux2", "in_channels": 3, "out_channels": 3, "latent_channels": 32,
+        "block_out_channels": list(VAE_CHANNELS), "layers_per_block": 1, "norm_num_groups": 8, "act_fn": "silu",
+        "up_block_types": ["UpDecoderBlock2D"] * len(VAE_CHANNELS), "mid_block_add_attention": True,
+        "use_post_quant_conv": True, "patch_size": [2, 2], "batch_norm_eps": 1e-4,
+    }
+    (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_tiny_checkpoint(root: str | Path, *, cfg: Ideogram4Config = TINY, seed: int = 0, fp8: bool = True, force: bool = False, full: bool = True) -> Path:
+    """Both DiT backbones; with ``full`` also ``text_encoder/``, ``tokenizer/`` and ``vae/``."""
     import torch
     from safetensors.torch import save_file
 
@@ -58,4 +176,13 @@ def write_tiny_checkpoint(root: str | Path, *, cfg: Ideogram4Config = TINY, seed
             "norm_eps": cfg.norm_eps,
         }
         (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if full:
+        import torch
+
+        if cfg.llm_features_dim != 13 * TE_HIDDEN:
+            raise OutputError(f"a full tiny checkpoint needs llm_features_dim {13 * TE_HIDDEN} (13 taps x {TE_HIDDEN})", path=root)
+        g = torch.Generator().manual_seed(seed + 100)
+        _write_tokenizer(root / "tokenizer")
+        _write_text_encoder(root / "text_encoder", g)
+        _write_vae(root / "vae", g)
     return root

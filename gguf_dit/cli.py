@@ -312,14 +312,17 @@ def _run_progress(quiet: bool) -> _RunProgress:
 def tiny_checkpoint(
     out: Path = typer.Argument(..., help="Folder to create (transformer/ and unconditional_transformer/ inside)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (the uncond backbone uses seed + 1)."),
-    bf16: bool = typer.Option(False, "--bf16", help="Write BF16 linears instead of the official FP8 + weight_scale."),
+    bf16: bool = typer.Option(False, "--bf16", help="Write BF16 DiT linears instead of the official FP8 + weight_scale."),
+    dit_only: bool = typer.Option(False, "--dit-only", help="Only the two DiT backbones (no text encoder, tokenizer or VAE)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder."),
 ) -> None:
-    """Write a tiny random Ideogram 4 checkpoint in the official layout (for trying convert; draws nothing)."""
+    """Write a tiny random Ideogram 4 checkpoint in the official layout: both DiTs, a Qwen3-VL-layout encoder with
+    tokenizer, a FLUX.2-layout VAE. For trying convert and run end to end: random weights draw noise."""
     from gguf_dit.converter.tiny import write_tiny_checkpoint
 
-    root = write_tiny_checkpoint(out, seed=seed, fp8=not bf16, force=force)
-    typer.echo(f"{root}: tiny random Ideogram 4 checkpoint ({'BF16' if bf16 else 'FP8 + weight_scale'}, official layout)")
+    root = write_tiny_checkpoint(out, seed=seed, fp8=not bf16, force=force, full=not dit_only)
+    parts = "DiTs" if dit_only else "DiTs, text encoder + tokenizer, VAE"
+    typer.echo(f"{root}: tiny random Ideogram 4 checkpoint ({parts}; {'BF16' if bf16 else 'FP8 + weight_scale'} DiT linears, official layout)")
 
 
 def main() -> None:  # pragma: no cover

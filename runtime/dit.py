@@ -25,10 +25,10 @@ from .model_file import BackboneFile
 
 log = logging.getLogger("gguf_dit.runtime")
 
-#: On CPU a Q8_0 matmul over many tokens is faster as ggml_cast(W, F32) + F32 mul_mat than as the
-#: direct quantized kernel (docs/benchmarks.md, "Q8_0 matmul policy"); below this many tokens the
-#: direct kernel wins. K-quants always run direct.
-Q8_0_DEQUANT_MIN_TOKENS = 64
+#: Q8_0 token matmuls run on the direct quantized kernel by default: measured at DiT shapes on this
+#: project's CPU it beat ggml_cast(W, F32) + F32 mul_mat by 1.39x per step (docs/benchmarks.md), the
+#: opposite of the Intel AVX-512 micro-benchmark in gguf-and-ggml.md §8. "dequant" stays available
+#: for exact (no 8-bit activation rounding) results.
 _FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
 
@@ -44,7 +44,8 @@ class RuntimeOptions:
     #: K and V are multiplied by this before attention and the output divided by it (exact in real
     #: arithmetic). None: 1 on CPU, 1/128 elsewhere, where flash attention stores K/V in F16.
     kv_scale: float | None = None
-    #: "auto" (measured policy above), "direct" (quantized kernel) or "dequant" (cast to F32 in graph).
+    #: "auto" (= "direct", the measured faster path), "direct" (quantized kernel) or "dequant"
+    #: (cast to F32 in the graph: exact activations, slower).
     q8_0_matmul: str = "auto"
     #: Run the per-sample GEMVs (timestep MLP, adaLN) on F32-cast weights: exact activations, so
     #: the conditioning path gets no 8-bit activation rounding; costs a few ms per step.
@@ -179,15 +180,13 @@ class Ideogram4DiT:
 
     def _linear(self, b: Builder, prefix: str, x: Tensor, *, per_sample: bool = False) -> Tensor:
         w = self._w(prefix + ".weight")
-        n_tokens = x.ne[1]
         wt = w
         if w.type.is_quantized:
             dequant = False
             if per_sample and self.options.exact_conditioning:
                 dequant = True
             elif w.type is GGMLType.Q8_0:
-                policy = self.options.q8_0_matmul
-                dequant = policy == "dequant" or (policy == "auto" and self.backend.is_cpu and n_tokens > Q8_0_DEQUANT_MIN_TOKENS)
+                dequant = self.options.q8_0_matmul == "dequant"
             if dequant:
                 wt = self._cast_ok(b, w) or w
         y = b.mul_mat(wt, x, f32_acc=w.type in (GGMLType.F16, GGMLType.BF16))
