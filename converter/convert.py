@@ -21,7 +21,9 @@ import numpy as np
 from gguf_dit import __version__
 from gguf_dit.arch import ARCH, BACKBONE_DIRS, tensor_inventory
 from gguf_dit.errors import GgufDitError, OutputError, RecipeError
-from gguf_dit.ggml_ops import GGMLType, quantize
+from gguf_dit.ggml_ops import GGMLType
+
+from .encode import encode_rows, stored_nbytes
 
 from .recipe import Recipe
 from .source import Backbone, open_checkpoint
@@ -69,24 +71,10 @@ def plan_backbone(bb: Backbone, recipe: Recipe) -> list[Plan]:
 
 
 def _encode(x: np.ndarray, t: GGMLType, q4k_path: str, threads: int | None) -> np.ndarray:
-    if t is GGMLType.F32:
-        return np.ascontiguousarray(x, dtype=np.float32)
-    if t is GGMLType.F16:
-        return x.astype(np.float16)
-    if t is GGMLType.BF16:
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
-    imp = None
-    if t in (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K) and q4k_path == Q4KPath.WEIGHTED:
-        imp = np.ones(x2.shape[1], dtype=np.float32)
-    return quantize(x2, t, importance=imp, threads=threads)
+    return encode_rows(x, t, threads=threads, k_quant_path=q4k_path)
 
 
-def _nbytes(shape: tuple[int, ...], t: GGMLType) -> int:
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    return rows * t.row_bytes(shape[-1])
+_nbytes = stored_nbytes
 
 
 def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path: str) -> None:

@@ -36,10 +36,11 @@ import numpy as np
 
 from gguf_dit import __version__
 from gguf_dit.errors import GgufDitError, OutputError, RecipeError, SourceError
-from gguf_dit.ggml_ops import GGMLType, fits, quantize
+from gguf_dit.ggml_ops import GGMLType, fits
 from gguf_dit.ggml_ops.types import STORAGE_TYPES
 from gguf_dit.runtime.text_encoder import KEY_TAPS, KEY_TEMPLATE, LLAMA_ARCH, TEMPLATE, default_taps
 
+from .encode import encode_rows, stored_nbytes
 from .source import _short
 
 WEIGHTS_NAME = "model.safetensors"
@@ -538,21 +539,10 @@ def _gguf_name(hf_name: str) -> str:
 
 
 def _encode(x: np.ndarray, t: GGMLType, threads: int | None) -> np.ndarray:
-    if t is GGMLType.F32:
-        return np.ascontiguousarray(x, dtype=np.float32)
-    if t is GGMLType.F16:
-        return x.astype(np.float16)
-    if t is GGMLType.BF16:
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    imp = np.ones(x.shape[1], dtype=np.float32) if t in (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K) else None
-    return quantize(x, t, importance=imp, threads=threads)
+    return encode_rows(x, t, threads=threads)
 
 
-def _nbytes(shape: tuple[int, ...], t: GGMLType) -> int:
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    return rows * t.row_bytes(shape[-1])
+_nbytes = stored_nbytes
 
 
 # -- writing -----------------------------------------------------------------------------
