@@ -77,7 +77,38 @@ def _encode(x: np.ndarray, t: GGMLType, q4k_path: str, threads: int | None) -> n
 _nbytes = stored_nbytes
 
 
-def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class SizeHints:
+    """Image sizes a model was trained for, written into the backbones so ``gguf-dit run`` can
+    refuse and default sensibly (the real model: 256..2048, default 1024, without hints)."""
+
+    size_range: tuple[int, int] | None = None
+    default_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size_range is not None:
+            lo, hi = self.size_range
+            if lo < 16 or hi < lo or lo % 16 or hi % 16:
+                raise GgufDitError(f"size range {lo}..{hi} must be multiples of 16 with 16 <= low <= high")
+        if self.default_size is not None:
+            d = self.default_size
+            lo, hi = self.size_range or (16, 1 << 30)
+            if d % 16 or not lo <= d <= hi:
+                raise GgufDitError(f"default size {d} must be a multiple of 16 within {lo}..{hi}")
+
+    @classmethod
+    def parse(cls, size_range: str | None, default_size: int | None) -> "SizeHints":
+        rng = None
+        if size_range:
+            try:
+                lo, hi = (int(x) for x in size_range.replace(" ", "").split(".."))
+            except ValueError:
+                raise GgufDitError(f"--size-range {size_range!r} is not LOW..HIGH (e.g. 256..2048)") from None
+            rng = (lo, hi)
+        return cls(rng, default_size)
+
+
+def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path: str, sizes: SizeHints | None = None) -> None:
     import gguf
 
     cfg = bb.config
@@ -102,6 +133,10 @@ def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path:
     writer.add_string("gguf_dit.source.dtypes", ",".join(sorted({t.dtype for t in bb.tensors.values()})))
     writer.add_array("gguf_dit.source.files", bb.source_names())
     writer.add_string("gguf_dit.source.sha256", _HASH_PLACEHOLDER)
+    if sizes is not None and sizes.size_range is not None:
+        writer.add_array("gguf_dit.size_range", [int(x) for x in sizes.size_range])
+    if sizes is not None and sizes.default_size is not None:
+        writer.add_uint32("gguf_dit.default_size", int(sizes.default_size))
     _ = gguf  # keeps the import explicit for readers: writer is a gguf.GGUFWriter
 
 
@@ -126,6 +161,7 @@ def write_backbone(
     q4k_path: str = Q4KPath.WEIGHTED,
     threads: int | None = None,
     progress: Callable[[str, int], None] | None = None,
+    sizes: SizeHints | None = None,
 ) -> ConvertResult:
     import gguf
 
@@ -136,7 +172,7 @@ def write_backbone(
     bytes_in = 0
     writer = gguf.GGUFWriter(None, ARCH)
     try:
-        _metadata(writer, bb, recipe, plans, q4k_path)
+        _metadata(writer, bb, recipe, plans, q4k_path, sizes)
         for p in plans:
             raw = gguf.GGMLQuantizationType(int(p.type))
             writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.type), raw_dtype=raw)
@@ -189,6 +225,7 @@ def convert(
     q4k_path: str = Q4KPath.WEIGHTED,
     threads: int | None = None,
     progress_factory=None,
+    sizes: SizeHints | None = None,
 ) -> list[ConvertResult]:
     """Convert every backbone found at ``src`` into ``out_dir/<backbone>.gguf``."""
     if q4k_path not in (Q4KPath.WEIGHTED, Q4KPath.REFERENCE):
@@ -213,7 +250,7 @@ def convert(
         total = sum(int(np.prod(t.shape)) * 4 for t in bb.tensors.values())
         progress = progress_factory(f"{bb.role}: {path.name}", total, len(bb.tensors)) if progress_factory else None
         try:
-            results.append(write_backbone(bb, recipe, path, q4k_path=q4k_path, threads=threads, progress=progress))
+            results.append(write_backbone(bb, recipe, path, q4k_path=q4k_path, threads=threads, progress=progress, sizes=sizes))
         finally:
             bb.close()
             if progress is not None and hasattr(progress, "close"):
@@ -259,6 +296,7 @@ def convert_checkpoint(
     te_down_proj_type: str | None = None,
     vae_type: str | None = None,
     progress_factory=None,
+    sizes: SizeHints | None = None,
 ) -> list[PartResult]:
     """The whole checkpoint: both DiT backbones, the text encoder (+ tokenizer) and the VAE decoder.
 
@@ -292,7 +330,7 @@ def convert_checkpoint(
             raise OutputError("already exists (use --force to overwrite)", path=path)
     results: list[PartResult] = []
     if "dit" in chosen:
-        for r in convert(src, out_dir, recipe, force=force, role=role, q4k_path=q4k_path, threads=threads, progress_factory=progress_factory):
+        for r in convert(src, out_dir, recipe, force=force, role=role, q4k_path=q4k_path, threads=threads, progress_factory=progress_factory, sizes=sizes):
             types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
             mbps = r.bytes_in / 1e6 / max(r.seconds, 1e-9)
             results.append(PartResult(r.role, r.path, f"{r.tensors} tensors ({types}), {r.bytes_out / 1e6:.1f} MB, {r.seconds:.1f} s, {mbps:.0f} MB/s of f32 input"))

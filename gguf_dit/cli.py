@@ -83,6 +83,8 @@ def convert(
     te_type: Optional[str] = typer.Option(None, "--te-type", help="Text encoder linear type (default q8_0; f32/f16/bf16 under those recipes)."),
     te_down_proj_type: Optional[str] = typer.Option(None, "--te-down-proj-type", help="Type for the encoder's mlp.down_proj (massive activations), e.g. f16."),
     vae_type: Optional[str] = typer.Option(None, "--vae-type", help="VAE decoder weights: f16 (default) or f32 (default under the f32 recipe)."),
+    size_range: Optional[str] = typer.Option(None, "--size-range", help="LOW..HIGH image sides the model supports, stored in the backbones for `run` (default: 256..2048 for the real model)."),
+    default_size: Optional[int] = typer.Option(None, "--default-size", help="Image side `run` uses when -W/-H are not given (default 1024 for the real model)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -98,6 +100,7 @@ def convert(
     results = conv.convert_checkpoint(
         src, out_dir, r, parts=chosen, force=force, role=role, q4k_path=q4k_path, threads=threads,
         te_type=te_type, te_down_proj_type=te_down_proj_type, vae_type=vae_type, progress_factory=_progress_factory(quiet),
+        sizes=conv.SizeHints.parse(size_range, default_size),
     )
     for res in results:
         typer.echo(f"{res.path}: {res.summary}")

@@ -145,3 +145,20 @@ def test_missing_model_files_and_wrong_encoder_are_refused(full, tmp_path, cli):
     # An encoder GGUF of the wrong architecture: a DiT file given as --text-encoder.
     code, _, err = cli("run", prompt, "--model", full["out"], "--text-encoder", full["out"] / "transformer.gguf", "-o", tmp_path / "o", "-q", "-W", 32, "-H", 32)
     assert code == 2 and "transformer.gguf" in err, err
+
+
+def test_size_hints_from_convert_set_run_defaults_and_range(full, tmp_path, cli):
+    out = tmp_path / "sized"
+    code, _, err = cli("convert", full["root"], "-o", out, "--recipe", "f32", "--parts", "dit", "-q", "--size-range", "32..64", "--default-size", "48")
+    assert code == 0, err
+    for n in ("text_encoder.gguf", "vae.gguf"):
+        (out / n).symlink_to(full["out"] / n)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("a fox")
+    code, _, err = cli("run", prompt, "--model", out, "--steps", 2, "-o", tmp_path / "d.png", "-q", "--threads", 1)
+    assert code == 0, err
+    assert Image.open(tmp_path / "d.png").size == (48, 48)
+    code, _, err = cli("run", prompt, "--model", out, "--steps", 2, "-W", 128, "-H", 64, "-o", tmp_path / "e.png", "-q")
+    assert code == 2 and "outside the model's range 32..64" in err
+    code, _, err = cli("convert", full["root"], "-o", tmp_path / "bad", "--parts", "dit", "-q", "--size-range", "40..20")
+    assert code == 2 and "size range" in err

@@ -1,0 +1,388 @@
+"""Train the embedded demo model (issue 5) from a seed, on CPU, and write it as an official HF checkpoint.
+
+    python scripts/train_demo.py --root /tmp/demo_ckpt --work /tmp/demo_work
+    python scripts/train_demo.py --root /tmp/demo_ckpt --work /tmp/demo_work --convert-to runtime/demo_model
+
+(the exact convert commands are printed at the end and listed in docs/demo.md).
+
+Stages, each cached under --work (delete a file to redo its stage):
+1. skeleton: ``converter/tiny.py`` writes the full tiny checkpoint; its 36-layer Qwen3-VL-layout text encoder and
+   byte-level BPE tokenizer stay random and frozen. The encoder is converted with the real CLI (the same type
+   as shipped) and every distinct caption string is encoded once with the runtime's ``TextEncoder``, so the
+   DiT trains on exactly the features the runtime will give it.
+2. vae: a FLUX.2-architecture autoencoder (diffusers ``AutoencoderKLFlux2``, channels 16/32/32/32, 32 latent
+   channels, ×8 down) trained on the images; an exact per-channel affine is then folded into
+   ``post_quant_conv`` so that the Ideogram 4 latent normalisation (``latent_norm``) maps the latents of the
+   data set to zero mean / unit variance.
+3. dit: the conditional backbone (text tokens then image tokens, the official packed sequence) and the
+   unconditional backbone (image tokens only), diffusers ``Ideogram4Transformer2DModel`` in float32, official
+   flow matching: x_t = t·x1 + (1 − t)·ε (t = 0 is noise), target v = x1 − ε, t logit-normal.
+4. save: ``transformer/`` and ``unconditional_transformer/`` with the official fused names, ``vae/``.
+
+5. decoder: the VAE decoder is fine-tuned with the encoder frozen (same latent space, sharper pictures).
+
+Deterministic: fixed seeds, ``torch.use_deterministic_algorithms``, single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_data as D  # noqa: E402
+
+DIT_CONFIG = dict(
+    in_channels=128, num_layers=3, attention_head_dim=256, num_attention_heads=1, intermediate_size=512,
+    adaln_dim=128, llm_features_dim=416, rope_theta=5_000_000, mrope_section=[24, 20, 20], norm_eps=1e-5,
+)
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=32, block_out_channels=[8, 16, 32, 32], layers_per_block=1,
+    norm_num_groups=8, act_fn="silu", down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    mid_block_add_attention=True, use_quant_conv=True, use_post_quant_conv=True, patch_size=[2, 2], batch_norm_eps=1e-4,
+)
+TE_TYPE = "q8_0"
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# -- 1. skeleton + text features ------------------------------------------------------------
+def stage_skeleton(root: Path, work: Path) -> dict[str, np.ndarray]:
+    from gguf_dit.converter.tiny import write_tiny_checkpoint
+
+    feats_path = work / "text_features.npz"
+    if feats_path.exists():
+        z = np.load(feats_path, allow_pickle=False)
+        return {str(k): z[k] for k in z.files}
+    write_tiny_checkpoint(root, force=True)
+    te_dir = work / "te"
+    subprocess.run([sys.executable, "-m", "gguf_dit.cli", "convert", str(root), "-o", str(te_dir), "--parts", "text_encoder",
+                    "--te-type", TE_TYPE, "-q", "--force"], check=True)
+    from gguf_dit.runtime.text_encoder import TextEncoder
+
+    enc = TextEncoder.load(te_dir / "text_encoder.gguf")
+    feats = {}
+    try:
+        for k in D.COMBOS:
+            for s in D.encoder_strings(*k):
+                feats[s] = enc.encode(s)
+    finally:
+        enc.close()
+    # npz keys must be plain names: store strings alongside
+    np.savez(feats_path, **{s: f for s, f in feats.items()})
+    log(f"encoded {len(feats)} caption strings")
+    return feats
+
+
+# -- 2. VAE -----------------------------------------------------------------------------------
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def stage_vae(root: Path, work: Path, steps: int, seed: int):
+    from diffusers import AutoencoderKLFlux2
+
+    from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
+
+    path = work / "vae.pt"
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(**VAE_CONFIG)
+    if path.exists():
+        vae.load_state_dict(torch.load(path))
+        return vae.eval()
+    imgs, _ = D.make_images(D.TRAIN, 24, seed=seed + 1)
+    x_all = to_tensor(imgs)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed + 2)
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(x_all), (8,), generator=g)
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean  # the DiT is trained on the posterior mean; a small L2 keeps the latents bounded
+        rec = vae.decode(z).sample
+        kl = z.pow(2).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step} loss {loss.item():.4f} latent l2 {kl.item():.3f} ({time.time() - t0:.0f} s)")
+    vae.eval()
+    # Fold a per-channel affine into post_quant_conv: new latent z' = a·z + b, so that
+    # (z' − LATENT_SHIFT) / LATENT_SCALE (token layout, averaged over the 4 patch offsets) is standardised.
+    with torch.no_grad():
+        mu = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
+        m, s = mu.mean(dim=(0, 2, 3)), mu.std(dim=(0, 2, 3))
+        shift = torch.from_numpy(LATENT_SHIFT.reshape(4, 32).mean(0))
+        scale = torch.from_numpy(LATENT_SCALE.reshape(4, 32).mean(0))
+        a = scale / s
+        b = shift - a * m
+        # quant_conv produces [mean, logvar]: scale the mean rows, shift the logvar rows by 2 ln a
+        qw, qb = vae.quant_conv.weight, vae.quant_conv.bias
+        qw[:32] *= a[:, None, None, None]
+        qb[:32] = qb[:32] * a + b
+        qb[32:] += 2 * torch.log(a)
+        pw, pb = vae.post_quant_conv.weight, vae.post_quant_conv.bias
+        pb -= (pw[:, :, 0, 0] * (b / a)[None]).sum(1)
+        pw /= a[None, :, None, None]
+        vae.bn.running_mean.copy_(torch.from_numpy(LATENT_SHIFT.copy()))
+        vae.bn.running_var.copy_(torch.from_numpy((LATENT_SCALE.astype(np.float64) ** 2 - 1e-4).astype(np.float32)))
+        rec = vae.decode(vae.encode(x_all[:256]).latent_dist.mean).sample
+        log(f"vae reconstruction mse {F.mse_loss(rec, x_all[:256]).item():.5f} (after fold)")
+    torch.save(vae.state_dict(), path)
+    return vae
+
+
+def latent_tokens(vae, imgs: np.ndarray) -> torch.Tensor:
+    """Images -> normalised DiT tokens (B, N, 128): inverse of runtime/vae.py tokens_to_latents."""
+    from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
+
+    x = to_tensor(imgs)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x[i:i + 256]).latent_dist.mean for i in range(0, len(x), 256)])  # (B, 32, 2gh, 2gw)
+    B, c, H, W = z.shape
+    gh, gw = H // 2, W // 2
+    t = z.view(B, c, gh, 2, gw, 2).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, 4 * c)  # dim (ph*2+pw)*32+c
+    return (t - torch.from_numpy(LATENT_SHIFT.copy())) / torch.from_numpy(LATENT_SCALE.copy())
+
+
+def stage_decoder(work: Path, vae, steps: int, seed: int):
+    """Fine-tune the decoder (and post_quant_conv) with the encoder frozen: the latent space the DiT learned
+    stays exactly the same, the pictures get sharper. Latents get a little noise, as DiT samples are not exact."""
+    path = work / "vae_decoder.pt"
+    if path.exists():
+        vae.load_state_dict(torch.load(path))
+        return vae.eval()
+    imgs, _ = D.make_images(D.TRAIN, 24, seed=seed + 5)
+    x_all = to_tensor(imgs)
+    with torch.no_grad():
+        z_all = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(seed + 6)
+    t0 = time.time()
+    vae.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(x_all), (8,), generator=g)
+        z = z_all[idx] + 0.1 * 1.65 * torch.randn(z_all[idx].shape, generator=g)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x_all[idx]) + F.mse_loss(rec, x_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"decoder step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    vae.eval()
+    torch.save(vae.state_dict(), path)
+    return vae
+
+
+# -- 3. DiT -------------------------------------------------------------------------------------
+def batch_inputs(x: torch.Tensor, feats: list[np.ndarray] | None, grid):
+    """Pack a batch: per sample [text, image, padding]; padding gets segment 0 so it is never attended to."""
+    from gguf_dit.runtime.dit import positions
+
+    B, n_img, _ = x.shape
+    gh, gw = grid
+    n_text = [0 if feats is None else f.shape[0] for f in (feats or [None] * B)]
+    L = max(n_text) + n_img
+    hs = torch.zeros(B, L, 128)
+    enc = torch.zeros(B, L, DIT_CONFIG["llm_features_dim"])
+    ind = torch.zeros(B, L, dtype=torch.long)
+    seg = torch.zeros(B, L, dtype=torch.long)
+    pos = torch.zeros(B, L, 3, dtype=torch.long)
+    img_idx = torch.zeros(B, n_img, dtype=torch.long)
+    for i, n in enumerate(n_text):
+        hs[i, n:n + n_img] = x[i]
+        if n:
+            enc[i, :n] = torch.from_numpy(feats[i])
+        ind[i, :n] = 3
+        ind[i, n:n + n_img] = 2
+        seg[i, :n + n_img] = 1
+        p = torch.from_numpy(positions(n, gh, gw))
+        pos[i, :n + n_img] = p.view(n + n_img, -1)
+        img_idx[i] = torch.arange(n, n + n_img)
+    return hs, enc, ind, seg, pos, img_idx
+
+
+def dit_forward(model, x, t, feats, grid):
+    hs, enc, ind, seg, pos, img_idx = batch_inputs(x, feats, grid)
+    out = model(hidden_states=hs, timestep=t, encoder_hidden_states=enc, position_ids=pos, segment_ids=seg, indicator=ind).sample
+    return torch.gather(out, 1, img_idx[..., None].expand(-1, -1, out.shape[-1]))
+
+
+def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: int, batch: int, minutes: float,
+              *, phase: int = 1, lr: float = 1.5e-3, warm: int = 100, uncond_batch: int | None = None, init=None):
+    """One training phase of both backbones (phase 2 continues phase 1's weights with a fresh optimiser,
+    a lower learning rate and a larger unconditional batch)."""
+    from diffusers import Ideogram4Transformer2DModel
+
+    sfx = "" if phase == 1 else f"_{phase}"
+    cond_path, unc_path = work / f"cond{sfx}.pt", work / f"uncond{sfx}.pt"
+    torch.manual_seed(seed + 10)
+    cond = Ideogram4Transformer2DModel(**DIT_CONFIG)
+    torch.manual_seed(seed + 11)
+    unc = Ideogram4Transformer2DModel(**DIT_CONFIG)
+    if init is not None:
+        cond.load_state_dict(init[0].state_dict())
+        unc.load_state_dict(init[1].state_dict())
+        cond.train()
+        unc.train()
+    uncond_batch = uncond_batch or batch
+    if cond_path.exists() and unc_path.exists():
+        cond.load_state_dict(torch.load(cond_path))
+        unc.load_state_dict(torch.load(unc_path))
+        return cond.eval(), unc.eval()
+    lat_path = work / "latents.pt"
+    if lat_path.exists():
+        lat, combo_idx = torch.load(lat_path)
+    else:
+        imgs, combo_idx = D.make_images(D.TRAIN, 64, seed=seed + 3)
+        lat = latent_tokens(vae, imgs)
+        combo_idx = torch.from_numpy(combo_idx)
+        torch.save((lat, combo_idx), lat_path)
+    log(f"latents {tuple(lat.shape)} mean {lat.mean():.3f} std {lat.std():.3f}")
+    strings = [D.encoder_strings(*k) for k in D.TRAIN]
+    grid = (D.SIZE // 16, D.SIZE // 16)
+    params = list(cond.parameters()) + list(unc.parameters())
+    opt = torch.optim.AdamW([{"params": cond.parameters()}, {"params": unc.parameters()}], lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    lr_at = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    g = torch.Generator().manual_seed(seed + 4 + 100 * (phase - 1))
+    t0 = time.time()
+    ema = None
+    for step in range(steps):
+        idx = torch.randint(0, len(lat), (batch,), generator=g)
+        x1 = lat[idx]
+        eps = torch.randn(x1.shape, generator=g)
+        t = torch.sigmoid(-1.0 + 1.75 * torch.randn(batch, generator=g)).clamp(1e-4, 1 - 1e-4)
+        t = t.to(torch.bfloat16).float()  # the runtime rounds t to bfloat16 (official pipeline)
+        xt = t[:, None, None] * x1 + (1 - t[:, None, None]) * eps
+        v = x1 - eps
+        form = int(torch.rand(1, generator=g).item() < 0.25)  # a batch is all JSON captions (25 %) or all wrapped plain text
+        fb = [feats[strings[int(combo_idx[j])][form]] for j in idx]
+        loss_c = F.mse_loss(dit_forward(cond, xt, t, fb, grid), v)
+        if uncond_batch > batch:
+            iu = torch.randint(0, len(lat), (uncond_batch - batch,), generator=g)
+            x1u = lat[iu]
+            epsu = torch.randn(x1u.shape, generator=g)
+            tu = torch.sigmoid(-1.0 + 1.75 * torch.randn(len(iu), generator=g)).clamp(1e-4, 1 - 1e-4).to(torch.bfloat16).float()
+            xtu = torch.cat([xt, tu[:, None, None] * x1u + (1 - tu[:, None, None]) * epsu])
+            vu, tu = torch.cat([v, x1u - epsu]), torch.cat([t, tu])
+        else:
+            xtu, vu, tu = xt, v, t
+        loss_u = F.mse_loss(dit_forward(unc, xtu, tu, None, grid), vu)
+        opt.zero_grad()
+        (loss_c + loss_u).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = (loss_c.item(), loss_u.item()) if ema is None else (0.98 * ema[0] + 0.02 * loss_c.item(), 0.98 * ema[1] + 0.02 * loss_u.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"dit phase {phase} step {step} loss cond {ema[0]:.4f} uncond {ema[1]:.4f} ({time.time() - t0:.0f} s)")
+        if minutes and time.time() - t0 > minutes * 60:
+            log(f"time limit reached at step {step}")
+            break
+    torch.save(cond.state_dict(), cond_path)
+    torch.save(unc.state_dict(), unc_path)
+    return cond.eval(), unc.eval()
+
+
+# -- 4. save ------------------------------------------------------------------------------------
+def diffusers_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fuse attention.to_q/to_k/to_v -> attention.qkv (rows) and to_out.0 -> o, as the official checkpoint stores them."""
+    import re
+
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"^(.*)\.(to_q|to_k|to_v|to_out\.0)\.weight$", k)
+        if m is None:
+            out[k] = v
+        elif m.group(2) == "to_q":
+            out[f"{m.group(1)}.qkv.weight"] = torch.cat([sd[f"{m.group(1)}.{x}.weight"] for x in ("to_q", "to_k", "to_v")], 0)
+        elif m.group(2) == "to_out.0":
+            out[f"{m.group(1)}.o.weight"] = v
+    return out
+
+
+def save(root: Path, vae, cond, unc) -> None:
+    from safetensors.torch import save_file
+
+    for sub, model in (("transformer", cond), ("unconditional_transformer", unc)):
+        d = root / sub
+        d.mkdir(parents=True, exist_ok=True)
+        for f in d.iterdir():
+            f.unlink()
+        sd = diffusers_to_official({k: v.detach().float().contiguous() for k, v in model.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps({"_class_name": "Ideogram4Transformer2DModel", **DIT_CONFIG}, indent=2) + "\n")
+    d = root / "vae"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in d.iterdir():
+        f.unlink()
+    sd = {k: v.detach().float().contiguous() for k, v in vae.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(sd, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLFlux2", **VAE_CONFIG}, indent=2) + "\n")
+    log(f"checkpoint written to {root}")
+
+
+CONVERT = [
+    # (args after `gguf-dit convert ROOT -o OUT`)
+    ["--parts", "dit", "--role", "cond", "--recipe", "q4_k-protect", "--size-range", "64..64", "--default-size", "64"],
+    ["--parts", "dit", "--role", "uncond", "--recipe", "q8_0", "--size-range", "64..64", "--default-size", "64"],
+    ["--parts", "text_encoder,vae", "--te-type", TE_TYPE],
+]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("/tmp/demo_ckpt"), help="checkpoint folder to write (official HF layout)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/demo_work"), help="cache for intermediate stages")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-steps", type=int, default=2000)
+    ap.add_argument("--dit-steps", type=int, default=900)
+    ap.add_argument("--dit2-steps", type=int, default=600)
+    ap.add_argument("--decoder-steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--minutes", type=float, default=0, help="stop DiT training after this many minutes (0: no limit; breaks reproducibility across machines)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.use_deterministic_algorithms(True)
+    a.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    feats = stage_skeleton(a.root, a.work)
+    vae = stage_vae(a.root, a.work, a.vae_steps, a.seed)
+    log(f"vae ready ({time.time() - t0:.0f} s)")
+    cond, unc = stage_dit(a.work, vae, feats, a.dit_steps, a.seed, a.batch, a.minutes)
+    if a.dit2_steps:
+        cond, unc = stage_dit(a.work, vae, feats, a.dit2_steps, a.seed, a.batch, a.minutes, phase=2, lr=6e-4, warm=20,
+                              uncond_batch=2 * a.batch, init=(cond, unc))
+    log(f"dit ready ({time.time() - t0:.0f} s)")
+    vae = stage_decoder(a.work, vae, a.decoder_steps, a.seed)
+    log(f"decoder fine-tuned ({time.time() - t0:.0f} s)")
+    save(a.root, vae, cond, unc)
+    if a.convert_to:
+        for extra in CONVERT:
+            subprocess.run([sys.executable, "-m", "gguf_dit.cli", "convert", str(a.root), "-o", str(a.convert_to), "-q", "--force", *extra], check=True)
+        log(f"converted to {a.convert_to}")
+
+
+if __name__ == "__main__":
+    main()
