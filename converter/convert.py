@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,8 @@ from gguf_dit.arch import ARCH, BACKBONE_DIRS, tensor_inventory
 from gguf_dit.errors import GgufDitError, OutputError, RecipeError
 from gguf_dit.ggml_ops import GGMLType
 
-from .encode import encode_rows, stored_nbytes
+from .encode import REFERENCE, WEIGHTED, encode_rows, stored_nbytes
+from .gguf_out import atomic_gguf, stream_tensor
 
 from .recipe import Recipe
 from .source import Backbone, open_checkpoint
@@ -39,8 +39,8 @@ class Q4KPath:
     ggml's importance-weighted search (the bytes stable-diffusion.cpp writes); ``reference`` passes
     none (the bytes ``llama-quantize`` writes without an imatrix)."""
 
-    WEIGHTED = "weighted"
-    REFERENCE = "reference"
+    WEIGHTED = WEIGHTED
+    REFERENCE = REFERENCE
 
 
 @dataclasses.dataclass
@@ -109,8 +109,6 @@ class SizeHints:
 
 
 def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path: str, sizes: SizeHints | None = None) -> None:
-    import gguf
-
     cfg = bb.config
     writer.add_name(f"Ideogram 4 {'conditional' if bb.role == 'cond' else 'unconditional'} DiT ({recipe.name})")
     writer.add_uint32("general.quantization_version", GGML_QNT_VERSION)
@@ -137,7 +135,6 @@ def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path:
         writer.add_array("gguf_dit.size_range", [int(x) for x in sizes.size_range])
     if sizes is not None and sizes.default_size is not None:
         writer.add_uint32("gguf_dit.default_size", int(sizes.default_size))
-    _ = gguf  # keeps the import explicit for readers: writer is a gguf.GGUFWriter
 
 
 def _patch_hash(path: Path, digest: str) -> None:
@@ -166,12 +163,10 @@ def write_backbone(
     import gguf
 
     plans = plan_backbone(bb, recipe)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
     hasher = hashlib.sha256()
     bytes_in = 0
-    writer = gguf.GGUFWriter(None, ARCH)
-    try:
+    with atomic_gguf(out_path, ARCH, before_rename=lambda tmp: _patch_hash(tmp, hasher.hexdigest())) as (writer, tmp):
         _metadata(writer, bb, recipe, plans, q4k_path, sizes)
         for p in plans:
             raw = gguf.GGMLQuantizationType(int(p.type))
@@ -179,36 +174,19 @@ def write_backbone(
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        align = writer.data_alignment
         for p in plans:
-            pad = (-fout.tell()) % align
-            fout.write(b"\0" * pad)
-            written = 0
-            for chunk in bb.chunks(p.name, CHUNK_BYTES, hasher):
-                enc = _encode(chunk, p.type, q4k_path, threads)
-                fout.write(enc.tobytes())
-                written += enc.nbytes
-                bytes_in += chunk.nbytes
+
+            def on_chunk(n: int, name: str = p.name) -> None:
+                nonlocal bytes_in
+                bytes_in += n
                 if progress:
-                    progress(p.name, chunk.nbytes)
+                    progress(name, n)
+
+            written = stream_tensor(writer, bb.chunks(p.name, CHUNK_BYTES, hasher), lambda c, t=p.type: _encode(c, t, q4k_path, threads), on_chunk)
             bb.release()
             expect = _nbytes(p.shape, p.type)
             if written != expect:
                 raise OutputError(f"internal: wrote {written} bytes, expected {expect}", path=out_path, tensor=p.name)
-        fout.write(b"\0" * ((-fout.tell()) % align))
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        _patch_hash(tmp, hasher.hexdigest())
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
     types: dict[str, int] = {}
     for p in plans:
         types[p.type.name] = types.get(p.type.name, 0) + 1

@@ -80,13 +80,7 @@ class Backbone:
     def _open(self, f: Path):
         h = self._handles.get(f)
         if h is None:
-            from safetensors import safe_open
-
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises several exception types for a bad header
-                raise SourceError(f"cannot read safetensors file ({_short(e)})", path=f) from None
-            self._handles[f] = h
+            h = self._handles[f] = open_safetensors(f)
         return h
 
     def _scan(self) -> None:
@@ -207,6 +201,16 @@ class Backbone:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def open_safetensors(f: Path):
+    """A memory-mapped ``safe_open`` handle (torch tensors, so float8 works), or a SourceError naming the file."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(f), framework="pt")
+    except Exception as e:  # safetensors raises several exception types for a bad header
+        raise SourceError(f"cannot read safetensors file ({_short(e)})", path=f) from None
 
 
 def _short(e: Exception) -> str:

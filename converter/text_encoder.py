@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -41,7 +40,8 @@ from gguf_dit.ggml_ops.types import STORAGE_TYPES
 from gguf_dit.runtime.text_encoder import KEY_TAPS, KEY_TEMPLATE, LLAMA_ARCH, TEMPLATE, default_taps
 
 from .encode import encode_rows, stored_nbytes
-from .source import _short
+from .gguf_out import atomic_gguf, stream_tensor
+from .source import _short, open_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -110,13 +110,7 @@ class TextEncoderSource:
     def _open(self, f: Path):
         h = self._handles.get(f)
         if h is None:
-            from safetensors import safe_open
-
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:
-                raise SourceError(f"cannot read safetensors file ({_short(e)})", path=f) from None
-            self._handles[f] = h
+            h = self._handles[f] = open_safetensors(f)
         return h
 
     def _scan(self) -> None:
@@ -617,10 +611,8 @@ def convert_text_encoder(
 def _write(src, cfg, tok, plans, order, taps, out_path, lt, dt, threads, progress, arch) -> dict:
     import gguf
 
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(None, arch)
     bytes_in = 0
-    try:
+    with atomic_gguf(out_path, arch) as (writer, tmp):
         a = arch
         writer.add_name("Qwen3-VL text encoder (language model) for Ideogram 4")
         writer.add_uint32("general.quantization_version", GGML_QNT_VERSION)
@@ -669,32 +661,17 @@ def _write(src, cfg, tok, plans, order, taps, out_path, lt, dt, threads, progres
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        align = writer.data_alignment
         for name in order:
             t, _ = plans[name]
             shape = src.tensors[name].shape
-            fout.write(b"\0" * ((-fout.tell()) % align))
-            written = 0
-            for chunk in src.chunks(name):
-                enc = _encode(chunk, t, threads)
-                fout.write(enc.tobytes())
-                written += enc.nbytes
-                bytes_in += chunk.nbytes
+
+            def on_chunk(n: int, gname: str = _gguf_name(name)) -> None:
+                nonlocal bytes_in
+                bytes_in += n
                 if progress:
-                    progress(_gguf_name(name), chunk.nbytes)
+                    progress(gname, n)
+
+            written = stream_tensor(writer, src.chunks(name), lambda c, t=t: _encode(c, t, threads), on_chunk)
             if written != _nbytes(shape, t):
                 raise OutputError(f"internal: wrote {written} bytes, expected {_nbytes(shape, t)}", path=out_path, tensor=_gguf_name(name))
-        fout.write(b"\0" * ((-fout.tell()) % align))
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
     return {"bytes_in": bytes_in, "plans": {_gguf_name(n): [plans[n][0].name, plans[n][1]] for n in order}}

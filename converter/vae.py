@@ -8,7 +8,6 @@ GGUF writer stores ggml's reversed ``ne`` order). Encoder, ``quant_conv`` and ``
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from gguf_dit import __version__
 from gguf_dit.errors import GgufDitError, OutputError, SourceError
 from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
 from gguf_dit.runtime.vae import NORM_EPS, VAE_ARCH, VAEConfig, decoder_inventory
+
+from .gguf_out import atomic_gguf
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -147,8 +148,6 @@ def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16"
     ``dtype``: ``"f16"`` stores 2-D and 4-D weights as F16 (1-D norms and biases stay F32; a weight whose magnitude
     exceeds the F16 range stays F32 too), ``"f32"`` stores everything F32. Returns a summary dict.
     """
-    import gguf
-
     t0 = time.perf_counter()
     if dtype not in ("f16", "f32"):
         raise GgufDitError(f"unknown VAE dtype {dtype!r}; use f16 or f32")
@@ -194,9 +193,7 @@ def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16"
     skipped = sorted(k for k in w.keys if k.startswith(_SKIPPED_PREFIXES))
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), VAE_ARCH)
-    try:
+    with atomic_gguf(out_path, VAE_ARCH) as (writer, tmp):
         writer.add_name("Ideogram 4 VAE decoder (FLUX.2 KL)")
         a = VAE_ARCH
         writer.add_array(f"{a}.block_out_channels", [int(c) for c in cfg.block_out_channels])
@@ -222,21 +219,9 @@ def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16"
         writer.add_string("gguf_dit.source.config", json.dumps(raw_cfg, separators=(",", ":"), sort_keys=True))
         for name, arr in tensors:
             writer.add_tensor(name, arr)
-        writer.write_header_to_file()
+        writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        fout = writer.fout[0] if isinstance(writer.fout, list) else writer.fout
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
 
     bn_diff = None
     if len(bn) == 2:

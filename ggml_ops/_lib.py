@@ -212,22 +212,29 @@ class _Libs:
         fn(g, "ggml_backend_load_all_from_path", None, c_char_p)
 
 
-_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
-_last_level = [logging.INFO]
-_pending: list[str] = []
+class LineLogger:
+    """A ggml-style log callback body: (level, text, user_data) pieces, continued with level CONT (5),
+    gathered into lines and sent to a Python logger. llama.cpp's log callback has the same shape."""
+
+    LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+    def __init__(self, logger: logging.Logger, default: int = logging.INFO) -> None:
+        self.logger = logger
+        self.level = default
+        self.pending: list[str] = []
+
+    def __call__(self, level: int, text: bytes, _user: int) -> None:  # pragma: no cover - exercised via ggml
+        if level != 5:
+            self.level = self.LEVELS.get(level, self.level)
+        self.pending.append(text.decode("utf-8", "replace") if text else "")
+        joined = "".join(self.pending)
+        if joined.endswith("\n"):
+            self.pending.clear()
+            for line in joined.rstrip("\n").splitlines():
+                self.logger.log(self.level, line)
 
 
-@LOG_CALLBACK
-def _log_cb(level: int, text: bytes, _user: int) -> None:  # pragma: no cover - exercised via ggml
-    # ggml emits partial lines (GGML_LOG_LEVEL_CONT); buffer until a newline.
-    if level != 5:
-        _last_level[0] = _LEVELS.get(level, logging.INFO)
-    _pending.append(text.decode("utf-8", "replace") if text else "")
-    joined = "".join(_pending)
-    if joined.endswith("\n"):
-        _pending.clear()
-        for line in joined.rstrip("\n").splitlines():
-            log.log(_last_level[0], line)
+_log_cb = LOG_CALLBACK(LineLogger(log))
 
 
 def _check(libs: _Libs) -> None:

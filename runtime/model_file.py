@@ -31,7 +31,8 @@ class FileTensor:
         return int(self.data.nbytes)
 
 
-def _field(reader, key: str):
+def gguf_field(reader, key: str):
+    """A metadata value as a Python value, or None when the key is absent."""
     f = reader.fields.get(key)
     if f is None:
         return None
@@ -41,20 +42,27 @@ def _field(reader, key: str):
         return None
 
 
+def open_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` (memory-mapped), or a ModelError naming the file."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelError(f"not a readable GGUF file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})", path=path) from None
+
+
+_field = gguf_field
+
+
 class BackboneFile:
     """A parsed backbone GGUF. ``warnings`` lists deviations that do not stop loading."""
 
     def __init__(self, path: str | Path, *, strict: bool = True) -> None:
-        import gguf
-
         self.path = Path(path)
         if not self.path.exists():
             raise ModelError("does not exist", path=self.path)
-        try:
-            reader = gguf.GGUFReader(str(self.path))
-        except Exception as e:
-            raise ModelError(f"not a readable GGUF file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})", path=self.path) from None
-        self.reader = reader
+        reader = self.reader = open_gguf(self.path)
         self.warnings: list[str] = []
         self.tensors: dict[str, FileTensor] = {}
         for t in reader.tensors:

@@ -20,7 +20,7 @@ Qwen3-VL GGUFs (arch ``qwen3vl``; with text-only input MRoPE equals 1-D RoPE).
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 import threading
 import unicodedata
@@ -69,7 +69,7 @@ _llama = None
 def _llama_cpp():
     """Import llama_cpp once, route llama.cpp's log into Python logging, and check that it shares
     ggml with gguf_dit.ggml_ops (one libggml-base mapped, so a tensor pointer means the same to both)."""
-    global _llama
+    global _llama, _llama_log_cb
     with _setup_lock:
         if _llama is not None:
             return _llama
@@ -79,6 +79,7 @@ def _llama_cpp():
             import llama_cpp
         except Exception as e:  # pragma: no cover - llama-cpp-python is a hard dependency
             raise ModelError(f"llama-cpp-python is not importable ({e}); install llama-cpp-python==0.3.36") from None
+        _llama_log_cb = _llama_log_cb or _llama_logger()  # kept referenced: llama.cpp holds the pointer
         llama_cpp.llama_log_set(_llama_log_cb, None)
         # llama_log_set also replaces ggml's log callback; give ggml's back to gguf_dit.ggml_ops.
         glib.lib.ggml_log_set(glib._log_cb, None)
@@ -88,23 +89,13 @@ def _llama_cpp():
         return _llama
 
 
-_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
-_pending: list[str] = []
-_last = [logging.DEBUG]
+def _llama_logger():
+    from gguf_dit.ggml_ops._lib import LOG_CALLBACK, LineLogger
+
+    return LOG_CALLBACK(LineLogger(log, logging.DEBUG))
 
 
-def _log(level: int, text: bytes, _user) -> None:  # pragma: no cover - exercised via llama.cpp
-    if level != 5:
-        _last[0] = _LEVELS.get(level, logging.DEBUG)
-    _pending.append(text.decode("utf-8", "replace") if text else "")
-    joined = "".join(_pending)
-    if joined.endswith("\n"):
-        _pending.clear()
-        for line in joined.rstrip("\n").splitlines():
-            log.log(_last[0], line)
-
-
-_llama_log_cb = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(_log)
+_llama_log_cb = None
 
 
 def _check_shared_ggml(glib) -> None:
@@ -122,21 +113,9 @@ def _check_shared_ggml(glib) -> None:
 
 
 def _read_meta(path: Path) -> dict:
-    import gguf
+    from .model_file import gguf_field, open_gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise ModelError(f"not a readable GGUF file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})", path=path) from None
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        try:
-            return f.contents()
-        except Exception:  # pragma: no cover - older gguf-py
-            return None
+    field = functools.partial(gguf_field, open_gguf(path))
 
     arch = field("general.architecture")
     if arch not in ACCEPTED_ARCHES:
@@ -159,7 +138,6 @@ def _read_meta(path: Path) -> dict:
         raise ModelError(f"tokenizer.ggml.model is {meta['tokenizer']!r}, expected the gpt2 (byte-level BPE) tokenizer of Qwen", path=path)
     if meta["pre"] != "qwen2":
         log.warning("%s: tokenizer.ggml.pre is %r, not qwen2; token ids may differ from Qwen's tokenizer", path, meta["pre"])
-    del reader
     return meta
 
 

@@ -304,11 +304,8 @@ def tiled_apply(fn, z: torch.Tensor, tile: int, overlap: int, scale: int, out_ch
 # ----------------------------------------------------------------------------------------------- file + API
 
 
-def _field(reader, key: str):
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    return f.contents()
+from .model_file import gguf_field as _field  # noqa: E402
+from .model_file import open_gguf  # noqa: E402
 
 
 def read_config(reader, path) -> VAEConfig:
@@ -365,18 +362,14 @@ class VAEDecoder:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", *, latent_norm: str = "official") -> "VAEDecoder":
-        import gguf
-
         path = Path(path)
         if not path.exists():
             raise ModelError("does not exist", path=path)
         if latent_norm not in ("official", "checkpoint"):
             raise ModelError(f"unknown latent_norm {latent_norm!r}; use 'official' or 'checkpoint'", path=path)
-        try:
-            reader = gguf.GGUFReader(str(path))
-        except Exception as e:
-            msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-            raise ModelError(f"not a readable GGUF file ({msg})", path=path) from None
+        import gguf
+
+        reader = open_gguf(path)
         cfg = read_config(reader, path)
         n = cfg.token_dim
         if latent_norm == "official":
