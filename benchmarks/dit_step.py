@@ -51,7 +51,6 @@ def _inputs(a):
 
 
 def worker_diffusers(a) -> dict:
-    import numpy as np
     import torch
     from diffusers import Ideogram4Transformer2DModel
 
@@ -103,7 +102,7 @@ def worker_ours(a) -> dict:
         uncond.velocity(x, 0.5, None, grid=grid)
         if r:
             times.append(time.perf_counter() - t0)
-    compute = sum(g.compute_bytes for m in (cond, uncond) for g, _ in m._graphs.values())
+    compute = sum(g.compute_bytes for m in (cond, uncond) for g in m._graphs.values())
     return {"step_s": min(times), "weight_bytes": weight_bytes, "compute_buffer_bytes": compute, "peak_rss_mib": _rss_mib(), "device": cond.backend.description}
 
 

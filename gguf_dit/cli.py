@@ -221,7 +221,7 @@ def run(
     header = pipe.header()
     h, w = height or default_size(header), width or default_size(header)
     check_size(h, w, size_range(header))
-    progress = _run_progress(quiet)
+    progress = _RunProgress(quiet)
     feats = pipe.encode([p.text for p in prompts], progress.encoded(len(prompts)))
     models = pipe.describe()
     if not out.suffix.lower() == ".png":
@@ -304,10 +304,6 @@ class _RunProgress:
     def close(self) -> None:
         if self.p is not None:
             self.p.stop()
-
-
-def _run_progress(quiet: bool) -> _RunProgress:
-    return _RunProgress(quiet)
 
 
 @app.command("tiny-checkpoint")

@@ -139,7 +139,10 @@ class Ideogram4DiT:
         with open(file.path, "rb") as f:
             for n in file.tensors:
                 upload(self.weights[n], file.read_bytes(n, f))
-        self._graphs: dict[tuple[int, int, int], tuple[Graph, dict]] = {}
+        self._graphs: dict[tuple[int, int, int], Graph] = {}
+        # Text features stay the same for every step of an image: a read-only array already uploaded
+        # to a graph is not uploaded again (a writeable one always is: it may have changed in place).
+        self._uploaded_text: dict[tuple[int, int, int], np.ndarray] = {}
         log.info("loaded %s: %s", self.path, self.summary())
 
     # -- loading -----------------------------------------------------------------------
@@ -165,9 +168,10 @@ class Ideogram4DiT:
         }
 
     def close(self) -> None:
-        for g, _ in self._graphs.values():
+        for g in self._graphs.values():
             g.close()
         self._graphs.clear()
+        self._uploaded_text.clear()
         self.weights.close()
 
     # -- graph -------------------------------------------------------------------------
@@ -281,7 +285,7 @@ class Ideogram4DiT:
     def _graph(self, n_text: int, grid_h: int, grid_w: int) -> Graph:
         key = (n_text, grid_h, grid_w)
         if key in self._graphs:
-            return self._graphs[key][0]
+            return self._graphs[key]
         cfg = self.config
         n_img = grid_h * grid_w
         L = n_text + n_img
@@ -299,7 +303,7 @@ class Ideogram4DiT:
         sin[:, :half] *= -1.0
         g.set("cos", cos)
         g.set("sin", sin)
-        self._graphs[key] = (g, {})
+        self._graphs[key] = g
         log.debug("built graph %s: %d nodes, compute buffer %.1f MiB", key, g.n_nodes, g.compute_bytes / 2**20)
         return g
 
@@ -342,11 +346,13 @@ class Ideogram4DiT:
                 feats = None
         if not (0.0 <= float(t) <= 1.0):
             raise InputError(f"t must be in [0, 1] (0 = noise, 1 = clean), got {t}")
-        g = self._graph(n_text, grid_h, grid_w)
+        key = (n_text, grid_h, grid_w)
+        g = self._graph(*key)
         g.set("x", np.ascontiguousarray(x))
         g.set("temb", timestep_embedding(float(t), cfg.emb_dim, self.options.t_rounding))
-        if feats is not None:
+        if feats is not None and not (self._uploaded_text.get(key) is feats and not feats.flags.writeable):
             g.set("text", np.ascontiguousarray(feats))
+            self._uploaded_text[key] = feats
         g.compute()
         return g.get("v")
 

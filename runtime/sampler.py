@@ -79,9 +79,10 @@ def sample(
         z = np.array(noise, dtype=np.float32, copy=True)
         if z.shape != (1, n_tokens, channels):
             raise InputError(f"noise has shape {z.shape}, expected (1, {n_tokens}, {channels}) for {height}x{width}")
-    feats = np.asarray(text_features, dtype=np.float32)
+    feats = np.array(text_features, dtype=np.float32, copy=True)
     if feats.ndim == 3 and feats.shape[0] == 1:
         feats = feats[0]
+    feats.setflags(write=False)  # ours for the whole loop: uploaded once, not every step
     for i in range(settings.steps):
         t0 = time.perf_counter()
         t, s = float(ts[i]), float(ts[i + 1])

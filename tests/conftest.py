@@ -28,6 +28,20 @@ def checkpoints(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def f32_gguf(tmp_path_factory, checkpoints):
+    """The f32 checkpoint converted with the f32 recipe: (folder with both backbone GGUFs, diffusers models)."""
+    from typer.testing import CliRunner
+
+    from gguf_dit.cli import app
+
+    root, _, models = checkpoints("f32")
+    out = tmp_path_factory.mktemp("gguf_f32")
+    r = CliRunner().invoke(app, ["convert", str(root), "-o", str(out), "--recipe", "f32", "-q"])
+    assert r.exit_code == 0, r.stderr
+    return out, models
+
+
 @pytest.fixture
 def cli():
     """Invoke the gguf-dit CLI in-process; returns (exit_code, stdout, stderr)."""

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from gguf_dit.arch import tensor_inventory
 from gguf_dit.runtime.model_file import BackboneFile

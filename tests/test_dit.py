@@ -62,16 +62,8 @@ def convert(cli, src, out, recipe, *extra):
 
 
 @pytest.fixture(scope="module")
-def f32_files(tmp_path_factory, checkpoints):
-    from typer.testing import CliRunner
-
-    from gguf_dit.cli import app
-
-    root, _, models = checkpoints("f32")
-    out = tmp_path_factory.mktemp("gguf_f32")
-    r = CliRunner().invoke(app, ["convert", str(root), "-o", str(out), "--recipe", "f32", "-q"])
-    assert r.exit_code == 0, r.stderr
-    return out, models
+def f32_files(f32_gguf):
+    return f32_gguf
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -123,6 +115,28 @@ def test_graph_is_built_once_per_shape_and_reused(f32_files):
     dit.velocity(x, 0.3, None, grid=(2, 3))
     dit.velocity(inputs((3, 2), 0)[0], 0.3, None, grid=(3, 2))
     assert len(dit._graphs) == 3
+
+
+def test_constant_text_features_are_uploaded_once_per_graph(f32_files, monkeypatch):
+    out, models = f32_files
+    dit = Ideogram4DiT.load(out / "transformer.gguf", "cpu", options=EXACT)
+    x, feats = inputs((2, 3), 4)
+    uploads = []
+    dit.velocity(x, 0.3, feats, grid=(2, 3))
+    graph = dit._graphs[(4, 2, 3)]
+    real_set = graph.set
+    monkeypatch.setattr(graph, "set", lambda name, data: (uploads.append(name), real_set(name, data))[1])
+    frozen = feats.copy()
+    frozen.setflags(write=False)
+    a = dit.velocity(x, 0.3, frozen, grid=(2, 3))
+    b = dit.velocity(x, 0.6, frozen, grid=(2, 3))
+    assert uploads.count("text") == 1 and uploads.count("x") == 2
+    np.testing.assert_array_equal(a, dit.velocity(x, 0.3, feats, grid=(2, 3)))
+    assert rel_err(b, reference_velocity(models["transformer"], x, 0.6, feats, (2, 3))) <= 1e-4
+    feats[0] += 1.0  # a writeable array may change in place: always uploaded
+    c = dit.velocity(x, 0.3, feats, grid=(2, 3))
+    assert rel_err(c, reference_velocity(models["transformer"], x, 0.3, feats, (2, 3))) <= 1e-4
+    assert uploads.count("text") == 3
 
 
 def test_sdcpp_style_file_without_metadata_computes_the_same(f32_files, tmp_path):

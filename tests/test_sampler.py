@@ -8,7 +8,7 @@ import torch
 
 from conftest import backend_names
 from gguf_dit.errors import InputError
-from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions, positions
+from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions
 from gguf_dit.runtime.sampler import sample, token_grid
 from gguf_dit.runtime.schedule import resolve_settings, timesteps
 
@@ -16,16 +16,8 @@ F = 416
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory, checkpoints):
-    from typer.testing import CliRunner
-
-    from gguf_dit.cli import app
-
-    root, _, models = checkpoints("f32")
-    out = tmp_path_factory.mktemp("pair")
-    r = CliRunner().invoke(app, ["convert", str(root), "-o", str(out), "--recipe", "f32", "-q"])
-    assert r.exit_code == 0, r.stderr
-    return out, models
+def pair(f32_gguf):
+    return f32_gguf
 
 
 def _pipeline(models):
