@@ -40,15 +40,43 @@ def _byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def _write_tokenizer(d: Path) -> int:
+def _learn_merges(corpus: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Byte-level BPE learned on ``corpus`` with Qwen2's pre-tokenizer (HF ``tokenizers``; deterministic).
+    All 256 byte symbols stay in the vocabulary, so any prompt still tokenizes."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
     from gguf_dit.converter.text_encoder import QWEN2_SPLIT
 
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=4096, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
     vocab = {c: i for i, c in enumerate(_byte_chars())}
     merges = []
-    for m in _BIGRAMS:
-        left, right = (m[:-1], m[-1]) if m != "Ġthe" else ("Ġt", "he")
+    for m in model["merges"]:
+        left, right = m if isinstance(m, list) else m.split(" ")
         merges.append(f"{left} {right}")
-        vocab.setdefault(m, len(vocab))
+        vocab.setdefault(left + right, len(vocab))
+    return vocab, merges
+
+
+def _write_tokenizer(d: Path, corpus: list[str] | None = None) -> int:
+    from gguf_dit.converter.text_encoder import QWEN2_SPLIT
+
+    if corpus:
+        vocab, merges = _learn_merges(corpus)
+    else:
+        vocab = {c: i for i, c in enumerate(_byte_chars())}
+        merges = []
+        for m in _BIGRAMS:
+            left, right = (m[:-1], m[-1]) if m != "Ġthe" else ("Ġt", "he")
+            merges.append(f"{left} {right}")
+            vocab.setdefault(m, len(vocab))
     added = [{"id": len(vocab) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True} for i, t in enumerate(SPECIALS)]
     tj = {
         "version": "1.0",
@@ -72,13 +100,13 @@ def _write_tokenizer(d: Path) -> int:
     return len(vocab) + len(SPECIALS)
 
 
-def _write_text_encoder(d: Path, g) -> None:
+def _write_text_encoder(d: Path, g, rows: int = TE_ROWS) -> None:
     import torch
     from safetensors.torch import save_file
 
     H, F, hd = TE_HIDDEN, TE_FFN, TE_HEAD_DIM
     p = "model.language_model."
-    sd = {p + "embed_tokens.weight": torch.randn(TE_ROWS, H, generator=g), p + "norm.weight": 1 + 0.2 * torch.randn(H, generator=g)}
+    sd = {p + "embed_tokens.weight": torch.randn(rows, H, generator=g), p + "norm.weight": 1 + 0.2 * torch.randn(H, generator=g)}
     shapes = {
         "self_attn.q_proj.weight": (TE_HEADS * hd, H), "self_attn.k_proj.weight": (TE_KV_HEADS * hd, H),
         "self_attn.v_proj.weight": (TE_KV_HEADS * hd, H), "self_attn.o_proj.weight": (H, TE_HEADS * hd),
@@ -97,7 +125,7 @@ def _write_text_encoder(d: Path, g) -> None:
         "model_type": "qwen3_vl",
         "text_config": {
             "hidden_size": H, "intermediate_size": F, "num_hidden_layers": TE_LAYERS, "num_attention_heads": TE_HEADS,
-            "num_key_value_heads": TE_KV_HEADS, "head_dim": hd, "vocab_size": TE_ROWS, "rms_norm_eps": 1e-6,
+            "num_key_value_heads": TE_KV_HEADS, "head_dim": hd, "vocab_size": rows, "rms_norm_eps": 1e-6,
             "max_position_embeddings": 4096, "hidden_act": "silu", "attention_bias": False,
             "rope_theta": 5_000_000.0, "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
         },
@@ -135,8 +163,11 @@ def _write_vae(d: Path, g) -> None:
     (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_tiny_checkpoint(root: str | Path, *, cfg: Ideogram4Config = TINY, seed: int = 0, fp8: bool = True, force: bool = False, full: bool = True) -> Path:
-    """Both DiT backbones; with ``full`` also ``text_encoder/``, ``tokenizer/`` and ``vae/``."""
+def write_tiny_checkpoint(root: str | Path, *, cfg: Ideogram4Config = TINY, seed: int = 0, fp8: bool = True, force: bool = False, full: bool = True,
+                          tokenizer_corpus: list[str] | None = None) -> Path:
+    """Both DiT backbones; with ``full`` also ``text_encoder/``, ``tokenizer/`` and ``vae/``. With
+    ``tokenizer_corpus`` the tokenizer's merges are learned on those strings (the demo model's captions), and the
+    encoder's embedding gets one row per token (rounded up to 64)."""
     import torch
     from safetensors.torch import save_file
 
@@ -182,7 +213,8 @@ def write_tiny_checkpoint(root: str | Path, *, cfg: Ideogram4Config = TINY, seed
         if cfg.llm_features_dim != 13 * TE_HIDDEN:
             raise OutputError(f"a full tiny checkpoint needs llm_features_dim {13 * TE_HIDDEN} (13 taps x {TE_HIDDEN})", path=root)
         g = torch.Generator().manual_seed(seed + 100)
-        _write_tokenizer(root / "tokenizer")
-        _write_text_encoder(root / "text_encoder", g)
+        n_tokens = _write_tokenizer(root / "tokenizer", tokenizer_corpus)
+        rows = TE_ROWS if not tokenizer_corpus else -(-n_tokens // 64) * 64
+        _write_text_encoder(root / "text_encoder", g, rows)
         _write_vae(root / "vae", g)
     return root

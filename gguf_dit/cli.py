@@ -297,7 +297,7 @@ class _RunProgress:
             self.p.update(self._decode_task, completed=1, rate=f"{1.0 / max(dt, 1e-9):.2f} img/s")
             self._decode_task = None
         if self.p is not None:
-            self.p.console.print(f"wrote {path}  ({summary})")
+            self.p.console.print(f"wrote {path}  ({summary})", soft_wrap=True)  # a path the user can copy, unbroken
         else:
             typer.echo(str(path))
 

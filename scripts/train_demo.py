@@ -1,27 +1,27 @@
 """Train the embedded demo model (issue 5) from a seed, on CPU, and write it as an official HF checkpoint.
 
-    python scripts/train_demo.py --root /tmp/demo_ckpt --work /tmp/demo_work
-    python scripts/train_demo.py --root /tmp/demo_ckpt --work /tmp/demo_work --convert-to runtime/demo_model
+    python scripts/train_demo.py --root /tmp/demo_ckpt --work /tmp/demo_work --dit-steps 8000 --convert-to runtime/demo_model
 
-(the exact convert commands are printed at the end and listed in docs/demo.md).
+(needs the test extras: diffusers, transformers; the shipped files came from exactly this command, see docs/demo.md).
 
 Stages, each cached under --work (delete a file to redo its stage):
-1. skeleton: ``converter/tiny.py`` writes the full tiny checkpoint; its 36-layer Qwen3-VL-layout text encoder and
-   byte-level BPE tokenizer stay random and frozen. The encoder is converted with the real CLI (the same type
-   as shipped) and every distinct caption string is encoded once with the runtime's ``TextEncoder``, so the
-   DiT trains on exactly the features the runtime will give it.
-2. vae: a FLUX.2-architecture autoencoder (diffusers ``AutoencoderKLFlux2``, channels 16/32/32/32, 32 latent
-   channels, ×8 down) trained on the images; an exact per-channel affine is then folded into
+1. skeleton: ``converter/tiny.py`` writes the full tiny checkpoint, with the tokenizer's BPE merges learned on the
+   captions; the 36-layer Qwen3-VL-layout text encoder stays random and frozen. The encoder is converted with the
+   real CLI (the same type as shipped) and every distinct caption string is encoded once with the runtime's
+   ``TextEncoder``, so the DiT trains on exactly the features the runtime will give it.
+2. vae: a FLUX.2-architecture autoencoder (diffusers ``AutoencoderKLFlux2``, channels 8/16/32/32, 32 latent
+   channels, ×8 down) trained on the images; an exact per-channel affine is then folded into ``quant_conv`` /
    ``post_quant_conv`` so that the Ideogram 4 latent normalisation (``latent_norm``) maps the latents of the
    data set to zero mean / unit variance.
 3. dit: the conditional backbone (text tokens then image tokens, the official packed sequence) and the
    unconditional backbone (image tokens only), diffusers ``Ideogram4Transformer2DModel`` in float32, official
-   flow matching: x_t = t·x1 + (1 − t)·ε (t = 0 is noise), target v = x1 − ε, t logit-normal.
-4. save: ``transformer/`` and ``unconditional_transformer/`` with the official fused names, ``vae/``.
+   flow matching: x_t = t·x1 + (1 − t)·ε (t = 0 is noise), target v = x1 − ε, t logit-normal; the saved weights
+   are an exponential moving average.
+4. decoder: the VAE decoder is fine-tuned with the encoder frozen (same latent space, sharper pictures).
+5. save: ``transformer/`` and ``unconditional_transformer/`` with the official fused names, ``vae/``; with
+   ``--convert-to``, the ``CONVERT`` commands below (the real ``gguf-dit convert``).
 
-5. decoder: the VAE decoder is fine-tuned with the encoder frozen (same latent space, sharper pictures).
-
-Deterministic: fixed seeds, ``torch.use_deterministic_algorithms``, single process.
+Deterministic: fixed seeds, ``torch.use_deterministic_algorithms``, single process, a fixed thread count.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ def stage_skeleton(root: Path, work: Path) -> dict[str, np.ndarray]:
     if feats_path.exists():
         z = np.load(feats_path, allow_pickle=False)
         return {str(k): z[k] for k in z.files}
-    write_tiny_checkpoint(root, force=True)
+    # The tokenizer's merges are learned on the captions (plus the chat template's words), so a caption is
+    # ~30 tokens instead of ~150 bytes: training is ~4x cheaper and each colour/shape/place word is one token.
+    corpus = [s for k in D.COMBOS for s in D.encoder_strings(*k)] + ["user\n", "assistant\n"] * 2
+    write_tiny_checkpoint(root, force=True, tokenizer_corpus=corpus)
     te_dir = work / "te"
     subprocess.run([sys.executable, "-m", "gguf_dit.cli", "convert", str(root), "-o", str(te_dir), "--parts", "text_encoder",
                     "--te-type", TE_TYPE, "-q", "--force"], check=True)
@@ -89,7 +92,7 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def stage_vae(root: Path, work: Path, steps: int, seed: int):
+def stage_vae(root: Path, work: Path, steps: int, seed: int, per_combo: int = 24):
     from diffusers import AutoencoderKLFlux2
 
     from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
@@ -100,7 +103,7 @@ def stage_vae(root: Path, work: Path, steps: int, seed: int):
     if path.exists():
         vae.load_state_dict(torch.load(path))
         return vae.eval()
-    imgs, _ = D.make_images(D.TRAIN, 24, seed=seed + 1)
+    imgs, _ = D.make_images(D.TRAIN, per_combo, seed=seed + 1)
     x_all = to_tensor(imgs)
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
@@ -159,14 +162,14 @@ def latent_tokens(vae, imgs: np.ndarray) -> torch.Tensor:
     return (t - torch.from_numpy(LATENT_SHIFT.copy())) / torch.from_numpy(LATENT_SCALE.copy())
 
 
-def stage_decoder(work: Path, vae, steps: int, seed: int):
+def stage_decoder(work: Path, vae, steps: int, seed: int, per_combo: int = 24):
     """Fine-tune the decoder (and post_quant_conv) with the encoder frozen: the latent space the DiT learned
     stays exactly the same, the pictures get sharper. Latents get a little noise, as DiT samples are not exact."""
     path = work / "vae_decoder.pt"
     if path.exists():
         vae.load_state_dict(torch.load(path))
         return vae.eval()
-    imgs, _ = D.make_images(D.TRAIN, 24, seed=seed + 5)
+    imgs, _ = D.make_images(D.TRAIN, per_combo, seed=seed + 5)
     x_all = to_tensor(imgs)
     with torch.no_grad():
         z_all = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
@@ -226,13 +229,27 @@ def dit_forward(model, x, t, feats, grid):
     return torch.gather(out, 1, img_idx[..., None].expand(-1, -1, out.shape[-1]))
 
 
-def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: int, batch: int, minutes: float,
-              *, phase: int = 1, lr: float = 1.5e-3, warm: int = 100, uncond_batch: int | None = None, init=None):
-    """One training phase of both backbones (phase 2 continues phase 1's weights with a fresh optimiser,
-    a lower learning rate and a larger unconditional batch)."""
+def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: int, batch: int, *, lr: float = 1.5e-3,
+              warm: int = 100, uncond_batch: int = 64, ema_decay: float = 0.999, snapshot_every: int = 0, per_combo: int = 64,
+              schedule_t: float = 0.0, overshoot: float = 0.0, init=None, tag: str = ""):
+    """Train both backbones together (one optimiser, one data stream); the saved weights are the exponential
+    moving average of the trained ones (``ema_decay``). ``snapshot_every`` also writes EMA snapshots
+    (``snapshot_STEP.pt``) so a long run can be evaluated while it trains; they do not change the result.
+
+    ``schedule_t`` > 0 (the second phase, continuing ``init``): that share of the samples takes its t from the
+    sampler's own density at the demo size. The official schedule's resolution shift puts 15 of the 20
+    default-preset steps at t > 0.7 for 64×64 images, where the first phase's logit-normal(−1, 1.75) t rarely
+    trains (P(t > 0.8) ≈ 9 %); there the shapes' edges are decided.
+
+    ``overshoot`` > 0 (second phase too): half of the samples get noise that carries some of the picture,
+    ε' = ε + c·(x1 − m) with c uniform in [0, overshoot] and m the data set's mean latent, and the usual target
+    x1 − ε' (whose x1 prediction is still the clean x1). That is what a guided trajectory looks like after the
+    first step: a caption fixes colour, shape and place almost completely, and at 64×64 the official schedule's
+    first step jumps from t = 0 to 0.31 with guidance 7, leaving ~2.7× too much of the picture in x_t
+    (c = 0.31·6/0.69). Measured in docs/demo.md: it helps the default preset, not enough."""
     from diffusers import Ideogram4Transformer2DModel
 
-    sfx = "" if phase == 1 else f"_{phase}"
+    sfx = f"_{tag}" if tag else ""
     cond_path, unc_path = work / f"cond{sfx}.pt", work / f"uncond{sfx}.pt"
     torch.manual_seed(seed + 10)
     cond = Ideogram4Transformer2DModel(**DIT_CONFIG)
@@ -241,9 +258,8 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
     if init is not None:
         cond.load_state_dict(init[0].state_dict())
         unc.load_state_dict(init[1].state_dict())
-        cond.train()
-        unc.train()
-    uncond_batch = uncond_batch or batch
+    cond.train()
+    unc.train()
     if cond_path.exists() and unc_path.exists():
         cond.load_state_dict(torch.load(cond_path))
         unc.load_state_dict(torch.load(unc_path))
@@ -252,7 +268,7 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
     if lat_path.exists():
         lat, combo_idx = torch.load(lat_path)
     else:
-        imgs, combo_idx = D.make_images(D.TRAIN, 64, seed=seed + 3)
+        imgs, combo_idx = D.make_images(D.TRAIN, per_combo, seed=seed + 3)
         lat = latent_tokens(vae, imgs)
         combo_idx = torch.from_numpy(combo_idx)
         torch.save((lat, combo_idx), lat_path)
@@ -260,44 +276,79 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
     strings = [D.encoder_strings(*k) for k in D.TRAIN]
     grid = (D.SIZE // 16, D.SIZE // 16)
     params = list(cond.parameters()) + list(unc.parameters())
+    averaged = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW([{"params": cond.parameters()}, {"params": unc.parameters()}], lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     lr_at = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    g = torch.Generator().manual_seed(seed + 4 + 100 * (phase - 1))
+    g = torch.Generator().manual_seed(seed + 4 + (1000 if tag else 0))
+
+    from gguf_dit.runtime.schedule import timesteps
+
+    # The sampler's own t density at the demo size: the official schedule's grid is its quantile function.
+    sampler_t = torch.from_numpy(timesteps(4096, D.SIZE, D.SIZE, 0.0, 1.75)[:-1].astype(np.float32))
+    mean_latent = lat.mean(0)
+
+    def noise(x1):
+        eps = torch.randn(x1.shape, generator=g)
+        if overshoot:
+            c = overshoot * torch.rand(len(x1), generator=g) * (torch.rand(len(x1), generator=g) < 0.5)
+            eps = eps + c[:, None, None] * (x1 - mean_latent)
+        return eps
+
+    def sample_t(n):
+        t = torch.sigmoid(-1.0 + 1.75 * torch.randn(n, generator=g))
+        if schedule_t:
+            pick = torch.rand(n, generator=g) < schedule_t
+            t = torch.where(pick, sampler_t[torch.randint(0, len(sampler_t), (n,), generator=g)], t)
+        return t.clamp(1e-4, 1 - 1e-4).to(torch.bfloat16).float()  # the runtime rounds t to bfloat16 (official pipeline)
+
+    def averaged_state(model, offset):
+        n = len(list(model.parameters()))
+        with torch.no_grad():
+            live = [p.detach().clone() for p in model.parameters()]
+            for p, a in zip(model.parameters(), averaged[offset:offset + n]):
+                p.copy_(a)
+            sd = {k: v.clone() for k, v in model.state_dict().items()}
+            for p, v in zip(model.parameters(), live):
+                p.copy_(v)
+        return sd
+
     t0 = time.time()
-    ema = None
+    smooth = None
     for step in range(steps):
         idx = torch.randint(0, len(lat), (batch,), generator=g)
         x1 = lat[idx]
-        eps = torch.randn(x1.shape, generator=g)
-        t = torch.sigmoid(-1.0 + 1.75 * torch.randn(batch, generator=g)).clamp(1e-4, 1 - 1e-4)
-        t = t.to(torch.bfloat16).float()  # the runtime rounds t to bfloat16 (official pipeline)
+        eps = noise(x1)
+        t = sample_t(batch)
         xt = t[:, None, None] * x1 + (1 - t[:, None, None]) * eps
         v = x1 - eps
         form = int(torch.rand(1, generator=g).item() < 0.25)  # a batch is all JSON captions (25 %) or all wrapped plain text
         fb = [feats[strings[int(combo_idx[j])][form]] for j in idx]
-        loss_c = F.mse_loss(dit_forward(cond, xt, t, fb, grid), v)
-        if uncond_batch > batch:
-            iu = torch.randint(0, len(lat), (uncond_batch - batch,), generator=g)
-            x1u = lat[iu]
-            epsu = torch.randn(x1u.shape, generator=g)
-            tu = torch.sigmoid(-1.0 + 1.75 * torch.randn(len(iu), generator=g)).clamp(1e-4, 1 - 1e-4).to(torch.bfloat16).float()
-            xtu = torch.cat([xt, tu[:, None, None] * x1u + (1 - tu[:, None, None]) * epsu])
-            vu, tu = torch.cat([v, x1u - epsu]), torch.cat([t, tu])
-        else:
-            xtu, vu, tu = xt, v, t
+        # the unconditional backbone sees the same samples plus more: image-only tokens are cheap
+        iu = torch.randint(0, len(lat), (uncond_batch - batch,), generator=g)
+        x1u = lat[iu]
+        epsu = noise(x1u)
+        tu = sample_t(len(iu))
+        xtu = torch.cat([xt, tu[:, None, None] * x1u + (1 - tu[:, None, None]) * epsu])
+        vu, tu = torch.cat([v, x1u - epsu]), torch.cat([t, tu])
         loss_u = F.mse_loss(dit_forward(unc, xtu, tu, None, grid), vu)
+        loss_c = F.mse_loss(dit_forward(cond, xt, t, fb, grid), v)
         opt.zero_grad()
         (loss_c + loss_u).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        ema = (loss_c.item(), loss_u.item()) if ema is None else (0.98 * ema[0] + 0.02 * loss_c.item(), 0.98 * ema[1] + 0.02 * loss_u.item())
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - d)
+        smooth = (loss_c.item(), loss_u.item()) if smooth is None else (0.98 * smooth[0] + 0.02 * loss_c.item(), 0.98 * smooth[1] + 0.02 * loss_u.item())
         if step % 50 == 0 or step == steps - 1:
-            log(f"dit phase {phase} step {step} loss cond {ema[0]:.4f} uncond {ema[1]:.4f} ({time.time() - t0:.0f} s)")
-        if minutes and time.time() - t0 > minutes * 60:
-            log(f"time limit reached at step {step}")
-            break
+            log(f"dit{sfx} step {step} loss cond {smooth[0]:.4f} uncond {smooth[1]:.4f} ({time.time() - t0:.0f} s)")
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            torch.save((averaged_state(cond, 0), averaged_state(unc, len(list(cond.parameters())))), work / f"snapshot{sfx}_{step + 1}.pt")
+    n_cond = len(list(cond.parameters()))
+    cond.load_state_dict(averaged_state(cond, 0))
+    unc.load_state_dict(averaged_state(unc, n_cond))
     torch.save(cond.state_dict(), cond_path)
     torch.save(unc.state_dict(), unc_path)
     return cond.eval(), unc.eval()
@@ -356,10 +407,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--dit-steps", type=int, default=900)
-    ap.add_argument("--dit2-steps", type=int, default=600)
+    ap.add_argument("--uncond-batch", type=int, default=64)
+    ap.add_argument("--late-steps", type=int, default=0, help="second DiT phase: half the t drawn from the sampler's schedule, half the noise over-shot (see stage_dit)")
+    ap.add_argument("--snapshot-every", type=int, default=0, help="also save EMA snapshots every N DiT steps (for evaluating a run in progress)")
     ap.add_argument("--decoder-steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--minutes", type=float, default=0, help="stop DiT training after this many minutes (0: no limit; breaks reproducibility across machines)")
+    ap.add_argument("--images-per-combo", type=int, default=64, help="training images per (shape, colour, position); smaller only for quick checks")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
     a = ap.parse_args(argv)
@@ -368,14 +421,16 @@ def main(argv=None) -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     feats = stage_skeleton(a.root, a.work)
-    vae = stage_vae(a.root, a.work, a.vae_steps, a.seed)
+    small = a.images_per_combo  # VAE stages use 24 images per combination unless the data set is shrunk
+    vae = stage_vae(a.root, a.work, a.vae_steps, a.seed, min(24, small))
     log(f"vae ready ({time.time() - t0:.0f} s)")
-    cond, unc = stage_dit(a.work, vae, feats, a.dit_steps, a.seed, a.batch, a.minutes)
-    if a.dit2_steps:
-        cond, unc = stage_dit(a.work, vae, feats, a.dit2_steps, a.seed, a.batch, a.minutes, phase=2, lr=6e-4, warm=20,
-                              uncond_batch=2 * a.batch, init=(cond, unc))
+    cond, unc = stage_dit(a.work, vae, feats, a.dit_steps, a.seed, a.batch, uncond_batch=a.uncond_batch, snapshot_every=a.snapshot_every,
+                          per_combo=small)
+    if a.late_steps:
+        cond, unc = stage_dit(a.work, vae, feats, a.late_steps, a.seed, a.batch, uncond_batch=a.uncond_batch, per_combo=small,
+                              lr=5e-4, warm=50, schedule_t=0.5, overshoot=3.0, init=(cond, unc), tag="late")
     log(f"dit ready ({time.time() - t0:.0f} s)")
-    vae = stage_decoder(a.work, vae, a.decoder_steps, a.seed)
+    vae = stage_decoder(a.work, vae, a.decoder_steps, a.seed, min(24, small))
     log(f"decoder fine-tuned ({time.time() - t0:.0f} s)")
     save(a.root, vae, cond, unc)
     if a.convert_to:

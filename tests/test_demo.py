@@ -1,19 +1,28 @@
-"""The demo model's data set and scorer (issue 5; the model itself does not pass yet, see docs/demo.md).
-
-The prompt-following test on held-out combinations (``demo_data.evaluate`` on ``runtime/demo_model``, ≥ 90 %
-of attributes, every colour/position/shape predicted at least once) is added together with a model that
-passes it; until then these check the held-out split and the image analysis it will rely on.
-"""
+"""The embedded demo model (issue 5): the shipped quantized GGUFs in runtime/demo_model follow prompts they
+were never trained on (≥ 90 % without guidance; the default preset's guidance 7 reaches 75.6 %, below the
+issue's bar: see docs/demo.md), CFG matters, `gguf-dit run` uses them without --model, and the training
+script is deterministic."""
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import demo_data as D  # noqa: E402
+
+from gguf_dit.runtime.demo import DEMO_DIR  # noqa: E402
+
+# Held out, default-20, seeds 0 and 1 (30 images), measured on the shipped files (docs/demo.md):
+MIN_ACCURACY = 0.90  # issue 5's bar; guidance 1 measured 0.956
+DEFAULT_PRESET_ACCURACY = 0.70  # measured 0.756 with the preset's guidance; below the issue's bar
 
 
 def test_held_out_combinations_are_not_trained():
@@ -26,3 +35,100 @@ def test_analysis_reads_the_renders():
     imgs, idx = D.make_images(D.COMBOS, 2, seed=123)
     acc = D.score([(D.COMBOS[i], D.analyse(im)) for i, im in zip(idx, imgs)])
     assert acc["all_attributes"] >= 0.99, acc
+
+
+def test_analysis_cannot_be_passed_by_ignoring_the_prompt():
+    """One fixed picture for every held-out prompt scores far below the bar."""
+    img = D.render("circle", "red", "centre")
+    acc = D.score([(k, D.analyse(img)) for k in D.HELD_OUT])
+    assert acc["all_attributes"] < 0.5, acc
+
+
+def test_shipped_files_are_small_and_show_the_quantization_recipes():
+    import gguf
+
+    names = sorted(p.name for p in DEMO_DIR.glob("*.gguf"))
+    assert names == ["text_encoder.gguf", "transformer.gguf", "unconditional_transformer.gguf", "vae.gguf"]
+    assert sum(p.stat().st_size for p in DEMO_DIR.glob("*.gguf")) < 20 * 2**20
+
+    def types(name):
+        return {t.tensor_type.name for t in gguf.GGUFReader(str(DEMO_DIR / name)).tensors}
+
+    assert {"Q4_K", "Q8_0", "F16"} <= types("transformer.gguf")  # q4_k-protect: protected layers stay wider
+    assert "Q8_0" in types("unconditional_transformer.gguf") and "Q8_0" in types("text_encoder.gguf")
+
+
+@pytest.fixture(scope="module")
+def default_preset():
+    return D.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def unguided():
+    return D.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1), guidance=1.0)
+
+
+def _every_value_drawn_right(r) -> None:
+    """Different prompts give different, correct answers: every value of every attribute is drawn correctly
+    for at least one prompt that asks for it."""
+    for i, attr, values in ((0, "shape", D.SHAPES), (1, "colour", D.COLOURS), (2, "position", D.POSITIONS)):
+        right = {k[i] for k, res in r["results"] if res[attr] == k[i]}
+        assert right == set(values), (attr, set(values) - right)
+
+
+def test_prompt_following_on_held_out_captions_without_guidance(unguided):
+    """Issue 5's bar (≥ 90 % of attributes on ≥ 30 held-out images) with guidance 1. Measured 95.6 %."""
+    r = unguided
+    assert r["n"] >= 30
+    assert r["all_attributes"] >= MIN_ACCURACY, {k: r[k] for k in ("colour", "position", "shape", "all_attributes")}
+    _every_value_drawn_right(r)
+
+
+def test_prompt_following_on_held_out_captions_with_the_default_preset(default_preset):
+    """The default preset (guidance 7 × 18, 3 × 2) does NOT reach issue 5's 90 % at 64×64 (measured 75.6 %:
+    colour 77 %, position 100 %, shape 50 %; why in docs/demo.md). This pins what it does reach, so a
+    regression shows; the issue stays open on this point."""
+    r = default_preset
+    assert r["n"] >= 30
+    assert r["all_attributes"] >= DEFAULT_PRESET_ACCURACY, {k: r[k] for k in ("colour", "position", "shape", "all_attributes")}
+    assert r["position"] >= 0.9
+
+
+def test_guidance_changes_the_result(default_preset, unguided):
+    """CFG matters: the same prompts and seeds give other pictures and another score with guidance 1."""
+    fills_default = np.array([res.get("fill", 0.0) for _, res in default_preset["results"]])
+    fills_none = np.array([res.get("fill", 0.0) for _, res in unguided["results"]])
+    assert np.abs(fills_default - fills_none).mean() > 0.01
+    assert abs(unguided["all_attributes"] - default_preset["all_attributes"]) > 0.05
+
+
+def test_run_without_model_uses_the_demo_and_says_so(cli, tmp_path):
+    from PIL import Image
+
+    from gguf_dit.runtime.demo import NOTICE
+
+    png = tmp_path / "demo.png"
+    code, _, err = cli("run", ROOT / "examples" / "demo.txt", "-o", png)
+    assert code == 0, err
+    assert NOTICE in err and str(png) in err
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape == (D.SIZE, D.SIZE, 3)
+    words = (ROOT / "examples" / "demo.txt").read_text().strip()
+    got = D.analyse(img)
+    assert D.plain_caption(got["shape"], got["colour"], got["position"]) == words, got
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_training_script_is_deterministic(tmp_path):
+    """Two runs of scripts/train_demo.py from the same seed (a few steps per stage) write identical bytes."""
+    hashes = []
+    for run in ("a", "b"):
+        cmd = [sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--root", str(tmp_path / run / "ckpt"), "--work", str(tmp_path / run / "work"),
+               "--vae-steps", "3", "--decoder-steps", "3", "--dit-steps", "3", "--batch", "4", "--uncond-batch", "8", "--images-per-combo", "2", "--threads", "2"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        files = sorted((tmp_path / run / "ckpt").rglob("*.safetensors")) + sorted((tmp_path / run / "ckpt").rglob("tokenizer.json"))
+        hashes.append({str(f.relative_to(tmp_path / run)): _sha(f) for f in files})
+    assert len(hashes[0]) == 5 and hashes[0] == hashes[1]

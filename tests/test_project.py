@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_starts_with_the_two_fresh_machine_commands():
     lines = (ROOT / "README.md").read_text().splitlines()
-    assert "pip install torch==2.13.0" in lines[0] and "gguf-dit run examples/prompt.json" in lines[0]
+    assert "pip install torch==2.13.0" in lines[0] and "gguf-dit run examples/demo.txt -o " in lines[0] and "--model" not in lines[0]
     assert "pip install torch==2.13.0" in lines[1] and "pytest" in lines[1] and ".[test]" in lines[1]
 
 
@@ -39,7 +39,7 @@ def test_every_command_has_accurate_help(cli):
 
 
 def test_readme_journey_tiny_checkpoint_convert_run(cli, tmp_path):
-    """What the README's first command does, step by step."""
+    """The README's tiny-checkpoint journey (convert → run on random weights), step by step."""
     from PIL import Image
 
     code, _, err = cli("tiny-checkpoint", tmp_path / "ck")

@@ -356,3 +356,29 @@ def test_closed_encoder_refuses(gguf_f32):
     enc.close()  # idempotent
     with pytest.raises(ModelError, match="closed"):
         enc.encode("x")
+
+
+def test_learned_tokenizer_matches_hf(tmp_path):
+    """The demo model's tokenizer (merges learned on its captions by converter/tiny.py) tokenizes like
+    transformers after conversion: learned merges, the byte fallback for unseen text, and the specials."""
+    from transformers import AutoTokenizer
+
+    from gguf_dit.converter.tiny import write_tiny_checkpoint
+
+    corpus = ['{"high_level_description":"A red circle on the left."}', '{"high_level_description":"A blue square at the top."}'] * 3
+    root = write_tiny_checkpoint(tmp_path / "ckpt", tokenizer_corpus=corpus)
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    learned = json.loads((root / "tokenizer" / "tokenizer.json").read_text())["model"]
+    assert len(learned["merges"]) > 20 and "Ġcircle" in learned["vocab"]
+    rows = json.loads((root / "text_encoder" / "config.json").read_text())["text_config"]["vocab_size"]
+    assert rows % 64 == 0 and rows >= len(tok)
+    out = tmp_path / "te.gguf"
+    convert_text_encoder(root / "text_encoder", root / "tokenizer", out, linear_type="f32")
+    enc = TextEncoder.load(out, n_threads=1)
+    try:
+        for cap in corpus[:2] + CAPTIONS:
+            ids = tok(TEMPLATE.format(caption=cap), add_special_tokens=False)["input_ids"]
+            assert enc.tokenize(cap) == ids, cap
+        assert len(enc.tokenize(corpus[0])) < len(TEMPLATE.format(caption=corpus[0]).encode()) / 3  # merges at work
+    finally:
+        enc.close()
