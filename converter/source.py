@@ -61,7 +61,45 @@ class SourceTensor:
         return "+".join(sorted({p.dtype + ("*scale" if p.scale_key else "") for p in self.parts}))
 
 
-class Backbone:
+class SafetensorsFiles:
+    """Shared by the checkpoint readers: one lazily opened, memory-mapped handle per file, the header scan,
+    and row-chunked reading on top of the subclass's ``rows``."""
+
+    files: list[Path]
+
+    def _open(self, f: Path):
+        h = self._handles.get(f)
+        if h is None:
+            h = self._handles[f] = open_safetensors(f)
+        return h
+
+    def _headers(self) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+        """key -> (file, safetensors dtype, shape) over all files, without reading tensor data."""
+        raw: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        for f in self.files:
+            h = self._open(f)
+            for key in h.keys():
+                sl = h.get_slice(key)
+                raw[key] = (f, sl.get_dtype(), tuple(int(x) for x in sl.get_shape()))
+        return raw
+
+    def chunks(self, name: str, max_bytes: int, *args) -> Iterator[np.ndarray]:
+        """Float32 row blocks of at most ``max_bytes`` (1-D tensors whole); ``args`` go to ``rows``."""
+        shape = self.tensors[name].shape
+        per_row = 4 * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+        step = shape[0] if len(shape) == 1 else max(1, max_bytes // per_row)
+        for r0 in range(0, shape[0], step):
+            yield self.rows(name, r0, min(shape[0], r0 + step), *args)
+
+    def release(self) -> None:
+        """Drop the memory-mapped file handles: pages a finished tensor touched leave the RSS with them,
+        so peak memory is one tensor's source pages, not the whole checkpoint's."""
+        self._handles.clear()
+
+    close = release
+
+
+class Backbone(SafetensorsFiles):
     """One DiT backbone of a checkpoint: its role, files, config and official-name tensors."""
 
     def __init__(self, role: str, directory: Path, files: list[Path], config_json: dict | None) -> None:
@@ -77,19 +115,8 @@ class Backbone:
         check_tensors({n: t.shape for n, t in self.tensors.items()}, self.config, str(self.directory))
 
     # -- discovery ---------------------------------------------------------------------
-    def _open(self, f: Path):
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = open_safetensors(f)
-        return h
-
     def _scan(self) -> None:
-        raw: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
-        for f in self.files:
-            h = self._open(f)
-            for key in h.keys():
-                sl = h.get_slice(key)
-                raw[key] = (f, sl.get_dtype(), tuple(int(x) for x in sl.get_shape()))
+        raw = self._headers()
         if not raw:
             raise SourceError("no tensors found", path=self.directory)
         prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in raw)), "")
@@ -183,24 +210,8 @@ class Backbone:
             raise SourceError(f"non-finite value (NaN or Inf) at flat index {bad + r0 * (arr.shape[1] if arr.ndim > 1 else 1)}", path=st.parts[0].file, tensor=name)
         return arr
 
-    def chunks(self, name: str, max_bytes: int, hasher=None) -> Iterator[np.ndarray]:
-        shape = self.tensors[name].shape
-        rows = shape[0]
-        per_row = 4 * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
-        step = rows if len(shape) == 1 else max(1, max_bytes // per_row)
-        for r0 in range(0, rows, step):
-            yield self.rows(name, r0, min(rows, r0 + step), hasher)
-
-    def release(self) -> None:
-        """Drop the memory-mapped file handles: pages a finished tensor touched leave the RSS with them,
-        so peak memory is one tensor's source pages, not the whole checkpoint's."""
-        self._handles.clear()
-
     def source_names(self) -> list[str]:
         return [f.name for f in self.files]
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 def open_safetensors(f: Path):

@@ -29,7 +29,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from gguf_dit.runtime.text_encoder import KEY_TAPS, KEY_TEMPLATE, LLAMA_ARCH, TE
 
 from .encode import encode_rows, stored_nbytes
 from .gguf_out import atomic_gguf, stream_tensor
-from .source import _short, open_safetensors
+from .source import SafetensorsFiles, _short
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -90,7 +90,7 @@ class _Tensor:
         self.scale: tuple[str, Path, str, tuple[int, ...]] | None = None  # (key, file, kind, shape)
 
 
-class TextEncoderSource:
+class TextEncoderSource(SafetensorsFiles):
     """A Qwen3(-VL) language model inside a Hugging Face checkpoint, read tensor by tensor."""
 
     def __init__(self, te_dir: str | Path) -> None:
@@ -107,19 +107,8 @@ class TextEncoderSource:
         self.config = self._config()
 
     # -- discovery ---------------------------------------------------------------------
-    def _open(self, f: Path):
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = open_safetensors(f)
-        return h
-
     def _scan(self) -> None:
-        raw: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
-        for f in self.files:
-            h = self._open(f)
-            for key in h.keys():
-                sl = h.get_slice(key)
-                raw[key] = (f, sl.get_dtype(), tuple(int(x) for x in sl.get_shape()))
+        raw = self._headers()
         prefix = next((p for p in LM_PREFIXES if p + "embed_tokens.weight" in raw), None)
         if prefix is None:
             if "embed_tokens.weight" in raw:
@@ -271,15 +260,6 @@ class TextEncoderSource:
             raise SourceError(f"non-finite value (NaN or Inf) at flat index {bad + r0 * per_row}", path=t.file, tensor=t.key)
         return arr
 
-    def chunks(self, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
-        shape = self.tensors[name].shape
-        per_row = 4 * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
-        step = shape[0] if len(shape) == 1 else max(1, max_bytes // per_row)
-        for r0 in range(0, shape[0], step):
-            yield self.rows(name, r0, min(shape[0], r0 + step))
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 def source_size(te_dir: str | Path) -> tuple[int, int]:
@@ -671,7 +651,7 @@ def _write(src, cfg, tok, plans, order, taps, out_path, lt, dt, threads, progres
                 if progress:
                     progress(gname, n)
 
-            written = stream_tensor(writer, src.chunks(name), lambda c, t=t: _encode(c, t, threads), on_chunk)
+            written = stream_tensor(writer, src.chunks(name, CHUNK_BYTES), lambda c, t=t: _encode(c, t, threads), on_chunk)
             if written != _nbytes(shape, t):
                 raise OutputError(f"internal: wrote {written} bytes, expected {_nbytes(shape, t)}", path=out_path, tensor=_gguf_name(name))
     return {"bytes_in": bytes_in, "plans": {_gguf_name(n): [plans[n][0].name, plans[n][1]] for n in order}}

@@ -302,15 +302,13 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
             t = torch.where(pick, sampler_t[torch.randint(0, len(sampler_t), (n,), generator=g)], t)
         return t.clamp(1e-4, 1 - 1e-4).to(torch.bfloat16).float()  # the runtime rounds t to bfloat16 (official pipeline)
 
+    n_cond = len(list(cond.parameters()))
+
     def averaged_state(model, offset):
-        n = len(list(model.parameters()))
-        with torch.no_grad():
-            live = [p.detach().clone() for p in model.parameters()]
-            for p, a in zip(model.parameters(), averaged[offset:offset + n]):
-                p.copy_(a)
-            sd = {k: v.clone() for k, v in model.state_dict().items()}
-            for p, v in zip(model.parameters(), live):
-                p.copy_(v)
+        """The model's state dict with its parameters replaced by their moving averages."""
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        for (name, _), a in zip(model.named_parameters(), averaged[offset:]):
+            sd[name] = a.clone()
         return sd
 
     t0 = time.time()
@@ -345,8 +343,7 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
         if step % 50 == 0 or step == steps - 1:
             log(f"dit{sfx} step {step} loss cond {smooth[0]:.4f} uncond {smooth[1]:.4f} ({time.time() - t0:.0f} s)")
         if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
-            torch.save((averaged_state(cond, 0), averaged_state(unc, len(list(cond.parameters())))), work / f"snapshot{sfx}_{step + 1}.pt")
-    n_cond = len(list(cond.parameters()))
+            torch.save((averaged_state(cond, 0), averaged_state(unc, n_cond)), work / f"snapshot{sfx}_{step + 1}.pt")
     cond.load_state_dict(averaged_state(cond, 0))
     unc.load_state_dict(averaged_state(unc, n_cond))
     torch.save(cond.state_dict(), cond_path)
