@@ -22,7 +22,7 @@ from gguf_dit.runtime.demo import DEMO_DIR  # noqa: E402
 # Held out, seeds 0 and 1 (30 images), measured on the shipped files (docs/demo.md):
 MIN_ACCURACY = 0.90  # issue 5's bar, with the default-20 preset; measured 0.933
 UNGUIDED_ACCURACY = 0.80  # guidance 1 measured 0.856: pinned so a regression shows
-GUIDANCE_GAIN = 0.05  # the preset beats guidance 1 by 7.8 points (measured)
+GUIDANCE_GAIN = 0.03  # the preset beats guidance 1 by 7.8 points here (3.4 over 120 images): room for other CPUs
 
 
 def test_held_out_combinations_are_not_trained():
