@@ -236,7 +236,7 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
               schedule_t: float = 0.0, overshoot: float = 0.0, caption_noise: float = 0.0, init=None, tag: str = ""):
     """Train one backbone: ``role`` "cond" (packed [text, image] samples) or "uncond" (image tokens only). The saved
     weights are the exponential moving average of the trained ones (``ema_decay``). ``snapshot_every`` also writes
-    EMA snapshots (``snapshot_STEP.pt``) so a long run can be evaluated while it trains; they change nothing.
+    EMA snapshots (``snapshot_<role>[_<tag>]_<step>.pt``) so a long run can be evaluated while it trains; they change nothing.
 
     ``caption_noise``: that share of the conditional samples is paired with the caption of another (training)
     combination, as web captions are often wrong. The conditional backbone alone then follows the prompt less
@@ -421,8 +421,8 @@ def main(argv=None) -> None:
         cond = stage_dit(a.work, vae, feats, a.late_steps, a.seed, a.batch, caption_noise=a.caption_noise, per_combo=small,
                          lr=5e-4, warm=50, schedule_t=0.5, overshoot=3.0, init=cond, tag="late")
     # The image-only backbone starts as a copy of the conditional one. Guidance 7 multiplies whatever the two
-    # backbones disagree on by 6 at every step, and at 64x64 most steps are at t > 0.7, where the picture is already
-    # decided and both should predict the same velocity; two separately initialised networks disagree there by
+    # backbones disagree on by 6 at every step, and at 64x64 18 of the preset's 20 steps are at t > 0.35, where the
+    # picture is already decided and both should predict the same velocity; two separately initialised networks disagree there by
     # their own, unrelated errors (measured: the pair ran away and the preset scored 75.6 %, docs/demo.md). A copy
     # fine-tuned on image-only samples learns to predict without a caption but keeps the errors it shares with
     # the conditional backbone.
