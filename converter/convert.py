@@ -2,8 +2,8 @@
 
 The header (metadata and tensor infos) is written first from shapes and chosen types alone, then
 each tensor is read in row chunks, converted, and appended. Peak memory is a few chunks, not the
-model. The file is written under a temporary name in the output directory and renamed only when
-complete, so an error or an interrupt never leaves a partial or overwritten output.
+model. All outputs of one command are written as a set (``output.OutputSet``): an error or an
+interrupt never leaves a partial, mixed or overwritten output.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import numpy as np
 
 from gguf_dit import __version__
 from gguf_dit.arch import ARCH, BACKBONE_DIRS, tensor_inventory
-from gguf_dit.errors import GgufDitError, OutputError, RecipeError
+from gguf_dit.errors import GgufDitError, OutputError, RecipeError, SourceError
 from gguf_dit.ggml_ops import GGMLType
 
-from .encode import REFERENCE, WEIGHTED, encode_rows, stored_nbytes
+from .encode import REFERENCE, WEIGHTED, check_range, encode_rows, stored_nbytes
 from .gguf_out import atomic_gguf, stream_tensor
-
+from .output import HEADER_ALLOWANCE, OutputSet, check_location
 from .recipe import Recipe
 from .source import Backbone, open_checkpoint
 
@@ -182,7 +182,14 @@ def write_backbone(
                 if progress:
                     progress(name, n)
 
-            written = stream_tensor(writer, bb.chunks(p.name, CHUNK_BYTES, hasher), lambda c, t=p.type: _encode(c, t, q4k_path, threads), on_chunk)
+            def encode(c: np.ndarray, p: Plan = p) -> np.ndarray:
+                big = check_range(c, p.type)
+                if big is not None:
+                    raise SourceError(f"value of magnitude {big:.4g} is beyond F16's range (65504), which {p.type.name} cannot store; "
+                                      f"keep this tensor F32 or BF16 (--rule)", path=bb.tensors[p.name].parts[0].file, tensor=p.name)
+                return _encode(c, p.type, q4k_path, threads)
+
+            written = stream_tensor(writer, bb.chunks(p.name, CHUNK_BYTES, hasher), encode, on_chunk)
             bb.release()
             expect = _nbytes(p.shape, p.type)
             if written != expect:
@@ -191,49 +198,6 @@ def write_backbone(
     for p in plans:
         types[p.type.name] = types.get(p.type.name, 0) + 1
     return ConvertResult(bb.role, out_path, len(plans), bytes_in, out_path.stat().st_size, time.perf_counter() - t0, types)
-
-
-def convert(
-    src: str | Path,
-    out_dir: str | Path,
-    recipe: Recipe,
-    *,
-    force: bool = False,
-    role: str | None = None,
-    q4k_path: str = Q4KPath.WEIGHTED,
-    threads: int | None = None,
-    progress_factory=None,
-    sizes: SizeHints | None = None,
-) -> list[ConvertResult]:
-    """Convert every backbone found at ``src`` into ``out_dir/<backbone>.gguf``."""
-    if q4k_path not in (Q4KPath.WEIGHTED, Q4KPath.REFERENCE):
-        raise GgufDitError(f"unknown Q4_K path {q4k_path!r}; use weighted or reference")
-    backbones = open_checkpoint(src, role)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError("exists and is not a directory", path=out_dir)
-    outputs = [(bb, out_dir / OUTPUT_NAMES[bb.role]) for bb in backbones]
-    for _, path in outputs:
-        if path.exists() and not force:
-            raise OutputError("already exists (use --force to overwrite)", path=path)
-    # Decide every tensor's type before writing anything, so a bad rule fails without output.
-    for bb, _ in outputs:
-        try:
-            plan_backbone(bb, recipe)
-        except RecipeError as e:
-            raise RecipeError(str(e), path=bb.directory) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for bb, path in outputs:
-        total = sum(int(np.prod(t.shape)) * 4 for t in bb.tensors.values())
-        progress = progress_factory(f"{bb.role}: {path.name}", total, len(bb.tensors)) if progress_factory else None
-        try:
-            results.append(write_backbone(bb, recipe, path, q4k_path=q4k_path, threads=threads, progress=progress, sizes=sizes))
-        finally:
-            bb.close()
-            if progress is not None and hasattr(progress, "close"):
-                progress.close()
-    return results
 
 
 PARTS = ("dit", "text_encoder", "vae")
@@ -281,9 +245,15 @@ def convert_checkpoint(
     ``parts`` None converts every part the checkpoint root holds; naming a part that is absent is an error.
     The encoder's linears default to Q8_0 (F32/F16/BF16 under the matching float recipe), the VAE to F16
     (F32 under the f32 recipe).
+
+    Every source is opened and checked and every tensor's type decided first; then the output folder is checked
+    for room, and all outputs are written as one set (``output.OutputSet``): an error or Ctrl-C leaves the folder
+    as it was, and existing outputs are replaced only with ``force``.
     """
     src = Path(src)
     out_dir = Path(out_dir)
+    if q4k_path not in (Q4KPath.WEIGHTED, Q4KPath.REFERENCE):
+        raise GgufDitError(f"unknown Q4_K path {q4k_path!r}; use weighted or reference")
     if not src.exists():
         raise GgufDitError("does not exist", path=src)
     chosen = parts or (["dit"] if role else _detect_parts(src))
@@ -292,38 +262,84 @@ def convert_checkpoint(
             raise GgufDitError(f"unknown part {p!r}; choose from {', '.join(PARTS)}")
     te_type = te_type or _TE_DEFAULT.get(recipe.name, "q8_0")
     vae_type = vae_type or ("f32" if recipe.name == "f32" else "f16")
-    jobs = []
     if "text_encoder" in chosen:
-        te_dir, tok_dir = src / "text_encoder", src / "tokenizer"
-        for d in (te_dir, tok_dir):
+        for d in (src / "text_encoder", src / "tokenizer"):
             if not d.is_dir():
                 raise GgufDitError(f"missing {d.name}/ folder (needed for the text encoder)", path=src)
-        jobs.append(("text_encoder", out_dir / "text_encoder.gguf"))
-    if "vae" in chosen:
-        if not (src / "vae").is_dir():
-            raise GgufDitError("missing vae/ folder", path=src)
-        jobs.append(("vae", out_dir / "vae.gguf"))
-    for _, path in jobs:
-        if path.exists() and not force:
-            raise OutputError("already exists (use --force to overwrite)", path=path)
-    results: list[PartResult] = []
-    if "dit" in chosen:
-        for r in convert(src, out_dir, recipe, force=force, role=role, q4k_path=q4k_path, threads=threads, progress_factory=progress_factory, sizes=sizes):
-            types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
-            mbps = r.bytes_in / 1e6 / max(r.seconds, 1e-9)
-            results.append(PartResult(r.role, r.path, f"{r.tensors} tensors ({types}), {r.bytes_out / 1e6:.1f} MB, {r.seconds:.1f} s, {mbps:.0f} MB/s of f32 input"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for part, path in jobs:
-        t0 = time.perf_counter()
-        if part == "text_encoder":
-            from .text_encoder import convert_text_encoder
+    if "vae" in chosen and not (src / "vae").is_dir():
+        raise GgufDitError("missing vae/ folder", path=src)
+    jobs: list[_Job] = []
+    try:
+        if "dit" in chosen:
+            for bb in open_checkpoint(src, role):
+                jobs.append(_dit_job(bb, recipe, q4k_path, threads, progress_factory, sizes))
+        # Output names are known now: refuse an unusable folder or an existing output before reading more.
+        check_location(out_dir, [j.name for j in jobs] + [f"{p}.gguf" for p in ("text_encoder", "vae") if p in chosen], force=force)
+        if "text_encoder" in chosen:
+            from .text_encoder import prepare_text_encoder, write_text_encoder
 
-            s = convert_text_encoder(src / "text_encoder", src / "tokenizer", path, linear_type=te_type, down_proj_type=te_down_proj_type, force=force, threads=threads)
-        else:
-            from .vae import convert_vae
+            te = prepare_text_encoder(src / "text_encoder", src / "tokenizer", linear_type=te_type, down_proj_type=te_down_proj_type)
+            jobs.append(_Job("text_encoder", "text_encoder.gguf", te.nbytes, lambda path, te=te: write_text_encoder(te, path, threads=threads), te.close))
+        if "vae" in chosen:
+            from .vae import prepare_vae, write_vae
 
-            s = convert_vae(src / "vae", path, dtype=vae_type, force=force)
-        types = s.get("types") if isinstance(s, dict) else None
-        tdesc = ", ".join(f"{k} {v}" for k, v in sorted(types.items())) if isinstance(types, dict) else ""
-        results.append(PartResult(part, path, f"{tdesc + ', ' if tdesc else ''}{path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s"))
-    return results
+            vae = prepare_vae(src / "vae", dtype=vae_type)
+            jobs.append(_Job("vae", "vae.gguf", vae.nbytes, lambda path, vae=vae: write_vae(vae, path), vae.close))
+        results: list[PartResult] = []
+        with OutputSet(out_dir, [j.name for j in jobs], force=force, need_bytes=sum(j.nbytes for j in jobs)) as outs:
+            for j in jobs:
+                t0 = time.perf_counter()
+                try:
+                    summary = j.write(outs.path(j.name))
+                except OSError as e:
+                    raise OutputError(f"cannot write ({e.strerror or e})", path=out_dir / j.name) from None
+                finally:
+                    j.close()
+                results.append(PartResult(j.part, out_dir / j.name, _summary(summary, outs.path(j.name), time.perf_counter() - t0)))
+        return results
+    finally:
+        for j in jobs:
+            j.close()
+
+
+@dataclasses.dataclass
+class _Job:
+    """One output of a conversion: opened, checked and planned; ``write(path)`` produces it."""
+
+    part: str
+    name: str
+    nbytes: int  # expected output size, for the free-space check
+    write: Callable[[Path], object]
+    close: Callable[[], None]
+
+
+def _dit_job(bb: Backbone, recipe: Recipe, q4k_path: str, threads: int | None, progress_factory, sizes: SizeHints | None) -> _Job:
+    try:
+        plans = plan_backbone(bb, recipe)
+    except RecipeError as e:
+        bb.close()
+        raise RecipeError(str(e), path=bb.directory) from None
+    name = OUTPUT_NAMES[bb.role]
+    nbytes = sum(_nbytes(p.shape, p.type) + 512 for p in plans) + HEADER_ALLOWANCE
+
+    def write(path: Path) -> ConvertResult:
+        total = sum(int(np.prod(t.shape)) * 4 for t in bb.tensors.values())
+        progress = progress_factory(f"{bb.role}: {name}", total, len(bb.tensors)) if progress_factory else None
+        try:
+            return write_backbone(bb, recipe, path, q4k_path=q4k_path, threads=threads, progress=progress, sizes=sizes)
+        finally:
+            if progress is not None and hasattr(progress, "close"):
+                progress.close()
+
+    return _Job(bb.role, name, nbytes, write, bb.close)
+
+
+def _summary(s: object, written: Path, seconds: float) -> str:
+    size = written.stat().st_size
+    if isinstance(s, ConvertResult):
+        types = ", ".join(f"{k} {v}" for k, v in sorted(s.types.items()))
+        mbps = s.bytes_in / 1e6 / max(s.seconds, 1e-9)
+        return f"{s.tensors} tensors ({types}), {size / 1e6:.1f} MB, {s.seconds:.1f} s, {mbps:.0f} MB/s of f32 input"
+    types = s.get("types") if isinstance(s, dict) else None
+    tdesc = ", ".join(f"{k} {v}" for k, v in sorted(types.items())) if isinstance(types, dict) else ""
+    return f"{tdesc + ', ' if tdesc else ''}{size / 1e6:.1f} MB, {seconds:.1f} s"

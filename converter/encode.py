@@ -28,6 +28,20 @@ def encode_rows(x: np.ndarray, t: GGMLType, *, threads: int | None = None, k_qua
     return quantize(x2, t, importance=imp, threads=threads)
 
 
+F16_MAX = 65504.0
+
+
+def check_range(x: np.ndarray, t: GGMLType) -> float | None:
+    """The largest magnitude in ``x`` when ``t`` is F16 or a quantized type and it exceeds F16's range, else None.
+
+    F16 would store it as Inf, and the quantized types keep their block scales in F16; no real weight comes near, so a
+    value out there is a corrupt or hostile source, refused rather than written as Inf."""
+    if t in (GGMLType.F32, GGMLType.BF16) or x.size == 0:
+        return None
+    m = max(float(x.max()), -float(x.min()))
+    return m if m > F16_MAX else None
+
+
 def stored_nbytes(shape: tuple[int, ...], t: GGMLType) -> int:
     """Bytes of a tensor of PyTorch ``shape`` stored as ``t`` (rows along the last axis)."""
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1

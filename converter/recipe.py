@@ -14,7 +14,6 @@ Q8_0/Q4_0 by 32) falls back to Q8_0, then F16, and the fallback is recorded in t
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,8 @@ from gguf_dit.arch import TensorSpec
 from gguf_dit.errors import GgufDitError, RecipeError
 from gguf_dit.ggml_ops import GGMLType, fits
 from gguf_dit.ggml_ops.types import STORAGE_TYPES
+
+from .inputs import read_json
 
 PROTECTED_W2 = r"^layers\.\d+\.feed_forward\.w2\.weight$"
 _FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
@@ -118,14 +119,11 @@ def parse_rule(text: str) -> Rule:
 
 
 def _from_file(path: Path) -> Recipe:
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError("recipe file not found", path=path) from None
-    except Exception as e:
-        raise RecipeError(f"unreadable recipe JSON ({e})", path=path) from None
-    if not isinstance(d, dict):
-        raise RecipeError("recipe JSON must be an object", path=path)
+    if not path.exists():
+        raise RecipeError("recipe file not found", path=path)
+    d = read_json(path, what="recipe JSON", error=RecipeError)
+    if not isinstance(d.get("rules", []), list):
+        raise RecipeError("recipe JSON's rules must be a list", path=path)
     base = BUILTIN.get(str(d.get("base", "f32")))
     if base is None:
         raise RecipeError(f"unknown base recipe {d.get('base')!r}; known: {', '.join(BUILTIN)}", path=path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,11 +22,16 @@ import numpy as np
 from gguf_dit.arch import BACKBONE_DIRS, Ideogram4Config, check_tensors, config_from_json, detect_config, tensor_inventory
 from gguf_dit.errors import GgufDitError, SourceError
 
+from .inputs import read_json, regular_file
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 _SPLIT = re.compile(r"^(layers\.\d+\.attention\.)(to_q|to_k|to_v|to_out\.0)\.weight$")
 _FLOAT_DTYPES = {"F32", "BF16", "F16", "F8_E4M3"}
+#: What ``detect_config`` unpacks: checked first, so a hostile header is an error naming the tensor.
+_DETECT_NDIM = {"input_proj.weight": 2, "llm_cond_proj.weight": 2, "adaln_proj.weight": 2, "layers.0.feed_forward.w1.weight": 2, "layers.0.attention.norm_q.weight": 1}
 
 
 @dataclasses.dataclass
@@ -106,19 +110,21 @@ class Backbone(SafetensorsFiles):
         self.role = role
         self.directory = directory
         self.files = files
+        # What a whole-backbone error names: the weights file itself when there is only one.
+        self.where = str(files[0] if len(files) == 1 else directory)
         self.config_json = config_json
         self.tensors: dict[str, SourceTensor] = {}
         self.layout = "official"
         self._handles: dict[Path, object] = {}
         self._scan()
         self.config = self._config()
-        check_tensors({n: t.shape for n, t in self.tensors.items()}, self.config, str(self.directory))
+        check_tensors({n: t.shape for n, t in self.tensors.items()}, self.config, self.where)
 
     # -- discovery ---------------------------------------------------------------------
     def _scan(self) -> None:
         raw = self._headers()
         if not raw:
-            raise SourceError("no tensors found", path=self.directory)
+            raise SourceError("no tensors found", path=self.where)
         prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in raw)), "")
         names = {k[len(prefix):]: v for k, v in raw.items()}
 
@@ -131,11 +137,15 @@ class Backbone(SafetensorsFiles):
                 continue
             if dtype not in _FLOAT_DTYPES:
                 raise SourceError(f"unsupported dtype {dtype} (expected F32, BF16, F16 or F8_E4M3 with weight_scale)", path=f, tensor=prefix + key)
+            if not 1 <= len(shape) <= 4 or min(shape) < 1:
+                raise SourceError(f"shape {list(shape)} is not a weight's (1 to 4 dimensions, none empty)", path=f, tensor=prefix + key)
             scale_key = key + "_scale" if key + "_scale" in scales else None
             if dtype == "F8_E4M3" and scale_key is None:
                 raise SourceError("float8 weight without a .weight_scale tensor", path=f, tensor=prefix + key)
             if scale_key:
                 sf, sdt, sshape = names[scale_key]
+                if len(shape) != 2:
+                    raise SourceError(f"a weight with a weight_scale must be 2-D, this one has shape {list(shape)}", path=f, tensor=prefix + key)
                 if sdt not in ("F32", "BF16", "F16") or sshape not in ((shape[0],), (shape[0], 1), (), (1,)):
                     raise SourceError(f"weight_scale has dtype {sdt} shape {list(sshape)}, expected float ({shape[0]},)", path=sf, tensor=prefix + scale_key)
             part = _Part(f, prefix + key, prefix + scale_key if scale_key else None, names[scale_key][0] if scale_key else None, dtype, shape)
@@ -151,21 +161,37 @@ class Backbone(SafetensorsFiles):
                 missing = {"to_q", "to_k", "to_v"} - have
                 if missing:
                     raise SourceError("diffusers split attention is missing " + ", ".join(sorted(missing)), path=self.directory, tensor=base + sorted(missing)[0] + ".weight")
-                self.tensors[base + "qkv.weight"] = SourceTensor(base + "qkv.weight", [parts["to_q"], parts["to_k"], parts["to_v"]])
+                qkv = [parts["to_q"], parts["to_k"], parts["to_v"]]
+                for p in qkv:
+                    if len(p.shape) != 2 or p.shape[1:] != qkv[0].shape[1:]:
+                        raise SourceError(f"diffusers split attention parts have shapes {[list(q.shape) for q in qkv]}, expected 2-D with equal columns", path=p.file, tensor=p.key)
+                self.tensors[base + "qkv.weight"] = SourceTensor(base + "qkv.weight", qkv)
             if "to_out.0" in parts:
                 self.tensors[base + "o.weight"] = SourceTensor(base + "o.weight", [parts["to_out.0"]])
 
     def _config(self) -> Ideogram4Config:
-        where = str(self.directory)
+        where = self.where
         shapes = {n: t.shape for n, t in self.tensors.items()}
         if "embed_image_indicator.weight" not in shapes:
             raise SourceError("not an Ideogram 4 backbone (no embed_image_indicator.weight)", path=where)
+        for name, ndim in _DETECT_NDIM.items():
+            if name in shapes and len(shapes[name]) != ndim:
+                raise SourceError(f"shape {list(shapes[name])} is not {ndim}-D", path=where, tensor=name)
+        # Block indices must be 0..N-1; bounding them here keeps a name like layers.99999999999.x from
+        # making config detection enumerate every index up to it.
+        layers = {int(m.group(1)): n for n in shapes if (m := _LAYER_RE.match(n))}
+        if layers and max(layers) >= len(layers):
+            top = max(layers)
+            raise SourceError(f"transformer blocks are not numbered 0..N-1: block {top} with {len(layers)} blocks in all", path=where, tensor=layers[top])
         detected = detect_config(shapes, where)
-        if self.config_json:
-            declared = config_from_json(self.config_json)
-            if "attention_head_dim" in self.config_json and "num_attention_heads" in self.config_json:
-                declared["emb_dim"] = int(self.config_json["attention_head_dim"]) * int(self.config_json["num_attention_heads"])
-            merged = dataclasses.replace(detected, **{k: v for k, v in declared.items() if k in ("rope_theta", "mrope_section")})
+        if self.config_json is not None:
+            cfg_path = self.directory / "config.json"
+            try:
+                declared = config_from_json(self.config_json, str(cfg_path))
+            except GgufDitError as e:
+                raise SourceError(str(e)) from None
+            # Values no tensor shape can show come from the config; the rest must agree with the shapes.
+            merged = dataclasses.replace(detected, **{k: v for k, v in declared.items() if k in ("rope_theta", "mrope_section", "norm_eps")})
             for k, v in declared.items():
                 if getattr(merged, k) != v:
                     raise SourceError(f"config.json says {k}={v} but the tensors say {getattr(merged, k)}", path=self.directory / "config.json")
@@ -203,24 +229,29 @@ class Backbone(SafetensorsFiles):
             if scale is not None:
                 s = scale.to(torch.float32).reshape(-1)
                 x.mul_((s[lo:hi] if s.numel() > 1 else s).reshape(-1, *([1] * (x.dim() - 1))))
-            out.append(x.numpy())
-        arr = out[0] if len(out) == 1 else np.concatenate(out, axis=0)
-        if not np.isfinite(arr).all():
-            bad = int(np.flatnonzero(~np.isfinite(arr.reshape(-1)))[0])
-            raise SourceError(f"non-finite value (NaN or Inf) at flat index {bad + r0 * (arr.shape[1] if arr.ndim > 1 else 1)}", path=st.parts[0].file, tensor=name)
-        return arr
+            a = x.numpy()
+            if not np.isfinite(a).all():
+                bad = int(np.flatnonzero(~np.isfinite(a.reshape(-1)))[0])
+                per_row = int(np.prod(a.shape[1:])) if a.ndim > 1 else 1
+                raise SourceError(f"non-finite value (NaN or Inf) at flat index {bad + lo * per_row}", path=p.file, tensor=p.key)
+            out.append(a)
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
 
     def source_names(self) -> list[str]:
         return [f.name for f in self.files]
 
 
 def open_safetensors(f: Path):
-    """A memory-mapped ``safe_open`` handle (torch tensors, so float8 works), or a SourceError naming the file."""
+    """A memory-mapped ``safe_open`` handle (torch tensors, so float8 works), or a SourceError naming the file.
+    Only regular files: safetensors would block on a FIFO and map a device."""
     from safetensors import safe_open
 
+    regular_file(f)
     try:
         return safe_open(str(f), framework="pt")
-    except Exception as e:  # safetensors raises several exception types for a bad header
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # several exception types for a bad header, and pyo3's PanicException is a BaseException
         raise SourceError(f"cannot read safetensors file ({_short(e)})", path=f) from None
 
 
@@ -229,18 +260,25 @@ def _short(e: Exception) -> str:
     return s[:200]
 
 
+def index_files(index: Path) -> list[Path]:
+    """The shards a ``*.safetensors.index.json`` lists (plain file names next to it)."""
+    wm = read_json(index, what="index").get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise SourceError("index has no weight_map object", path=index)
+    for v in wm.values():
+        if not isinstance(v, str) or not v or Path(v).name != v:
+            raise SourceError(f"weight_map entry {str(v)[:60]!r} is not a shard file name", path=index)
+    files = sorted({index.parent / v for v in wm.values()})
+    for f in files:
+        if not f.exists():
+            raise SourceError("shard listed in the index is missing", path=f)
+    return files
+
+
 def _backbone_files(d: Path) -> list[Path]:
     index = d / INDEX_NAME
     if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except Exception as e:
-            raise SourceError(f"unreadable index ({_short(e)})", path=index) from None
-        files = sorted({d / v for v in wm.values()})
-        for f in files:
-            if not f.exists():
-                raise SourceError("shard listed in the index is missing", path=f)
-        return files
+        return index_files(index)
     single = d / WEIGHTS_NAME
     if single.exists():
         return [single]
@@ -254,10 +292,7 @@ def _load_config(d: Path) -> dict | None:
     cfg = d / "config.json"
     if not cfg.exists():
         return None
-    try:
-        return json.loads(cfg.read_text())
-    except Exception as e:
-        raise SourceError(f"unreadable config.json ({_short(e)})", path=cfg) from None
+    return read_json(cfg, what="config.json")
 
 
 def open_checkpoint(src: str | Path, role: str | None = None) -> list[Backbone]:

@@ -24,7 +24,7 @@ only when complete.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import re
 import time
@@ -39,14 +39,17 @@ from gguf_dit.ggml_ops import GGMLType, fits
 from gguf_dit.ggml_ops.types import STORAGE_TYPES
 from gguf_dit.runtime.text_encoder import KEY_TAPS, KEY_TEMPLATE, LLAMA_ARCH, TEMPLATE, default_taps
 
-from .encode import encode_rows, stored_nbytes
+from .encode import check_range, encode_rows, stored_nbytes
 from .gguf_out import atomic_gguf, stream_tensor
-from .source import SafetensorsFiles, _short
+from .inputs import json_float, json_int, json_int_list, read_json
+from .output import HEADER_ALLOWANCE, OutputSet, check_location
+from .source import SafetensorsFiles, _short, index_files
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CHUNK_BYTES = 64 << 20
 GGML_QNT_VERSION = 2
+UINT32_MAX = (1 << 32) - 1
 #: Checked in order: the stock Instruct layout's prefix also starts with ``model.``.
 LM_PREFIXES = ("model.language_model.", "language_model.", "model.")
 _FLOAT_DTYPES = {"F32", "BF16", "F16", "F8_E4M3"}
@@ -100,6 +103,8 @@ class TextEncoderSource(SafetensorsFiles):
         self.directory = te_dir if te_dir.is_dir() else te_dir.parent
         self.files = _weight_files(te_dir)
         self.config_path = self.directory / "config.json"
+        # What a whole-model error names: the weights file itself when there is only one.
+        self.where = self.files[0] if len(self.files) == 1 else self.directory
         self._handles: dict[Path, object] = {}
         self.tensors: dict[str, _Tensor] = {}
         self.prefix = ""
@@ -117,7 +122,7 @@ class TextEncoderSource(SafetensorsFiles):
                 raise SourceError(
                     "no language model found (expected model.language_model.embed_tokens.weight, "
                     "language_model.embed_tokens.weight or model.embed_tokens.weight)",
-                    path=self.directory,
+                    path=self.where,
                 )
         self.prefix = prefix
         lm = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
@@ -141,6 +146,8 @@ class TextEncoderSource(SafetensorsFiles):
                     )
             if dtype not in _FLOAT_DTYPES:
                 raise SourceError(f"unsupported dtype {dtype} (expected F32, BF16, F16 or F8_E4M3 with a weight scale)", path=f, tensor=prefix + name)
+            if len(shape) not in (1, 2) or min(shape) < 1:
+                raise SourceError(f"shape {list(shape)} is not a decoder weight's (1-D or 2-D, none empty)", path=f, tensor=prefix + name)
             t = _Tensor(name, prefix + name, f, dtype, shape)
             base = name[: -len("weight")]
             for kind in _SCALED:
@@ -165,14 +172,18 @@ class TextEncoderSource(SafetensorsFiles):
         if len(emb) != 2:
             raise SourceError(f"embedding has shape {list(emb)}, expected [vocab, hidden]", path=self.tensors["embed_tokens.weight"].file, tensor=self.tensors["embed_tokens.weight"].key)
         vocab, hidden = emb
-        layers = sorted({int(m.group(1)) for n in shapes if (m := _LAYER_RE.match(n))})
+        layer_of = {int(m.group(1)): n for n in shapes if (m := _LAYER_RE.match(n))}
+        layers = sorted(layer_of)
         n_layers = len(layers)
-        if n_layers == 0 or layers != list(range(n_layers)):
-            raise SourceError(f"decoder layers are not numbered 0..N-1 (found {layers[:5]}{'...' if len(layers) > 5 else ''})", path=self.directory)
+        if n_layers == 0:
+            raise SourceError("no decoder layers (layers.N.*) found", path=self.where)
+        if layers[-1] != n_layers - 1:
+            gap = next(i for i in range(n_layers) if i not in layer_of)
+            raise SourceError(f"decoder layers are not numbered 0..N-1: layer {gap} is missing, {layers[-1]} is the highest", path=self.where, tensor=self.prefix + layer_of[layers[-1]])
 
         def need(name: str) -> tuple[int, ...]:
             if name not in shapes:
-                raise SourceError("missing tensor", path=self.directory, tensor=self.prefix + name)
+                raise SourceError("missing tensor", path=self.where, tensor=self.prefix + name)
             return shapes[name]
 
         head_dim = need("layers.0.self_attn.q_norm.weight")[0]
@@ -180,7 +191,7 @@ class TextEncoderSource(SafetensorsFiles):
         kv_rows = need("layers.0.self_attn.k_proj.weight")[0]
         ffn = need("layers.0.mlp.gate_proj.weight")[0]
         if head_dim <= 0 or q_rows % head_dim or kv_rows % head_dim:
-            raise SourceError(f"q/k projections ({q_rows}, {kv_rows} rows) are not multiples of head_dim {head_dim}", path=self.directory)
+            raise SourceError(f"q/k projections ({q_rows}, {kv_rows} rows) are not multiples of head_dim {head_dim}", path=self.where)
         cfg = {
             "hidden": hidden,
             "vocab": vocab,
@@ -197,11 +208,7 @@ class TextEncoderSource(SafetensorsFiles):
             "config_source": "inferred from tensor shapes (Qwen3-VL-8B rope theta and eps assumed)",
         }
         if self.config_path.exists():
-            try:
-                js = json.loads(self.config_path.read_text())
-            except Exception as e:
-                raise SourceError(f"unreadable config.json ({_short(e)})", path=self.config_path) from None
-            _merge_config(cfg, js, self.config_path)
+            _merge_config(cfg, read_json(self.config_path, what="config.json"), self.config_path)
         # Every expected tensor present, with the shape the config implies.
         h, hd, nh, nkv, f = cfg["hidden"], cfg["head_dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["ffn"]
         want = {"embed_tokens.weight": (vocab, h), "norm.weight": (h,)}
@@ -223,7 +230,7 @@ class TextEncoderSource(SafetensorsFiles):
                 want[f"layers.{i}.{k}"] = s
         for name, shape in want.items():
             if name not in self.tensors:
-                raise SourceError("missing tensor", path=self.directory, tensor=self.prefix + name)
+                raise SourceError("missing tensor", path=self.where, tensor=self.prefix + name)
             got = self.tensors[name].shape
             if tuple(got) != shape:
                 raise SourceError(f"shape {list(got)}, expected {list(shape)}", path=self.tensors[name].file, tensor=self.tensors[name].key)
@@ -295,15 +302,7 @@ def _weight_files(te_dir: Path) -> list[Path]:
         return [te_dir]
     index = te_dir / INDEX_NAME
     if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except Exception as e:
-            raise SourceError(f"unreadable index ({_short(e)})", path=index) from None
-        files = sorted({te_dir / v for v in wm.values()})
-        for f in files:
-            if not f.exists():
-                raise SourceError("shard listed in the index is missing", path=f)
-        return files
+        return index_files(index)
     if (te_dir / WEIGHTS_NAME).exists():
         return [te_dir / WEIGHTS_NAME]
     found = sorted(te_dir.glob("*.safetensors"))
@@ -314,24 +313,26 @@ def _weight_files(te_dir: Path) -> list[Path]:
 
 def _merge_config(cfg: dict, js: dict, where: Path) -> None:
     """Fill ``cfg`` from config.json (Qwen3-VL: ``text_config``; plain Qwen3: top level) and check it
-    against the shapes already in ``cfg``."""
-    tc = js.get("text_config") if isinstance(js.get("text_config"), dict) else js
+    against the shapes already in ``cfg``. Every value used is type-checked, naming its key."""
+    nested = isinstance(js.get("text_config"), dict)
+    tc = js["text_config"] if nested else js
+    pre = "text_config." if nested else ""
     declared = {
-        "hidden": tc.get("hidden_size"),
-        "n_layers": tc.get("num_hidden_layers"),
-        "n_heads": tc.get("num_attention_heads"),
-        "n_kv_heads": tc.get("num_key_value_heads"),
-        "head_dim": tc.get("head_dim"),
-        "ffn": tc.get("intermediate_size"),
-        "vocab": tc.get("vocab_size"),
+        "hidden": "hidden_size",
+        "n_layers": "num_hidden_layers",
+        "n_heads": "num_attention_heads",
+        "n_kv_heads": "num_key_value_heads",
+        "head_dim": "head_dim",
+        "ffn": "intermediate_size",
+        "vocab": "vocab_size",
     }
-    for k, v in declared.items():
-        if v is not None and int(v) != cfg[k]:
-            raise SourceError(f"config.json says {k}={v} but the tensors say {cfg[k]}", path=where)
+    for k, key in declared.items():
+        if tc.get(key) is not None and json_int(tc[key], pre + key, where) != cfg[k]:
+            raise SourceError(f"config.json says {pre + key}={tc[key]} but the tensors say {cfg[k]}", path=where)
     if tc.get("attention_bias"):
         raise SourceError("attention_bias=true is not supported (Qwen3 has no attention biases)", path=where)
     if tc.get("hidden_act", "silu") != "silu":
-        raise SourceError(f"hidden_act {tc.get('hidden_act')!r} is not supported (Qwen3 uses silu)", path=where)
+        raise SourceError(f"hidden_act {str(tc.get('hidden_act'))[:40]!r} is not supported (Qwen3 uses silu)", path=where)
     rope: dict = {}
     for src in (js, tc):  # older configs: rope_theta + rope_scaling; transformers 5: rope_parameters
         for key in ("rope_scaling", "rope_parameters"):
@@ -343,19 +344,22 @@ def _merge_config(cfg: dict, js: dict, where: Path) -> None:
         rope["rope_theta"] = tc["rope_theta"]
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "mrope", None):
-        raise SourceError(f"rope type {kind!r} is not supported (Qwen3-VL uses default/mrope)", path=where)
+        raise SourceError(f"rope type {str(kind)[:40]!r} is not supported (Qwen3-VL uses default/mrope)", path=where)
     if rope.get("rope_theta") is None:
         raise SourceError("no rope_theta in config.json (looked in text_config, rope_parameters and rope_scaling)", path=where)
-    cfg["rope_theta"] = float(rope["rope_theta"])
-    cfg["mrope_section"] = [int(x) for x in rope["mrope_section"]] if rope.get("mrope_section") else None
+    cfg["rope_theta"] = json_float(rope["rope_theta"], "rope_theta", where)
+    cfg["mrope_section"] = json_int_list(rope["mrope_section"], "mrope_section", where) if rope.get("mrope_section") else None
     if cfg["mrope_section"] and sum(cfg["mrope_section"]) * 2 != cfg["head_dim"]:
         raise SourceError(f"mrope_section {cfg['mrope_section']} does not cover head_dim {cfg['head_dim']}", path=where)
     if tc.get("rms_norm_eps") is not None:
-        cfg["rms_eps"] = float(tc["rms_norm_eps"])
+        cfg["rms_eps"] = json_float(tc["rms_norm_eps"], pre + "rms_norm_eps", where)
     if tc.get("max_position_embeddings"):
-        cfg["context_length"] = int(tc["max_position_embeddings"])
+        cfg["context_length"] = json_int(tc["max_position_embeddings"], pre + "max_position_embeddings", where, minimum=1, maximum=UINT32_MAX)
     vc = js.get("vision_config") if isinstance(js.get("vision_config"), dict) else {}
-    cfg["n_deepstack"] = len(vc.get("deepstack_visual_indexes") or [])
+    deepstack = vc.get("deepstack_visual_indexes") or []
+    if not isinstance(deepstack, list):
+        raise SourceError(f"vision_config.deepstack_visual_indexes is {str(deepstack)[:40]!r}, expected a list", path=where)
+    cfg["n_deepstack"] = len(deepstack)
     cfg["config_source"] = str(where.name)
 
 
@@ -363,31 +367,28 @@ def _merge_config(cfg: dict, js: dict, where: Path) -> None:
 
 
 def read_tokenizer(tok_dir: str | Path, n_rows: int) -> dict:
-    """The GGUF tokenizer fields from ``tokenizer.json`` (+ ``tokenizer_config.json``), padded to ``n_rows``."""
+    """The GGUF tokenizer fields from ``tokenizer.json`` (+ ``tokenizer_config.json``), padded to ``n_rows``.
+    Every field used is type-checked, naming the file and key."""
     tok_dir = Path(tok_dir)
     path = tok_dir / "tokenizer.json" if tok_dir.is_dir() else tok_dir
     if not path.exists():
         raise SourceError("tokenizer.json not found", path=path)
-    try:
-        tj = json.loads(path.read_text(encoding="utf-8"))
-    except Exception as e:
-        raise SourceError(f"unreadable tokenizer.json ({_short(e)})", path=path) from None
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE":
-        raise SourceError(f"tokenizer model is {model.get('type')!r}, expected a byte-level BPE (Qwen2)", path=path)
+    tj = read_json(path, what="tokenizer.json")
+    model = tj.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else model
+        raise SourceError(f"tokenizer model is {str(kind)[:40]!r}, expected a byte-level BPE (Qwen2)", path=path)
     _check_pretokenizer(tj.get("pre_tokenizer"), path)
     conf_path = path.parent / "tokenizer_config.json"
-    conf: dict = {}
-    if conf_path.exists():
-        try:
-            conf = json.loads(conf_path.read_text(encoding="utf-8"))
-        except Exception as e:
-            raise SourceError(f"unreadable tokenizer_config.json ({_short(e)})", path=conf_path) from None
+    conf: dict = read_json(conf_path, what="tokenizer_config.json") if conf_path.exists() else {}
 
-    tokens: dict[int, str] = {int(i): t for t, i in model.get("vocab", {}).items()}
+    vocab = _typed(model.get("vocab", {}), dict, "model.vocab", path)
+    tokens: dict[int, str] = {json_int(i, f"model.vocab[{_utf8(t, 'model.vocab key', path)!r}]", path): t for t, i in vocab.items()}
     types: dict[int, int] = {i: TOKEN_NORMAL for i in tokens}
-    for at in tj.get("added_tokens", []):
-        i, content = int(at["id"]), at["content"]
+    for n, at in enumerate(_typed(tj.get("added_tokens", []), list, "added_tokens", path)):
+        at = _typed(at, dict, f"added_tokens[{n}]", path)
+        i = json_int(at.get("id"), f"added_tokens[{n}].id", path)
+        content = _utf8(at.get("content"), f"added_tokens[{n}].content", path)
         tokens[i] = content
         special = bool(at.get("special")) or (content.startswith("<|") and content.endswith("|>"))
         types[i] = TOKEN_CONTROL if special else TOKEN_USER_DEFINED
@@ -404,9 +405,17 @@ def read_tokenizer(tok_dir: str | Path, n_rows: int) -> dict:
         else:
             token_list.append(f"[PAD{i}]")
             type_list.append(TOKEN_UNUSED)
+    # llama.cpp aborts the process on a vocabulary with a repeated token.
+    seen: dict[str, int] = {}
+    for i, t in enumerate(token_list):
+        if t in seen:
+            raise SourceError(f"token {t[:40]!r} appears twice (ids {seen[t]} and {i})", path=path)
+        seen[t] = i
     merges = []
-    for m in model.get("merges", []):
-        merges.append(" ".join(m) if isinstance(m, (list, tuple)) else str(m))
+    for n, m in enumerate(_typed(model.get("merges", []), list, "model.merges", path)):
+        if isinstance(m, list) and len(m) == 2:
+            m = " ".join(_utf8(x, f"model.merges[{n}]", path) for x in m)
+        merges.append(_utf8(m, f"model.merges[{n}]", path))
     by_content = {t: i for i, t in tokens.items()}
 
     def special_id(name: str, fallback: str | None) -> int | None:
@@ -420,6 +429,7 @@ def read_tokenizer(tok_dir: str | Path, n_rows: int) -> dict:
     eos = special_id("eos_token", "<|im_end|>")
     if eos is None:
         eos = by_content.get("<|endoftext|>")
+    template = conf.get("chat_template")
     out = {
         "tokens": token_list,
         "types": type_list,
@@ -428,24 +438,41 @@ def read_tokenizer(tok_dir: str | Path, n_rows: int) -> dict:
         "eos": eos,
         "bos": special_id("bos_token", "<|endoftext|>"),
         "pad": special_id("pad_token", "<|endoftext|>"),
-        "chat_template": conf.get("chat_template") if isinstance(conf.get("chat_template"), str) else None,
+        "chat_template": _utf8(template, "chat_template", conf_path) if isinstance(template, str) else None,
         "files": [p.name for p in (path, conf_path) if p.exists()],
     }
     return out
 
 
+def _typed(value, kind: type, key: str, path: Path):
+    if not isinstance(value, kind):
+        raise SourceError(f"{key} is {str(value)[:40]!r}, expected a JSON {'object' if kind is dict else 'array'}", path=path)
+    return value
+
+
+def _utf8(value, key: str, path: Path) -> str:
+    """A string the GGUF writer can store (JSON may hold lone surrogates, which UTF-8 cannot)."""
+    if not isinstance(value, str):
+        raise SourceError(f"{key} is {str(value)[:40]!r}, expected a string", path=path)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(f"{key} is not valid Unicode (a lone surrogate)", path=path) from None
+    return value
+
+
 def _check_pretokenizer(pt, path: Path) -> None:
     """llama.cpp's ``qwen2`` pre-tokenizer hard-codes Qwen2's split regex; refuse anything else."""
-    def walk(node):
+    nodes, todo = [], [pt] if pt else []
+    while todo:  # iterative: a deeply nested hostile file must not exhaust the Python stack
+        node = todo.pop()
         if isinstance(node, dict):
-            yield node
-            for p in node.get("pretokenizers", []) or []:
-                yield from walk(p)
-
-    nodes = list(walk(pt)) if pt else []
+            nodes.append(node)
+            children = node.get("pretokenizers") or []
+            todo.extend(reversed(_typed(children, list, "pre_tokenizer.pretokenizers", path)))
     kinds = [n.get("type") for n in nodes]
     if "ByteLevel" not in kinds:
-        raise SourceError(f"pre-tokenizer {kinds or None} is not byte-level; expected Qwen2's Split + ByteLevel", path=path)
+        raise SourceError(f"pre-tokenizer {str(kinds or None)[:80]} is not byte-level; expected Qwen2's Split + ByteLevel", path=path)
     for n in nodes:
         if n.get("type") == "Split":
             pat = n.get("pattern", {})
@@ -522,6 +549,81 @@ _nbytes = stored_nbytes
 # -- writing -----------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class TextEncoderPlan:
+    """A text encoder opened, checked and planned (types, tokenizer, order), ready to write."""
+
+    src: TextEncoderSource
+    cfg: dict
+    tok: dict
+    plans: dict[str, tuple[GGMLType, str]]
+    order: list[str]
+    taps: list[int]
+    lt: GGMLType
+    dt: GGMLType | None
+    arch: str
+    nbytes: int  # expected output size, for the free-space check
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def prepare_text_encoder(
+    te_dir: str | Path,
+    tokenizer_dir: str | Path,
+    *,
+    linear_type: str | GGMLType = "q8_0",
+    down_proj_type: str | GGMLType | None = None,
+    arch: str = LLAMA_ARCH,
+) -> TextEncoderPlan:
+    """Open and check the language model and tokenizer and decide every tensor's type; writes nothing."""
+    if arch not in ("qwen3", "qwen3vl"):
+        raise RecipeError(f"text encoder arch {arch!r}: use qwen3 (default) or qwen3vl")
+    lt = _parse_type(linear_type, "linear_type")
+    dt = _parse_type(down_proj_type, "down_proj_type") if down_proj_type is not None else None
+    src = TextEncoderSource(te_dir)
+    try:
+        cfg = src.config
+        tok = read_tokenizer(tokenizer_dir, cfg["vocab"])
+        plans = plan_types(src, lt, dt)
+    except BaseException:
+        src.close()
+        raise
+    order = ["embed_tokens.weight"] + [f"layers.{i}.{k}" for i in range(cfg["n_layers"]) for k in _LAYER_MAP] + ["norm.weight"]
+    strings = tok["tokens"] + tok["merges"] + [tok["chat_template"] or ""]
+    nbytes = sum(_nbytes(src.tensors[n].shape, plans[n][0]) + 512 for n in order) + sum(len(x.encode()) + 12 for x in strings) + HEADER_ALLOWANCE
+    return TextEncoderPlan(src, cfg, tok, plans, order, default_taps(cfg["n_layers"]), lt, dt, arch, nbytes)
+
+
+def write_text_encoder(te: TextEncoderPlan, out_path: Path, *, threads: int | None = None, progress: Callable[[str, int], None] | None = None) -> dict:
+    """Write a prepared text encoder to ``out_path`` (itself written under a temporary name and renamed)."""
+    t0 = time.perf_counter()
+    cfg, tok, plans = te.cfg, te.tok, te.plans
+    result = _write(te.src, cfg, tok, plans, te.order, te.taps, out_path, te.lt, te.dt, threads, progress, te.arch)
+    types: dict[str, int] = {}
+    for t, _ in plans.values():
+        types[t.name] = types.get(t.name, 0) + 1
+    result.update(
+        {
+            "path": out_path,
+            "arch": te.arch,
+            "n_layers": cfg["n_layers"],
+            "hidden": cfg["hidden"],
+            "features_dim": cfg["hidden"] * len(te.taps),
+            "taps": te.taps,
+            "vocab": cfg["vocab"],
+            "tokenizer_tokens": tok["n_tokenizer"],
+            "tensors": len(plans),
+            "types": types,
+            "source_layout": te.src.prefix or "(none)",
+            "config_source": cfg["config_source"],
+            "bytes_out": out_path.stat().st_size,
+            "seconds": time.perf_counter() - t0,
+        }
+    )
+    return result
+
+
 def convert_text_encoder(
     te_dir: str | Path,
     tokenizer_dir: str | Path,
@@ -541,50 +643,18 @@ def convert_text_encoder(
     when given, applies to every ``mlp.down_proj`` and must fit. Norms stay F32. ``arch`` "qwen3vl"
     writes the layout of community Qwen3-VL GGUFs instead (MRoPE sections, deepstack count; same
     tensors, same features for text). Returns a summary dict (path, arch, n_layers, hidden, taps,
-    features_dim, types, plans, bytes, seconds, ...).
+    features_dim, types, plans, bytes, seconds, ...). Written like ``gguf-dit convert``'s outputs
+    (``output.OutputSet``): nothing is left behind on an error or Ctrl-C.
     """
-    if arch not in ("qwen3", "qwen3vl"):
-        raise RecipeError(f"text encoder arch {arch!r}: use qwen3 (default) or qwen3vl")
-    t0 = time.perf_counter()
     out_path = Path(out_path)
-    lt = _parse_type(linear_type, "linear_type")
-    dt = _parse_type(down_proj_type, "down_proj_type") if down_proj_type is not None else None
-    if out_path.exists() and not force:
-        raise OutputError("already exists (use --force to overwrite)", path=out_path)
-    if out_path.exists() and out_path.is_dir():
-        raise OutputError("is a directory", path=out_path)
-    src = TextEncoderSource(te_dir)
+    check_location(out_path.parent, [out_path.name], force=force)
+    te = prepare_text_encoder(te_dir, tokenizer_dir, linear_type=linear_type, down_proj_type=down_proj_type, arch=arch)
     try:
-        cfg = src.config
-        tok = read_tokenizer(tokenizer_dir, cfg["vocab"])
-        plans = plan_types(src, lt, dt)
-        order = ["embed_tokens.weight"] + [f"layers.{i}.{k}" for i in range(cfg["n_layers"]) for k in _LAYER_MAP] + ["norm.weight"]
-        taps = default_taps(cfg["n_layers"])
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        result = _write(src, cfg, tok, plans, order, taps, out_path, lt, dt, threads, progress, arch)
+        with OutputSet(out_path.parent, [out_path.name], force=force, need_bytes=te.nbytes) as outs:
+            result = write_text_encoder(te, outs.path(out_path.name), threads=threads, progress=progress)
     finally:
-        src.close()
-    types: dict[str, int] = {}
-    for t, _ in plans.values():
-        types[t.name] = types.get(t.name, 0) + 1
-    result.update(
-        {
-            "path": out_path,
-            "arch": arch,
-            "n_layers": cfg["n_layers"],
-            "hidden": cfg["hidden"],
-            "features_dim": cfg["hidden"] * len(taps),
-            "taps": taps,
-            "vocab": cfg["vocab"],
-            "tokenizer_tokens": tok["n_tokenizer"],
-            "tensors": len(plans),
-            "types": types,
-            "source_layout": src.prefix or "(none)",
-            "config_source": cfg["config_source"],
-            "bytes_out": out_path.stat().st_size,
-            "seconds": time.perf_counter() - t0,
-        }
-    )
+        te.close()
+    result["path"] = out_path
     return result
 
 
@@ -651,7 +721,14 @@ def _write(src, cfg, tok, plans, order, taps, out_path, lt, dt, threads, progres
                 if progress:
                     progress(gname, n)
 
-            written = stream_tensor(writer, src.chunks(name, CHUNK_BYTES), lambda c, t=t: _encode(c, t, threads), on_chunk)
+            def encode(c: np.ndarray, t: GGMLType = t, name: str = name) -> np.ndarray:
+                big = check_range(c, t)
+                if big is not None:
+                    raise SourceError(f"value of magnitude {big:.4g} is beyond F16's range (65504), which {t.name} cannot store; "
+                                      "choose --te-type f32 or bf16", path=src.tensors[name].file, tensor=src.tensors[name].key)
+                return _encode(c, t, threads)
+
+            written = stream_tensor(writer, src.chunks(name, CHUNK_BYTES), encode, on_chunk)
             if written != _nbytes(shape, t):
                 raise OutputError(f"internal: wrote {written} bytes, expected {_nbytes(shape, t)}", path=out_path, tensor=_gguf_name(name))
     return {"bytes_in": bytes_in, "plans": {_gguf_name(n): [plans[n][0].name, plans[n][1]] for n in order}}

@@ -25,6 +25,8 @@ TE_HIDDEN, TE_LAYERS, TE_HEADS, TE_KV_HEADS, TE_HEAD_DIM, TE_FFN, TE_ROWS = 32, 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _BIGRAMS = ("Ġa", "Ġt", "Ġs", "th", "he", "in", "er", "an", "re", "on", "Ġthe", "ed", "nd", "es", "or", "ou")
 VAE_CHANNELS = (16, 32, 32, 32)
+#: Room for a full tiny checkpoint (it takes about 15 MB), for the free-space check.
+NBYTES = 32 << 20
 
 
 def _byte_chars() -> list[str]:

@@ -7,6 +7,7 @@ GGUF writer stores ggml's reversed ``ne`` order). Encoder, ``quant_conv`` and ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,11 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from gguf_dit import __version__
-from gguf_dit.errors import GgufDitError, OutputError, SourceError
+from gguf_dit.errors import GgufDitError, SourceError
 from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
 from gguf_dit.runtime.vae import NORM_EPS, VAE_ARCH, VAEConfig, decoder_inventory
 
 from .gguf_out import atomic_gguf
+from .inputs import read_json
+from .output import HEADER_ALLOWANCE, OutputSet, check_location
+from .source import open_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -45,15 +49,10 @@ def read_vae_config(vae_dir: Path) -> tuple[VAEConfig, dict]:
     p = vae_dir / CONFIG_NAME
     if not p.exists():
         raise SourceError("missing (a diffusers AutoencoderKLFlux2 config is required)", path=p)
-    try:
-        raw = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise SourceError(f"unreadable config.json ({_short(e)})", path=p) from None
-    if not isinstance(raw, dict):
-        raise SourceError("config.json is not a JSON object", path=p)
+    raw = read_json(p, what="config.json")
     cls = raw.get("_class_name")
     if cls is not None and cls != "AutoencoderKLFlux2":
-        raise SourceError(f"_class_name is {cls!r}, expected 'AutoencoderKLFlux2'", path=p)
+        raise SourceError(f"_class_name is {str(cls)[:60]!r}, expected 'AutoencoderKLFlux2'", path=p)
     try:
         enc_ch = raw.get("block_out_channels", [128, 256, 512, 512])
         dec_ch = raw.get("decoder_block_out_channels") or enc_ch
@@ -62,7 +61,10 @@ def read_vae_config(vae_dir: Path) -> tuple[VAEConfig, dict]:
         if isinstance(patch, int):
             patch = [patch, patch]
         if len(patch) != 2 or patch[0] != patch[1]:
-            raise SourceError(f"patch_size {patch} is not square", path=p)
+            raise SourceError(f"patch_size {str(patch)[:60]} is not square", path=p)
+        if len(dec_ch) > MAX_LEVELS or not 0 < int(raw.get("norm_num_groups", 32)) or not 0 < int(raw.get("layers_per_block", 2)) <= MAX_LAYERS_PER_BLOCK:
+            raise SourceError(f"block_out_channels, norm_num_groups or layers_per_block out of range (at most {MAX_LEVELS} levels of "
+                              f"{MAX_LAYERS_PER_BLOCK} layers, at least 1 group)", path=p)
         cfg = VAEConfig(
             block_out_channels=tuple(int(c) for c in dec_ch),
             layers_per_block=int(raw.get("layers_per_block", 2)),
@@ -74,14 +76,17 @@ def read_vae_config(vae_dir: Path) -> tuple[VAEConfig, dict]:
             patch_size=int(patch[0]),
             batch_norm_eps=float(raw.get("batch_norm_eps", 1e-4)),
         )
+        bad = cfg.problems()
+        up_types = list(up_types)
     except (TypeError, ValueError) as e:
         raise SourceError(f"bad config value ({_short(e)})", path=p) from None
-    bad = cfg.problems()
     act = raw.get("act_fn", "silu")
     if act not in ("silu", "swish"):
-        bad.append(f"act_fn {act!r} is not silu")
-    if list(up_types) != ["UpDecoderBlock2D"] * len(cfg.block_out_channels):
-        bad.append(f"up_block_types {up_types} are not all UpDecoderBlock2D (one per decoder level)")
+        bad.append(f"act_fn {str(act)[:60]!r} is not silu")
+    if up_types != ["UpDecoderBlock2D"] * len(cfg.block_out_channels):
+        bad.append(f"up_block_types {str(up_types)[:120]} are not all UpDecoderBlock2D (one per decoder level)")
+    if not 0 <= cfg.batch_norm_eps < float("inf"):
+        bad.append(f"batch_norm_eps {cfg.batch_norm_eps} is not a finite non-negative number")
     if cfg.token_dim != LATENT_SHIFT.shape[0]:
         bad.append(f"latent_channels {cfg.latent_channels} x patch {cfg.patch_size}^2 != 128 (Ideogram 4 needs 32 latent channels)")
     if bad:
@@ -93,16 +98,14 @@ class _Weights:
     """Memory-mapped safetensors reader returning float32 numpy arrays (F32/F16/BF16 sources)."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = path
         if not path.exists():
             raise SourceError("missing (the VAE weights file)", path=path)
-        try:
-            self.f = safe_open(str(path), framework="pt")
-            self.keys = set(self.f.keys())
-        except Exception as e:
-            raise SourceError(f"cannot read safetensors file ({_short(e)})", path=path) from None
+        self.f = open_safetensors(path)
+        self.keys = set(self.f.keys())
+
+    def close(self) -> None:
+        self.f = None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.f.get_slice(key).get_shape())
@@ -142,36 +145,76 @@ def _plan(cfg: VAEConfig, w: _Weights) -> list[tuple[str, str, tuple[int, ...]]]
     return plan
 
 
+#: Far above FLUX.2's 4 levels of 2 resnets: bounds the tensor inventory a hostile config.json can ask for.
+MAX_LEVELS, MAX_LAYERS_PER_BLOCK = 16, 64
+
+
+@dataclasses.dataclass
+class VAEPlan:
+    """A VAE folder opened and checked, ready to write."""
+
+    vae_dir: Path
+    cfg: VAEConfig
+    raw_cfg: dict
+    weights: "_Weights"
+    plan: list[tuple[str, str, tuple[int, ...]]]
+    bn: dict[str, np.ndarray]
+    dtype: str
+    nbytes: int  # upper bound of the output size (every tensor F32), for the free-space check
+
+    def close(self) -> None:
+        self.weights.close()
+
+
+def prepare_vae(vae_dir: str | Path, *, dtype: str = "f16") -> VAEPlan:
+    """Open and check the VAE at ``vae_dir`` (config, tensor names and shapes, the bn statistics); writes nothing."""
+    if dtype not in ("f16", "f32"):
+        raise GgufDitError(f"unknown VAE dtype {dtype!r}; use f16 or f32")
+    vae_dir = _find_dir(Path(vae_dir))
+    cfg, raw_cfg = read_vae_config(vae_dir)
+    w = _Weights(vae_dir / WEIGHTS_NAME)
+    try:
+        plan = _plan(cfg, w)
+        bn = {}
+        for k in ("bn.running_mean", "bn.running_var"):
+            if k in w.keys:
+                shp = w.shape(k)
+                if shp != (cfg.token_dim,):
+                    raise SourceError(f"shape {list(shp)}, expected [{cfg.token_dim}]", path=w.path, tensor=k)
+                bn[k] = w.get(k).astype(np.float32)
+        if "bn.running_var" in bn and (bn["bn.running_var"] + cfg.batch_norm_eps <= 0).any():
+            raise SourceError("running_var + batch_norm_eps is not positive", path=w.path, tensor="bn.running_var")
+    except BaseException:
+        w.close()
+        raise
+    nbytes = sum(4 * int(np.prod(shape)) + 512 for _, _, shape in plan) + len(json.dumps(raw_cfg)) + HEADER_ALLOWANCE
+    return VAEPlan(vae_dir, cfg, raw_cfg, w, plan, bn, dtype, nbytes)
+
+
 def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16", force: bool = False) -> dict:
     """Write the VAE decoder at ``vae_dir`` (diffusers folder, or a checkpoint root holding ``vae/``) to ``out_path``.
 
     ``dtype``: ``"f16"`` stores 2-D and 4-D weights as F16 (1-D norms and biases stay F32; a weight whose magnitude
-    exceeds the F16 range stays F32 too), ``"f32"`` stores everything F32. Returns a summary dict.
+    exceeds the F16 range stays F32 too), ``"f32"`` stores everything F32. Returns a summary dict. Written like
+    ``gguf-dit convert``'s outputs (``output.OutputSet``): nothing is left behind on an error or Ctrl-C.
     """
-    t0 = time.perf_counter()
-    if dtype not in ("f16", "f32"):
-        raise GgufDitError(f"unknown VAE dtype {dtype!r}; use f16 or f32")
     out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise OutputError("already exists (use --force to overwrite)", path=out_path)
-    if out_path.exists() and out_path.is_dir():
-        raise OutputError("is a directory", path=out_path)
-    vae_dir = _find_dir(Path(vae_dir))
-    cfg, raw_cfg = read_vae_config(vae_dir)
-    w = _Weights(vae_dir / WEIGHTS_NAME)
-    plan = _plan(cfg, w)
+    check_location(out_path.parent, [out_path.name], force=force)
+    vae = prepare_vae(vae_dir, dtype=dtype)
+    try:
+        with OutputSet(out_path.parent, [out_path.name], force=force, need_bytes=vae.nbytes) as outs:
+            result = write_vae(vae, outs.path(out_path.name))
+    finally:
+        vae.close()
+    result["path"] = str(out_path)
+    return result
 
-    bn = {}
-    for k in ("bn.running_mean", "bn.running_var"):
-        if k in w.keys:
-            shp = w.shape(k)
-            if shp != (cfg.token_dim,):
-                raise SourceError(f"shape {list(shp)}, expected [{cfg.token_dim}]", path=w.path, tensor=k)
-            bn[k] = w.get(k).astype(np.float32)
-    if "bn.running_var" in bn and (bn["bn.running_var"] + cfg.batch_norm_eps <= 0).any():
-        raise SourceError("running_var + batch_norm_eps is not positive", path=w.path, tensor="bn.running_var")
 
-    # Read and encode every tensor before creating the output, so a bad tensor leaves nothing behind.
+def write_vae(vae: VAEPlan, out_path: Path) -> dict:
+    """Write a prepared VAE to ``out_path`` (itself written under a temporary name and renamed)."""
+    t0 = time.perf_counter()
+    cfg, raw_cfg, w, plan, bn, dtype = vae.cfg, vae.raw_cfg, vae.weights, vae.plan, vae.bn, vae.dtype
+    # Every tensor is read and encoded before the header is written: a tensor's type depends on its values.
     tensors: list[tuple[str, np.ndarray]] = []
     types: dict[str, int] = {}
     kept_f32: list[str] = []
@@ -192,7 +235,6 @@ def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16"
         tensors.append((name, enc))
     skipped = sorted(k for k in w.keys if k.startswith(_SKIPPED_PREFIXES))
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_gguf(out_path, VAE_ARCH) as (writer, tmp):
         writer.add_name("Ideogram 4 VAE decoder (FLUX.2 KL)")
         a = VAE_ARCH
@@ -232,7 +274,7 @@ def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16"
         }
     return {
         "path": str(out_path),
-        "source": str(vae_dir),
+        "source": str(vae.vae_dir),
         "dtype": dtype,
         "tensors": len(tensors),
         "types": types,

@@ -79,20 +79,41 @@ _DIFFUSERS_KEYS = {
 }
 
 
-def config_from_json(d: Mapping[str, object]) -> dict[str, object]:
-    """Pick the fields we know from a diffusers/official ``config.json`` (unknown keys ignored)."""
+def config_from_json(d: Mapping[str, object], where: str | None = None) -> dict[str, object]:
+    """Pick the fields we know from a diffusers/official ``config.json`` (unknown keys ignored).
+
+    Values are type-checked (a string, list, null or bool where a number belongs is an error naming ``where`` and
+    the key); ``attention_head_dim`` x ``num_attention_heads`` gives ``emb_dim``."""
+
+    def bad(key: str, v: object, want: str) -> GgufDitError:
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        return GgufDitError(f"config.json key {key} is {shown}, expected {want}", path=where)
+
+    def positive_int(key: str, v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise bad(key, v, "a positive integer")
+        return v
+
+    if not isinstance(d, Mapping):
+        raise GgufDitError(f"config.json is a {type(d).__name__}, expected a JSON object", path=where)
     out: dict[str, object] = {}
     for k, v in d.items():
         ours = _DIFFUSERS_KEYS.get(k)
         if ours is None:
             continue
         if ours == "mrope_section":
-            v = tuple(int(x) for x in v)  # type: ignore[union-attr]
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in v):
+                raise bad(k, v, "a list of 3 non-negative integers")
+            v = tuple(v)
         elif ours in ("rope_theta", "norm_eps"):
-            v = float(v)  # type: ignore[arg-type]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) < float("inf"):
+                raise bad(k, v, "a finite positive number")
+            v = float(v)
         else:
-            v = int(v)  # type: ignore[arg-type]
+            v = positive_int(k, v)
         out[ours] = v
+    if "attention_head_dim" in d and "num_attention_heads" in d:
+        out["emb_dim"] = positive_int("attention_head_dim", d["attention_head_dim"]) * positive_int("num_attention_heads", d["num_attention_heads"])
     return out
 
 
@@ -165,22 +186,30 @@ def is_ideogram4(names: Iterable[str]) -> bool:
 def detect_config(shapes: Mapping[str, tuple[int, ...]], where: str = "model") -> Ideogram4Config:
     """Infer the config from tensor names and PyTorch-order shapes (for files without metadata)."""
 
-    def need(name: str) -> tuple[int, ...]:
+    def need(name: str, ndim: int) -> tuple[int, ...]:
         if name not in shapes:
             raise GgufDitError("missing tensor, cannot infer the Ideogram 4 config", path=where, tensor=name)
-        return tuple(shapes[name])
+        shape = tuple(int(x) for x in shapes[name])
+        if len(shape) != ndim:
+            raise GgufDitError(f"has {len(shape)} dimensions {list(shape)}, expected {ndim}", path=where, tensor=name)
+        return shape
 
-    D, C = need("input_proj.weight")
-    _, F = need("llm_cond_proj.weight")
-    A, _ = need("adaln_proj.weight")
+    D, C = need("input_proj.weight", 2)
+    _, F = need("llm_cond_proj.weight", 2)
+    A, _ = need("adaln_proj.weight", 2)
     layers = sorted({int(m.group(1)) for k in shapes if (m := _LAYER_RE.match(k))})
     if not layers:
         raise GgufDitError("no transformer blocks (layers.N.*) found", path=where)
-    if layers != list(range(len(layers))):
-        missing = sorted(set(range(layers[-1] + 1)) - set(layers))
-        raise GgufDitError(f"transformer blocks are not contiguous: missing layers {missing}", path=where)
-    I, _ = need("layers.0.feed_forward.w1.weight")
-    (hd,) = need("layers.0.attention.norm_q.weight")
+    # Only indices below the block count can be contiguous: never build a range from a file's index
+    # (a tensor named layers.99999999999.* would make it 1e11 long).
+    first_gap = next(i for i, n in enumerate(layers + [None]) if n != i)
+    if first_gap != len(layers):
+        raise GgufDitError(
+            f"transformer blocks are not contiguous: {len(layers)} block indices up to {layers[-1]}, layer {first_gap} missing",
+            path=where,
+        )
+    I, _ = need("layers.0.feed_forward.w1.weight", 2)
+    (hd,) = need("layers.0.attention.norm_q.weight", 1)
     if hd <= 0 or D % hd:
         raise GgufDitError(f"head dim {hd} does not divide hidden size {D}", path=where, tensor="layers.0.attention.norm_q.weight")
     cfg = Ideogram4Config(emb_dim=D, num_layers=len(layers), num_heads=D // hd, intermediate_size=I, adaln_dim=A, in_channels=C, llm_features_dim=F)

@@ -1,0 +1,212 @@
+"""Where a conversion writes: the location checked before any work, and every output written as one set.
+
+All outputs of one command are written into a private folder inside the output folder
+(``OUT/.gguf-dit-tmp-<pid>/``) and moved into place together only when every one is complete, under a lock file
+(``OUT/.gguf-dit-convert.lock``) that a second conversion into the same folder finds held and refuses. A failure
+or Ctrl-C before that leaves the old files as they were, removes the private folder, the lock, and any output
+folder the command created. The moves are a handful of renames within one folder, run with Ctrl-C deferred, and
+undone if one fails: the folder holds the whole old set or the whole new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from gguf_dit.errors import OutputError
+
+LOCK_NAME = ".gguf-dit-convert.lock"
+TMP_PREFIX = ".gguf-dit-tmp-"
+BUSY = "another gguf-dit convert is writing here"
+#: Room for one GGUF's header (metadata, tensor infos, alignment) on top of its tensor data, in space estimates.
+HEADER_ALLOWANCE = 1 << 20
+
+
+def check_location(out_dir: Path, names: list[str], *, force: bool, need_bytes: int | None = None, folders: bool = False) -> None:
+    """Refuse, creating nothing, an output folder that cannot take ``names`` (files, or ``folders``): a path that is
+    a file, a parent that is a file or not writable, an existing output without ``force`` or of the other kind,
+    or (``need_bytes``) too little free space."""
+    out_dir = Path(out_dir)
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise OutputError("exists and is not a folder", path=out_dir)
+    base = out_dir
+    while not os.path.lexists(base):
+        base = base.parent
+    if not base.is_dir():
+        raise OutputError(f"cannot create the output folder: {base} is not a folder", path=out_dir)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputError("is not writable" if base == out_dir else f"cannot create the output folder: {base} is not writable", path=out_dir)
+    for name in names:
+        dst = out_dir / name
+        if os.path.lexists(dst):
+            if not force:
+                raise OutputError("already exists (use --force to overwrite)", path=dst)
+            if dst.is_dir() != folders:
+                raise OutputError(f"is {'not ' if folders else ''}a folder; not replacing it", path=dst)
+    if need_bytes:
+        st = os.statvfs(base)
+        free = st.f_bavail * st.f_frsize
+        if need_bytes > free:
+            raise OutputError(f"not enough free space: the output needs about {_mb(need_bytes)}, {_mb(free)} is free", path=out_dir)
+
+
+class OutputSet:
+    """Context manager for one command's outputs ``names`` (plain file names) in ``out_dir``.
+
+    ``path(name)`` is where to write each one (inside the private folder). Leaving the block normally moves every
+    one into place, replacing old ones only with ``force``; leaving it with an exception, Ctrl-C included, leaves
+    ``out_dir`` as it was. ``folders``: the outputs are folders (replaced whole), not files.
+    """
+
+    def __init__(self, out_dir: str | Path, names: list[str], *, force: bool, need_bytes: int = 0, folders: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.names = list(names)
+        self.force = force
+        self.folders = folders
+        check_location(self.out_dir, self.names, force=force, need_bytes=need_bytes, folders=folders)
+        self.tmp: Path | None = None
+        self._created: list[Path] = []
+        self._lock_fd: int | None = None
+
+    def path(self, name: str) -> Path:
+        assert name in self.names
+        return self.staging / name
+
+    @property
+    def staging(self) -> Path:
+        """The private folder the outputs are written into."""
+        assert self.tmp is not None
+        return self.tmp
+
+    def __enter__(self) -> "OutputSet":
+        with _sigint_deferred() as interrupted:
+            try:
+                self._setup()
+            except OSError as e:
+                self._cleanup(failed=True)
+                raise OutputError(f"cannot write ({e.strerror or e})", path=e.filename or self.out_dir) from None
+            except BaseException:
+                self._cleanup(failed=True)
+                raise
+            if interrupted:
+                self._cleanup(failed=True)
+                raise KeyboardInterrupt
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        with _sigint_deferred():
+            failed = exc_type is not None
+            try:
+                if not failed:
+                    failed = True
+                    self._commit()
+                    failed = False
+            except OSError as e:
+                raise OutputError(f"cannot move the finished outputs into place ({e.strerror or e})", path=self.out_dir) from None
+            finally:
+                self._cleanup(failed=failed)
+        # An interrupt that arrived while the finished set was being moved into place is dropped: the set is complete.
+
+    # -- steps -------------------------------------------------------------------------
+    def _setup(self) -> None:
+        missing = []
+        d = self.out_dir
+        while not os.path.lexists(d):
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue  # made by someone else meanwhile: not ours to remove
+            self._created.append(d)
+        self._lock()
+        # Under the lock: leftovers of a killed conversion are removed, and one that finished meanwhile is seen.
+        for stale in self.out_dir.glob(TMP_PREFIX + "*"):
+            for old in stale.glob(".old-*"):  # killed while moving into place: put the old files back
+                os.replace(old, self.out_dir / old.name[len(".old-"):])
+            shutil.rmtree(stale, ignore_errors=True)
+        check_location(self.out_dir, self.names, force=self.force, folders=self.folders)
+        self.tmp = self.out_dir / f"{TMP_PREFIX}{os.getpid()}"
+        os.mkdir(self.tmp)
+
+    def _lock(self) -> None:
+        lock = self.out_dir / LOCK_NAME
+        for _ in range(3):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(BUSY, path=self.out_dir) from None
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                return
+            os.close(fd)  # the previous holder removed the file as we opened it: lock the current one
+        raise OutputError(BUSY, path=self.out_dir)
+
+    def _commit(self) -> None:
+        assert self.tmp is not None
+        moved: list[tuple[str, Path | None]] = []
+        try:
+            for name in self.names:
+                dst, old = self.out_dir / name, None
+                if os.path.lexists(dst):
+                    old = self.tmp / f".old-{name}"
+                    os.replace(dst, old)
+                moved.append((name, old))
+                os.replace(self.tmp / name, dst)
+        except BaseException:
+            for name, old in reversed(moved):  # put the old set back
+                with contextlib.suppress(OSError):
+                    if not os.path.lexists(self.tmp / name):
+                        os.replace(self.out_dir / name, self.tmp / name)
+                    if old is not None:
+                        os.replace(old, self.out_dir / name)
+            raise
+
+    def _cleanup(self, *, failed: bool) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.out_dir / LOCK_NAME)  # while still holding it, so no one else holds this file
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if failed:
+            for d in reversed(self._created):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+            self._created = []
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[list]:
+    """Hold Ctrl-C over short bookkeeping (creating, moving, removing), so that it cannot land between two steps
+    of one; yields a list that is non-empty when one arrived."""
+    got: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    prev = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, prev if prev is not None else signal.default_int_handler)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
