@@ -16,6 +16,7 @@ from .quant import default_threads
 
 DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL = 0, 1, 2, 3
 _SET_N_THREADS = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)
+_SET_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 
 _loaded = False
 
@@ -110,6 +111,18 @@ class Backend:
         if addr:
             _SET_N_THREADS(addr)(self.handle, int(n))
             self.threads = int(n)
+
+    def set_abort_callback(self, callback) -> bool:
+        """Install a ggml_abort_callback (a ctypes function kept referenced here; None removes it),
+        polled between graph nodes; returning true stops the compute with GGML_STATUS_ABORTED.
+        False where the backend has none (CUDA)."""
+        reg = lib.ggml_backend_dev_backend_reg(self.device)
+        addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_abort_callback")
+        if not addr:
+            return False
+        _SET_ABORT_CALLBACK(addr)(self.handle, ctypes.cast(callback, ctypes.c_void_p), None)
+        self._abort_callback = callback
+        return True
 
     def supports(self, tensor) -> bool:
         return bool(lib.ggml_backend_supports_op(self.handle, int(tensor)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import json
 import logging
 import sys
@@ -19,6 +21,21 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from gguf_dit.sysinfo import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", "-V", help="Print gguf-dit, llama-cpp-python and ggml versions and exit.", callback=_show_version, is_eager=True),
+) -> None:
+    """GGUF converter and ggml runtime for the Ideogram 4.0 text-to-image model."""
+
+
 def _errors_to_exit(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,7 +48,15 @@ def _errors_to_exit(fn):
             raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("error: interrupted; no partial output was kept", err=True)
+            # The interpreter's final garbage collection takes seconds once torch and the models were
+            # loaded; at exit it frees nothing the OS would not, so skip it and return to the shell.
+            atexit.register(gc.freeze)
             raise typer.Exit(130)
+        except OSError as e:
+            if e.filename is None:  # not about a file the user gave: a bug, keep the traceback
+                raise
+            typer.echo(f"error: {e.filename}: {e.strerror or e}", err=True)
+            raise typer.Exit(2)
 
     return wrapper
 
@@ -111,7 +136,7 @@ def convert(
 def inspect(
     file: Path = typer.Argument(..., help="A backbone GGUF (ours or a stable-diffusion.cpp-style file without metadata)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
-    check: bool = typer.Option(False, "--check", help="Also decode every tensor and report non-finite values."),
+    check: bool = typer.Option(False, "--check", help="Also scan every tensor for NaN/Inf values (float bits and quantized block scales, a few MiB at a time)."),
 ) -> None:
     """Describe a backbone GGUF: architecture, role, config, types, bytes, recipe and warnings."""
     from gguf_dit.runtime.model_file import BackboneFile
@@ -151,6 +176,16 @@ def inspect(
         typer.echo(f"  warning: {w}")
 
 
+@app.command()
+@_errors_to_exit
+def info(as_json: bool = typer.Option(False, "--json", help="Print a JSON report.")) -> None:
+    """System report for bug reports: versions, ggml backends and devices, CPU features, defaults."""
+    from gguf_dit import sysinfo
+
+    data = sysinfo.collect()
+    typer.echo(json.dumps(data, indent=2) if as_json else sysinfo.render(data))
+
+
 def _output_paths(out: Path, count: int, seeds: list[int], index0: int = 0) -> list[Path]:
     if out.suffix.lower() == ".png":
         if count == 1:
@@ -183,11 +218,22 @@ def run(
     reference: str = typer.Option("official", "--reference", help="official (the official loop: bf16-rounded t, ends at t_max) or diffusers (reproduces diffusers' Ideogram4Pipeline: float32 t, its sigma grid ending at t = 1)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing PNGs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print debug logs, llama.cpp's and ggml's included (hidden otherwise)."),
 ) -> None:
     """Generate PNGs from a prompt file: encode, sample both CFG backbones, decode."""
+    options = dict(locals())
+    del options["verbose"]
+    from gguf_dit.runtime import native_log
+
+    with native_log.verbose(sys.stderr) if verbose else native_log.hidden():
+        _run(**options)
+
+
+def _run(*, prompt_file, model, text_encoder, preset, steps, guidance, mu, std, width, height, seed, count, out, backend, threads, raw,
+         keep_bboxes, tile, reference, force, quiet) -> None:
     from gguf_dit.errors import InputError
     from gguf_dit.runtime.caption import caption_summary, prompts_from_file
-    from gguf_dit.runtime.pipeline import ModelFiles, Pipeline, png_metadata, write_png
+    from gguf_dit.runtime.pipeline import ModelFiles, Pipeline, check_output, png_bytes_bound, png_metadata, write_png
     from gguf_dit.runtime.schedule import resolve_settings
 
     if count < 1:
@@ -213,33 +259,30 @@ def run(
     jobs = [(pi, k) for pi in range(len(prompts)) for k in range(count)]
     seeds = [seed + j for j in range(len(jobs))]
     paths = _output_paths(out, len(jobs), seeds)
-    for pth in paths:
-        if pth.exists() and not force:
-            raise InputError("already exists (use --force to overwrite)", path=pth)
     from gguf_dit.runtime.pipeline import check_size, default_size, size_range
 
+    pipe.check_files()
     header = pipe.header()
     h, w = height or default_size(header), width or default_size(header)
-    check_size(h, w, size_range(header))
+    check_size(h, w, size_range(header), files.transformer)
+    check_output(paths, force=force, image_bytes=png_bytes_bound(h, w))  # before the work; creates nothing
     progress = _RunProgress(quiet)
-    feats = pipe.encode([p.text for p in prompts], progress.encoded(len(prompts)))
-    models = pipe.describe()
-    if not out.suffix.lower() == ".png":
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    ts = None
-    if reference == "diffusers":
-        from gguf_dit.runtime.schedule import diffusers_timesteps
+    try:
+        feats = pipe.encode([p.text for p in prompts], progress.encoded(len(prompts)), origins=[(prompt_file, p.line) for p in prompts])
+        models = pipe.describe()
+        ts = None
+        if reference == "diffusers":
+            from gguf_dit.runtime.schedule import diffusers_timesteps
 
-        ts = diffusers_timesteps(settings.steps, h, w, settings.mu, settings.std)
-    for j, (pi, _) in enumerate(jobs):
-        gen = pipe.generate(feats[pi], h, w, settings, seeds[j], step_callback=progress.stepper(j, len(jobs), settings.steps), tile=tile, ts=ts,
-                           decode_started=progress.decoding(j, len(jobs)))
-        meta = png_metadata(prompts[pi].text, settings, seeds[j], h, w, models, {"prompt_source": prompts[pi].source, "reference": reference})
-        write_png(paths[j], gen.image, meta, force=force)
-        progress.done(paths[j], caption_summary(prompts[pi].text))
-    progress.close()
+            ts = diffusers_timesteps(settings.steps, h, w, settings.mu, settings.std)
+        for j, (pi, _) in enumerate(jobs):
+            gen = pipe.generate(feats[pi], h, w, settings, seeds[j], step_callback=progress.stepper(j, len(jobs), settings.steps), tile=tile, ts=ts,
+                               decode_started=progress.decoding(j, len(jobs)))
+            meta = png_metadata(prompts[pi].text, settings, seeds[j], h, w, models, {"prompt_source": prompts[pi].source, "reference": reference})
+            write_png(paths[j], gen.image, meta, force=force)
+            progress.done(paths[j], caption_summary(prompts[pi].text))
+    finally:
+        progress.close()
 
 
 class _RunProgress:
@@ -313,15 +356,18 @@ def tiny_checkpoint(
     seed: int = typer.Option(0, "--seed", help="Random seed (the uncond backbone uses seed + 1)."),
     bf16: bool = typer.Option(False, "--bf16", help="Write BF16 DiT linears instead of the official FP8 + weight_scale."),
     dit_only: bool = typer.Option(False, "--dit-only", help="Only the two DiT backbones (no text encoder, tokenizer or VAE)."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder."),
+    force: bool = typer.Option(False, "--force", help="Replace the checkpoint's folders where they exist."),
 ) -> None:
     """Write a tiny random Ideogram 4 checkpoint in the official layout: both DiTs, a Qwen3-VL-layout encoder with
     tokenizer, a FLUX.2-layout VAE. For trying convert and run end to end: random weights draw noise."""
-    from gguf_dit.converter.tiny import write_tiny_checkpoint
+    from gguf_dit.converter.output import OutputSet
+    from gguf_dit.converter.tiny import NBYTES, write_tiny_checkpoint
 
-    root = write_tiny_checkpoint(out, seed=seed, fp8=not bf16, force=force, full=not dit_only)
+    names = ["transformer", "unconditional_transformer"] + ([] if dit_only else ["tokenizer", "text_encoder", "vae"])
+    with OutputSet(out, names, force=force, need_bytes=NBYTES, folders=True) as outs:
+        write_tiny_checkpoint(outs.staging, seed=seed, fp8=not bf16, full=not dit_only)
     parts = "DiTs" if dit_only else "DiTs, text encoder + tokenizer, VAE"
-    typer.echo(f"{root}: tiny random Ideogram 4 checkpoint ({parts}; {'BF16' if bf16 else 'FP8 + weight_scale'} DiT linears, official layout)")
+    typer.echo(f"{out}: tiny random Ideogram 4 checkpoint ({parts}; {'BF16' if bf16 else 'FP8 + weight_scale'} DiT linears, official layout)")
 
 
 def main() -> None:  # pragma: no cover

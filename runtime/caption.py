@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +44,26 @@ __all__ = [
     "serialise",
     "caption_summary",
     "MAX_TEXT_TOKENS",
+    "MAX_CAPTION_CHARS",
+    "MAX_PROMPT_FILE_BYTES",
     "PLAIN_TEXT_NOTE",
 ]
 
 #: The official pipeline refuses captions longer than this many tokens (template included), §11.2.
 #: Counting tokens needs the tokenizer, so the text encoder enforces it, not this module.
 MAX_TEXT_TOKENS = 2048
+
+#: Characters per caption before tokenizing: 32 per allowed token, far above what 2048 tokens of
+#: real text take (about 4 characters each), and small enough that a hostile caption (e.g.
+#: thousands of special tokens, whose handling in llama.cpp's tokenizer grows quadratically) is
+#: refused in milliseconds instead of being tokenized.
+MAX_CAPTION_CHARS = 32 * MAX_TEXT_TOKENS
+
+#: Bytes read from one prompt file (hundreds of maximal captions); larger files are refused unread.
+MAX_PROMPT_FILE_BYTES = 16 << 20
+
+#: JSON nesting depth of a caption: the spec needs 5 (root, composition, elements, element, bbox).
+MAX_JSON_DEPTH = 32
 
 #: A one-off notice a front end may print when it wraps plain text (not added to every prompt).
 PLAIN_TEXT_NOTE = (
@@ -143,16 +159,37 @@ def _line_col(text: str, pos: int) -> tuple[int, int]:
     return line, col
 
 
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def _decode_at(text: str, pos: int, *, where_prefix: str = "", path: str | None, hint: str) -> tuple[Any, int]:
     """raw_decode one JSON value at `pos`; a failure becomes a one-line InputError with line/column."""
     try:
-        return _DECODER.raw_decode(text, pos)
+        value, end = _DECODER.raw_decode(text, pos)
     except json.JSONDecodeError as e:
         raise InputError(f"{where_prefix}line {e.lineno} column {e.colno}: invalid JSON: {e.msg}{hint}",
                          path=path) from None
     except ValueError as e:  # NaN / Infinity
         line, col = _line_col(text, pos)
         raise InputError(f"{where_prefix}line {line}: invalid JSON: {e}{hint}", path=path) from None
+    except RecursionError:
+        too_deep = True
+    else:
+        too_deep = _too_deep(value)
+    if too_deep:
+        # Deeper values would exhaust the stack of every later step (validation, copy, serialisation).
+        line, _ = _line_col(text, pos)
+        raise InputError(f"{where_prefix}line {line}: JSON nested more than {MAX_JSON_DEPTH} levels deep; "
+                         "a caption needs 5", path=path)
+    return value, end
 
 
 def _json_type(v: Any) -> str:
@@ -427,6 +464,9 @@ def wrap_plain_text(text: str) -> dict:
 
 
 def _check_encodable(text: str, where: str, path: str | None) -> None:
+    if len(text) > MAX_CAPTION_CHARS:
+        raise InputError(f"{where}caption is {len(text)} characters; at most {MAX_CAPTION_CHARS} are tokenized "
+                         f"(the text encoder takes {MAX_TEXT_TOKENS} tokens)", path=path)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -461,14 +501,33 @@ _JSON_HINT = " (the file starts with '{' or '[', so it is read as JSON captions)
 
 
 def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise InputError("prompt file not found", path=str(path))
-    if path.is_dir():
-        raise InputError("prompt file is a directory, expected a text file", path=str(path))
+    # stat before open: opening a FIFO blocks until a writer appears, reading /dev/zero never ends.
     try:
-        data = path.read_bytes()
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError("prompt file not found", path=str(path)) from None
     except OSError as e:
         raise InputError(f"cannot read prompt file: {e.strerror or e}", path=str(path)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError("prompt file is a directory, expected a text file", path=str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError("prompt file is not a regular file (a FIFO, socket or device); expected a text file",
+                         path=str(path))
+    if st.st_size > MAX_PROMPT_FILE_BYTES:
+        raise InputError(f"prompt file is {st.st_size} bytes; at most {MAX_PROMPT_FILE_BYTES} are read "
+                         "(split it into several files)", path=str(path))
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, open still returns at once.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InputError("prompt file is not a regular file; expected a text file", path=str(path))
+            data = f.read(MAX_PROMPT_FILE_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"cannot read prompt file: {e.strerror or e}", path=str(path)) from None
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise InputError(f"prompt file is over {MAX_PROMPT_FILE_BYTES} bytes (split it into several files)",
+                         path=str(path))
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -612,7 +671,7 @@ def caption_summary(prompt_text: str, max_len: int = 120) -> str:
     s = prompt_text
     try:
         obj = json.loads(prompt_text)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         obj = None
     if isinstance(obj, dict):
         cands: list[Any] = [obj.get("high_level_description")]

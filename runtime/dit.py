@@ -19,17 +19,16 @@ import numpy as np
 
 from gguf_dit.arch import HEAD_DIM, IMAGE_POSITION_OFFSET, MAX_TEXT_TOKENS, Ideogram4Config
 from gguf_dit.errors import InputError, ModelError
-from gguf_dit.ggml_ops import Backend, Builder, GGMLType, Graph, Tensor, TensorStore, upload
+from gguf_dit.ggml_ops import Backend, Builder, Context, GGMLType, Graph, Tensor, TensorStore, upload
 
-from .model_file import BackboneFile
+from .model_file import BackboneFile, all_finite
 
 log = logging.getLogger("gguf_dit.runtime")
 
-#: Q8_0 token matmuls run on the direct quantized kernel by default: measured at DiT shapes on this
-#: project's CPU it beat ggml_cast(W, F32) + F32 mul_mat by 1.39x per step (docs/benchmarks.md), the
-#: opposite of the Intel AVX-512 micro-benchmark in gguf-and-ggml.md §8. "dequant" stays available
-#: for exact (no 8-bit activation rounding) results.
-_FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+# Q8_0 token matmuls run on the direct quantized kernel by default: measured at DiT shapes on this
+# project's CPU it beat ggml_cast(W, F32) + F32 mul_mat by 1.39x per step (docs/benchmarks.md), the
+# opposite of the Intel AVX-512 micro-benchmark in gguf-and-ggml.md §8. "dequant" stays available
+# for exact (no 8-bit activation rounding) results.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +121,8 @@ def rope_tables(pos: np.ndarray, cfg: Ideogram4Config) -> tuple[np.ndarray, np.n
 
 
 class Ideogram4DiT:
-    """One Ideogram 4 backbone resident on a ggml backend in its GGUF storage types."""
+    """One Ideogram 4 backbone resident on a ggml backend: linears in their GGUF storage types, norm weights,
+    biases and the image-indicator embedding in F32."""
 
     def __init__(self, file: BackboneFile, backend: Backend, options: RuntimeOptions | None = None) -> None:
         self.file = file
@@ -131,14 +131,21 @@ class Ideogram4DiT:
         self.role = file.role
         self.backend = backend
         self.options = options or RuntimeOptions()
-        specs = [(n, t.type, t.ne) for n, t in file.tensors.items()]
-        for name, type_, ne in specs:
-            if len(name.encode()) > 63:
-                raise ModelError("tensor name longer than ggml's 63 characters", path=self.path, tensor=name)
+        for w in file.warnings:
+            log.warning("%s: %s", self.path, w)
+        # Linears stay in their stored type (mul_mat takes any); every other tensor is an F32 operand
+        # of an elementwise op and is widened to F32 here, as stable-diffusion.cpp does.
+        specs = [(n, t.type if file.kinds[n] == "linear" else GGMLType.F32, t.ne) for n, t in file.tensors.items()]
+        self._check_backend(specs)
         self.weights = TensorStore(backend, specs)
         with open(file.path, "rb") as f:
-            for n in file.tensors:
-                upload(self.weights[n], file.read_bytes(n, f))
+            for n, type_, _ in specs:
+                t = file.tensors[n]
+                data = file.read_bytes(n, f) if t.type is type_ else file.read_f32(n, f)
+                # Checked here, not from the velocity: a quantized block with an Inf scale gives finite garbage.
+                if not all_finite(type_, data.view(np.uint8)):
+                    raise ModelError("non-finite values (NaN/Inf) in the weights", path=self.path, tensor=n)
+                upload(self.weights[n], data)
         self._graphs: dict[tuple[int, int, int], Graph] = {}
         # Text features stay the same for every step of an image: a read-only array already uploaded
         # to a graph is not uploaded again (a writeable one always is: it may have changed in place).
@@ -146,6 +153,24 @@ class Ideogram4DiT:
         log.info("loaded %s: %s", self.path, self.summary())
 
     # -- loading -----------------------------------------------------------------------
+    def _check_backend(self, specs: list[tuple[str, GGMLType, tuple[int, ...]]]) -> None:
+        """Refuse, naming the tensor, a weight type the backend has no matmul for (CUDA lacks some
+        that the CPU has), before anything is allocated."""
+        first: dict[GGMLType, tuple[str, tuple[int, ...]]] = {}
+        for name, type_, ne in specs:
+            if len(name.encode()) > 63:
+                raise ModelError("tensor name longer than ggml's 63 characters", path=self.path, tensor=name)
+            if self.file.kinds[name] == "linear":
+                first.setdefault(type_, (name, ne))
+        ctx = Context(3 * len(first))  # weight, activations and product per type
+        try:
+            b = Builder(ctx)
+            for type_, (name, ne) in first.items():
+                if not self.backend.supports(b.mul_mat(ctx.new_tensor(type_, ne), ctx.new_tensor(GGMLType.F32, (ne[0], 1)))):
+                    raise ModelError(f"stored as {type_.name}, which backend {self.backend.name} has no matmul for", path=self.path, tensor=name)
+        finally:
+            ctx.close()
+
     @classmethod
     def load(cls, path: str | Path, backend: Backend | str = "auto", *, threads: int | None = None, options: RuntimeOptions | None = None) -> "Ideogram4DiT":
         be = backend if isinstance(backend, Backend) else Backend(backend, threads=threads)

@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from gguf_dit.errors import InputError
+from gguf_dit.errors import InputError, ModelError
 
 from .dit import Ideogram4DiT, check_pair
+from .interrupt import native_call
 from .schedule import SamplerSettings, euler_step, initial_noise, resolve_settings, timesteps
 
 PIXELS_PER_TOKEN = 16
@@ -87,9 +88,16 @@ def sample(
         t0 = time.perf_counter()
         t, s = float(ts[i]), float(ts[i + 1])
         g = float(settings.guidance[i])
-        v_c = cond.velocity(z[0], t, feats, grid=grid)
-        v_u = uncond.velocity(z[0], t, None, grid=grid)
+        with native_call(cond.backend, uncond.backend):  # Ctrl-C aborts a graph compute between nodes
+            v_c = cond.velocity(z[0], t, feats, grid=grid)
+            v_u = uncond.velocity(z[0], t, None, grid=grid)
+        where = f"at step {i + 1} of {settings.steps} (t={t:.4f})"
+        for m, v in ((cond, v_c), (uncond, v_u)):
+            if not np.isfinite(v).all():
+                raise ModelError(f"velocity contains NaN/Inf {where}", path=m.path)
         z = euler_step(z, v_c[None], v_u[None], g, ts[i], ts[i + 1])
+        if not np.isfinite(z).all():
+            raise ModelError(f"latents overflow to Inf {where}: the velocities of this file and {uncond.path} are too large", path=cond.path)
         if callback is not None:
             callback(StepInfo(i, settings.steps, t, s, g, time.perf_counter() - t0), z)
     return z

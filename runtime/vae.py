@@ -304,42 +304,79 @@ def tiled_apply(fn, z: torch.Tensor, tile: int, overlap: int, scale: int, out_ch
 # ----------------------------------------------------------------------------------------------- file + API
 
 
-from .model_file import gguf_field as _field  # noqa: E402
 from .model_file import open_gguf  # noqa: E402
 
 
+def check_inventory(reader, cfg: VAEConfig, path) -> dict[str, tuple[int, ...]]:
+    """Every decoder tensor's type and shape from the validated header, before any data is touched."""
+    inv = decoder_inventory(cfg)
+    infos = reader.header.tensors
+    for name, shape in inv.items():
+        t = infos.get(name)
+        if t is None:
+            raise ModelError("tensor missing", path=path, tensor=name)
+        if t.type.name not in ("F32", "F16"):
+            raise ModelError(f"tensor type {t.type.name} unsupported (F32 or F16 only)", path=path, tensor=name)
+        if t.shape != shape:
+            raise ModelError(f"shape {list(t.shape)}, expected {list(shape)}", path=path, tensor=name)
+    return inv
+
+
+def check_file(path) -> VAEConfig:
+    """Header, config and tensor inventory of a VAE GGUF, without reading its weights (milliseconds)."""
+    reader = open_gguf(path)
+    cfg = read_config(reader, path)
+    check_inventory(reader, cfg, path)
+    return cfg
+
+
 def read_config(reader, path) -> VAEConfig:
-    arch = _field(reader, "general.architecture")
+    """The config from the typed metadata of ``open_gguf``'s validated header; bad types or values name the key."""
+    from gguf_dit.gguf_header import INTEGER_TYPES
+
+    h = reader.header
+    arch = h.value("general.architecture", ("STRING",), required=True)
     if arch != VAE_ARCH:
         raise ModelError(f"general.architecture is {arch!r}, not {VAE_ARCH!r} (not a gguf-dit VAE file)", path=path)
     vals = {}
     for f in dataclasses.fields(VAEConfig):
-        v = _field(reader, f"{VAE_ARCH}.{f.name}")
-        if v is None:
-            raise ModelError(f"metadata key {VAE_ARCH}.{f.name} is missing", path=path)
+        key = f"{VAE_ARCH}.{f.name}"
         if f.name == "block_out_channels":
-            v = tuple(int(x) for x in v)
+            v = tuple(int(x) for x in h.value(key, ("ARRAY",), item=INTEGER_TYPES, required=True))
         elif f.name in ("mid_block_add_attention", "use_post_quant_conv"):
-            v = bool(v)
+            v = bool(h.value(key, ("BOOL",), required=True))
         elif f.name == "batch_norm_eps":
-            v = float(v)
+            v = float(h.value(key, ("FLOAT32", "FLOAT64"), required=True))
+            if not (math.isfinite(v) and v > 0):
+                raise ModelError(f"metadata key {key} is {v:.7g}, must be a positive finite number", path=path)
         else:
-            v = int(v)
+            v = int(h.value(key, INTEGER_TYPES, required=True))
         vals[f.name] = v
     cfg = VAEConfig(**vals)
     bad = cfg.problems()
+    # Informational keys the decoder does not read must still agree with what it computes.
+    eps = h.value(f"{VAE_ARCH}.norm_eps", ("FLOAT32", "FLOAT64"))
+    if eps is not None and not math.isclose(eps, NORM_EPS, rel_tol=1e-6):
+        bad.append(f"{VAE_ARCH}.norm_eps is {eps:.7g}, but the decoder's GroupNorm eps is {NORM_EPS:g}")
+    scale = h.value(f"{VAE_ARCH}.scale_factor", INTEGER_TYPES)
+    if scale is not None and scale != cfg.scale_factor:
+        bad.append(f"{VAE_ARCH}.scale_factor is {scale}, but {len(cfg.block_out_channels)} levels scale by {cfg.scale_factor}")
+    # Each up-block ResNet is several tensors: a config needing more ResNets than the file has tensors is refused
+    # before the tensor inventory is built from it (layers_per_block = 1e9 would loop a billion times).
+    if (cfg.layers_per_block + 1) * len(cfg.block_out_channels) > len(h.tensors):
+        bad.append(f"{len(cfg.block_out_channels)} up blocks of {cfg.layers_per_block + 1} ResNets need more tensors than the file's {len(h.tensors)}")
     if bad:
         raise ModelError("bad VAE config: " + "; ".join(bad), path=path)
     return cfg
 
 
 def _norm_array(reader, key: str, n: int, path) -> np.ndarray | None:
-    v = _field(reader, key)
+    v = reader.header.value(key, ("ARRAY",), item=("FLOAT32", "FLOAT64"))
     if v is None:
         return None
     a = np.asarray(v, dtype=np.float32)
     if a.shape != (n,) or not np.isfinite(a).all():
-        raise ModelError(f"metadata {key} must be {n} finite floats, got shape {a.shape}", path=path)
+        raise ModelError(f"metadata key {key} must be {n} finite floats, got {a.shape[0]} ({int(np.isfinite(a).sum())} finite)", path=path)
     return a
 
 
@@ -367,8 +404,6 @@ class VAEDecoder:
             raise ModelError("does not exist", path=path)
         if latent_norm not in ("official", "checkpoint"):
             raise ModelError(f"unknown latent_norm {latent_norm!r}; use 'official' or 'checkpoint'", path=path)
-        import gguf
-
         reader = open_gguf(path)
         cfg = read_config(reader, path)
         n = cfg.token_dim
@@ -384,23 +419,19 @@ class VAEDecoder:
             var = _norm_array(reader, f"{VAE_ARCH}.checkpoint_bn_var", n, path)
             if mean is None or var is None:
                 raise ModelError("latent_norm='checkpoint' but the file has no checkpoint BatchNorm statistics", path=path)
+            if var.min() < 0:
+                raise ModelError(f"metadata key {VAE_ARCH}.checkpoint_bn_var holds a negative variance ({var.min():.7g})", path=path)
             shift = mean
             scale = np.sqrt(var.astype(np.float64) + cfg.batch_norm_eps).astype(np.float32)
 
-        inv = decoder_inventory(cfg)
+        inv = check_inventory(reader, cfg, path)
         stored = {t.name: t for t in reader.tensors}
         state = {}
-        for name, shape in inv.items():
-            t = stored.get(name)
-            if t is None:
-                raise ModelError("tensor missing", path=path, tensor=name)
-            tt = int(t.tensor_type)
-            if tt not in (int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.F16)):
-                raise ModelError(f"tensor type {gguf.GGMLQuantizationType(tt).name} unsupported (F32 or F16 only)", path=path, tensor=name)
-            arr = np.asarray(t.data)
-            if tuple(arr.shape) != shape:
-                raise ModelError(f"shape {list(arr.shape)}, expected {list(shape)}", path=path, tensor=name)
-            state[name] = torch.from_numpy(arr.astype(np.float32))
+        for name in inv:
+            arr = np.asarray(stored[name].data).astype(np.float32)
+            if not np.isfinite(arr).all():
+                raise ModelError(f"{int(arr.size - np.isfinite(arr).sum())} non-finite values (NaN/Inf)", path=path, tensor=name)
+            state[name] = torch.from_numpy(arr)
         module = VAEDecoderModule(cfg)
         module.load_state_dict(state, strict=True)
         module.to(device=torch.device(device), dtype=torch.float32)
