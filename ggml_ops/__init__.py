@@ -10,6 +10,9 @@ from .backend import Backend, available, devices
 from .graph import Builder, Context, Graph, Tensor, TensorStore, download, upload
 from .quant import default_threads, dequantize, quantize
 from .types import STORAGE_TYPES, GGMLType, check_row, fits
+from .system import check_cpu
+
+check_cpu()
 
 __all__ = [
     "EXPECTED_GGML_VERSION", "lib", "Backend", "available", "devices", "Builder", "Context", "Graph",

@@ -203,7 +203,13 @@ class _Libs:
         fn(b, "ggml_backend_dev_init", P, P, c_char_p)
         fn(b, "ggml_backend_reg_name", c_char_p, P)
         fn(b, "ggml_backend_reg_get_proc_address", c_void_p, P, c_char_p)
+        fn(b, "ggml_backend_reg_dev_count", c_size_t, P)
+        fn(b, "ggml_backend_reg_dev_get", P, P, c_size_t)
+        fn(b, "ggml_backend_buft_name", c_char_p, P)
+        fn(b, "ggml_backend_buffer_get_type", P, P)
         # the registry lives in libggml
+        fn(g, "ggml_backend_reg_count", c_size_t)
+        fn(g, "ggml_backend_reg_get", P, c_size_t)
         fn(g, "ggml_backend_dev_count", c_size_t)
         fn(g, "ggml_backend_dev_get", P, c_size_t)
         fn(g, "ggml_backend_dev_by_type", P, c_int)

@@ -1,6 +1,12 @@
 """The embedded demo model (issue 5): the shipped quantized GGUFs in runtime/demo_model follow prompts they
 were never trained on with the default preset (≥ 90 %, issue 5's bar; numbers in docs/demo.md), CFG matters,
-`gguf-dit run` uses them without --model, and the training script is deterministic."""
+`gguf-dit run` uses them without --model, and the training script is deterministic.
+
+CPU dependence: the scores run the shipped Q4_K/Q8_0 files through ggml's CPU kernels, which are compiled
+for the machine's ISA (AVX2 / AVX-512 / AVX512_VNNI / AVX512_BF16; docs/portability.md), so pixel values can
+differ in the last bits between CPUs and an image near a decision boundary could flip. The thresholds leave
+room for that: on the AMD EPYC (Zen 4) and on an Intel Xeon with AMX the scores were identical (93.3 % preset,
+85.6 % guidance 1), once the encoder stopped using llama.cpp's AMX buffer."""
 
 from __future__ import annotations
 
@@ -94,10 +100,7 @@ def test_prompt_following_without_guidance(unguided):
 
 
 def test_guidance_changes_the_result(default_preset, unguided):
-    """CFG matters: the same prompts and seeds give other pictures and another score with guidance 1."""
-    fills_default = np.array([res.get("fill", 0.0) for _, res in default_preset["results"]])
-    fills_none = np.array([res.get("fill", 0.0) for _, res in unguided["results"]])
-    assert np.abs(fills_default - fills_none).mean() > 0.01
+    """CFG matters: the same prompts and seeds score measurably better with the preset than with guidance 1."""
     assert default_preset["all_attributes"] - unguided["all_attributes"] >= GUIDANCE_GAIN
 
 

@@ -1,0 +1,102 @@
+"""What a user pastes into a bug report: versions, ggml backends and devices, the CPU and the features the
+ggml build was compiled with, and what gguf-dit does with them (``gguf-dit info``, like llama.cpp's
+system info)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+from gguf_dit import __version__
+
+PACKAGES = ("llama-cpp-python", "gguf", "numpy", "torch", "safetensors", "typer", "Pillow", "diffusers", "transformers")
+#: /proc/cpuinfo flags that decide which ggml/llama.cpp/torch kernels run (docs/portability.md).
+INTERESTING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict:
+    """Everything ``gguf-dit info`` reports, as plain data (``--json`` prints it as is)."""
+    from gguf_dit.ggml_ops import default_threads, devices, lib, system
+
+    info: dict = {
+        "gguf_dit": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "ggml": {"version": lib.ggml_version().decode(), "commit": lib.ggml_commit().decode(), "library_dir": str(lib.dir)},
+    }
+    flags = system.cpu_flags()
+    regs = system.registries()
+    cpu_reg = next((r for r in regs if r.name == "CPU"), None)
+    info["cpu"] = {
+        "model": system.cpu_model(),
+        "cores_usable": default_threads(),
+        "flags": [f for f in INTERESTING_FLAGS if f in flags],
+        "build_features_missing_on_this_cpu": system.cpu_mismatch(cpu_reg.features if cpu_reg else {}, flags),
+    }
+    info["backends"] = [{"name": r.name, "devices": list(r.devices), "features": r.features} for r in regs]
+    devs = []
+    for i, d in enumerate(devices()):
+        devs.append({
+            "name": d.name, "description": d.description, "kind": d.kind, "memory_total": d.memory_total, "memory_free": d.memory_free,
+            "extra_buffer_types": system.extra_buffer_types(lib.ggml_backend_dev_get(i)),
+        })
+    info["devices"] = devs
+    info["cuda"] = any(r.name == "CUDA" for r in regs)
+    info["defaults"] = {
+        "backend": "cuda" if info["cuda"] else "cpu",
+        "threads": default_threads(),
+        "text_encoder_extra_buffer_types": False,
+        "dit_weights_buffer": "the backend's default buffer type (no repacking)",
+    }
+    from gguf_dit.runtime.text_encoder import llama_system_info
+
+    info["llama_cpp_system_info"] = llama_system_info()
+    return info
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def render(info: dict) -> str:
+    lines = [
+        f"gguf-dit {info['gguf_dit']}  (Python {info['python']}, {info['platform']})",
+        "packages      " + ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v),
+        f"ggml          {info['ggml']['version']} (commit {info['ggml']['commit']}) from {info['ggml']['library_dir']}",
+        f"CPU           {info['cpu']['model']}; {info['cpu']['cores_usable']} usable cores",
+        "CPU flags     " + (" ".join(info["cpu"]["flags"]) or "(none of interest)"),
+    ]
+    missing = info["cpu"]["build_features_missing_on_this_cpu"]
+    if missing:
+        lines.append(f"WARNING       this ggml build uses {', '.join(missing)}, which this CPU lacks: reinstall llama-cpp-python with --no-cache-dir")
+    for b in info["backends"]:
+        feats = " ".join(f"{k}" if v == "1" else f"{k}={v}" for k, v in b["features"].items())
+        lines.append(f"backend       {b['name']}: {', '.join(b['devices']) or 'no devices'}" + (f"; features {feats}" if feats else ""))
+    for d in info["devices"]:
+        extra = ", ".join(d["extra_buffer_types"]) or "none"
+        mem = f"; {_mib(d['memory_free'])} free of {_mib(d['memory_total'])}" if d["memory_total"] else ""
+        lines.append(f"device        {d['name']} ({d['kind']}): {d['description']}{mem}; extra buffer types: {extra} (unused)")
+    lines.append(f"CUDA          {'yes' if info['cuda'] else 'no (CPU-only build of llama-cpp-python)'}")
+    lines.append(f"defaults      backend {info['defaults']['backend']}, {info['defaults']['threads']} threads")
+    lines.append(f"llama.cpp     {info['llama_cpp_system_info']}")
+    return "\n".join(lines)
+
+
+def version_line() -> str:
+    """``gguf-dit --version``: the versions that identify a build (loads ggml, not llama.cpp or torch)."""
+    try:
+        from gguf_dit.ggml_ops import lib
+
+        ggml = f"ggml {lib.ggml_version().decode()} ({lib.ggml_commit().decode()})"
+    except Exception as e:  # --version must answer even when the native libraries are broken
+        ggml = f"ggml unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return f"gguf-dit {__version__} (llama-cpp-python {_version('llama-cpp-python')}, {ggml}, gguf {_version('gguf')}, Python {platform.python_version()}, {sys.platform})"

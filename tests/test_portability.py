@@ -1,0 +1,157 @@
+"""Every CPU (issue 10 §1): the text encoder never uses llama.cpp's extra (repacking / AMX) buffer types,
+DiT weights live in the backend's default buffer, a ggml build compiled for another CPU is refused, and
+`gguf-dit --version` / `gguf-dit info` report what a bug report needs.
+
+These tests pass on any CPU; what they prove differs by CPU. On an Intel CPU with AMX, loading the
+demo encoder with llama.cpp's default model parameters dies with SIGSEGV in ggml_backend_amx_mul_mat
+(llama.cpp issue 20824), so there `test_demo_encoder_encodes_without_extra_buffers` is the regression
+test itself; elsewhere the parameter spy is what proves the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import pytest
+
+from gguf_dit import __version__
+
+
+def _demo(name: str) -> Path:
+    from gguf_dit.runtime import demo
+
+    return Path(demo.model_dir()) / name
+
+
+@pytest.fixture
+def load_spy(monkeypatch):
+    """Records the llama_model_params every llama_model_load_from_file call receives, then loads for real."""
+    from gguf_dit.runtime import text_encoder as te
+
+    lc = te._llama_cpp()
+    real = lc.llama_model_load_from_file
+    seen = []
+
+    def spy(path, params):
+        seen.append({"use_extra_bufts": bool(params.use_extra_bufts), "n_gpu_layers": int(params.n_gpu_layers)})
+        # Never really load with extra buffers: on an AMX CPU that is the crash this file guards against.
+        return real(path, params) if not params.use_extra_bufts else None
+
+    monkeypatch.setattr(lc, "llama_model_load_from_file", spy)
+    return seen
+
+
+def test_text_encoder_loads_without_extra_buffer_types(load_spy):
+    from gguf_dit.runtime.text_encoder import TextEncoder
+
+    with TextEncoder.load(_demo("text_encoder.gguf")):
+        pass
+    assert load_spy == [{"use_extra_bufts": False, "n_gpu_layers": 0}]
+
+
+def test_extra_buffer_types_only_when_asked(load_spy):
+    # The spy must see the parameter change, or the test above proves nothing.
+    from gguf_dit.errors import ModelError
+    from gguf_dit.runtime.text_encoder import TextEncoder
+
+    with pytest.raises(ModelError):
+        TextEncoder.load(_demo("text_encoder.gguf"), use_extra_bufts=True)
+    assert load_spy == [{"use_extra_bufts": True, "n_gpu_layers": 0}]
+
+
+def test_demo_encoder_encodes_without_extra_buffers():
+    # On an AMX CPU this is where the process died before the fix; here it must give finite features.
+    import numpy as np
+
+    from gguf_dit.runtime.text_encoder import TextEncoder
+
+    with TextEncoder.load(_demo("text_encoder.gguf")) as enc:
+        f = enc.encode("A red circle on the left.")
+    assert f.shape[1] == enc.features_dim and np.isfinite(f).all()
+
+
+def test_dit_weights_live_in_the_default_buffer_type():
+    from gguf_dit.ggml_ops import lib, system
+    from gguf_dit.runtime.dit import Ideogram4DiT
+
+    dit = Ideogram4DiT.load(_demo("transformer.gguf"), "cpu", threads=1)
+    try:
+        default = lib.ggml_backend_buft_name(dit.backend.buffer_type).decode()
+        assert system.buffer_type_name(dit.weights.buffer) == default == "CPU"
+        assert default not in system.extra_buffer_types(dit.backend.device)
+    finally:
+        dit.close()
+
+
+def test_cpu_mismatch_names_missing_instructions():
+    from gguf_dit.ggml_ops.system import cpu_mismatch
+
+    built = {"AVX2": "1", "AVX512": "1", "AVX512_BF16": "1", "AMX_INT8": "1", "OPENMP": "1"}
+    assert cpu_mismatch(built, {"avx2", "avx512f"}) == ["AVX512_BF16", "AMX_INT8"]
+    assert cpu_mismatch(built, {"avx2", "avx512f", "avx512_bf16", "amx_int8"}) == []
+    assert cpu_mismatch(built, set()) == []  # no /proc/cpuinfo: unknown, not "lacks everything"
+
+
+def test_build_for_another_cpu_is_refused(monkeypatch):
+    from gguf_dit.errors import GGMLError
+    from gguf_dit.ggml_ops import system
+
+    system.check_cpu()  # this machine's own build passes
+    monkeypatch.setattr(system, "cpu_flags", lambda: {"sse3"})
+    reg = system.cpu_registry()
+    if not any(v == "1" and k in system.X86_FLAGS and k != "SSE3" for k, v in reg.features.items()):
+        pytest.skip("ggml's CPU backend reports no x86 features here (not an x86 build)")
+    with pytest.raises(GGMLError, match="--no-cache-dir llama-cpp-python==0.3.36"):
+        system.check_cpu()
+
+
+def test_build_features_match_this_cpu():
+    # The features ggml reports are compile-time; on a correct install each x86 one is a flag of this CPU.
+    from gguf_dit.ggml_ops import system
+
+    flags = system.cpu_flags()
+    feats = system.cpu_registry().features
+    for feat, flag in system.X86_FLAGS.items():
+        if feats.get(feat) == "1" and flags:
+            assert flag in flags, feat
+
+
+def test_version(cli):
+    import platform
+    import sys
+
+    from gguf_dit.ggml_ops import lib
+
+    code, out, _ = cli("--version")
+    assert code == 0
+    assert out.strip() == (
+        f"gguf-dit {__version__} (llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, "
+        f"ggml 0.25.3 ({lib.ggml_commit().decode()}), gguf {importlib.metadata.version('gguf')}, "
+        f"Python {platform.python_version()}, {sys.platform})"
+    )
+
+
+def test_info_names_backend_devices_and_features(cli):
+    from gguf_dit.ggml_ops import system
+
+    code, out, err = cli("info", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["ggml"]["version"] == "0.25.3"
+    assert data["packages"]["llama-cpp-python"] == "0.3.36"
+    names = [b["name"] for b in data["backends"]]
+    assert "CPU" in names
+    assert data["cuda"] == ("CUDA" in names)
+    cpu = next(b for b in data["backends"] if b["name"] == "CPU")
+    assert cpu["features"] == system.cpu_registry().features
+    assert data["cpu"]["model"] == system.cpu_model()
+    assert data["cpu"]["build_features_missing_on_this_cpu"] == []
+    assert data["defaults"]["text_encoder_extra_buffer_types"] is False
+    dev = next(d for d in data["devices"] if d["kind"] == "cpu")
+    assert dev["name"] == "CPU"
+    code, text, _ = cli("info")
+    assert code == 0
+    assert "backend       CPU: CPU" in text and data["cpu"]["model"] in text
+    assert ("AVX2" in text) == (cpu["features"].get("AVX2") == "1")
