@@ -5,6 +5,10 @@ GGUFs, encoding, 20 sampling steps of both backbones, decoding, writing the PNG)
 baseline is the same command on `gguf-dit convert --recipe f32` of the training checkpoint, measured in the same
 run, so the ratio shows what the shipped Q4_K/Q8_0 recipes buy.
 
+Peak memory per variant: the largest ``ru_maxrss`` that ``os.wait4`` returns for that variant's own runs. Linux carries
+the parent's memory high-water mark into a child across fork and exec, so each value is at least this script's own
+peak; the script imports nothing heavy (no torch, no gguf_dit), so that floor is a few tens of MiB, printed too.
+
     python scripts/train_demo.py --root /tmp/demo_ckpt --work /tmp/demo_work    # once, for the checkpoint
     python benchmarks/demo_run.py --checkpoint /tmp/demo_ckpt
 """
@@ -32,7 +36,8 @@ def gguf_dit() -> list[str]:
 
 
 def timed_runs(model: Path | None, prompt: Path, reps: int, threads: int | None, tmp: Path) -> tuple[list[float], float]:
-    times = []
+    """Wall times of ``reps`` fresh runs, and the largest peak RSS (MiB) among them."""
+    times, peak = [], 0.0
     for i in range(reps):
         cmd = gguf_dit() + ["run", str(prompt), "-o", str(tmp / f"img{i}.png"), "--force", "-q"]
         if model is not None:
@@ -40,9 +45,14 @@ def timed_runs(model: Path | None, prompt: Path, reps: int, threads: int | None,
         if threads:
             cmd += ["--threads", str(threads)]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
         times.append(time.perf_counter() - t0)
-    return times, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        peak = max(peak, usage.ru_maxrss / 1024.0)
+    return times, peak
 
 
 def main(argv=None) -> None:
@@ -65,13 +75,14 @@ def main(argv=None) -> None:
             "f32": sum(p.stat().st_size for p in f32.glob("*.gguf")),
         }
         timed_runs(None, a.prompt, 1, a.threads, tmp)  # warm the page cache and pip's bytecode once, not counted
-        base, _ = timed_runs(f32, a.prompt, a.reps, a.threads, tmp)
+        base, base_rss = timed_runs(f32, a.prompt, a.reps, a.threads, tmp)
         ours, rss = timed_runs(None, a.prompt, a.reps, a.threads, tmp)
     mb, mo = statistics.median(base), statistics.median(ours)
-    print(f"{'variant':<28}{'files MB':>10}{'median s':>10}{'min s':>8}{'ratio':>8}")
-    print(f"{'f32 conversion (baseline)':<28}{sizes['f32'] / 1e6:>10.1f}{mb:>10.2f}{min(base):>8.2f}{1.0:>8.2f}")
-    print(f"{'shipped demo (q4_k/q8_0)':<28}{sizes['shipped'] / 1e6:>10.1f}{mo:>10.2f}{min(ours):>8.2f}{mb / mo:>8.2f}")
-    print(f"one image, default-20, 64x64, cold process each time; peak RSS of any run {rss:.0f} MiB")
+    print(f"{'variant':<28}{'files MB':>10}{'median s':>10}{'min s':>8}{'ratio':>8}{'peak RSS MiB':>14}")
+    print(f"{'f32 conversion (baseline)':<28}{sizes['f32'] / 1e6:>10.1f}{mb:>10.2f}{min(base):>8.2f}{1.0:>8.2f}{base_rss:>14.0f}")
+    print(f"{'shipped demo (q4_k/q8_0)':<28}{sizes['shipped'] / 1e6:>10.1f}{mo:>10.2f}{min(ours):>8.2f}{mb / mo:>8.2f}{rss:>14.0f}")
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(f"one image, default-20, 64x64, cold process each time; peak RSS floor inherited from this script {floor:.0f} MiB")
 
 
 if __name__ == "__main__":

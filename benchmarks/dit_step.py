@@ -1,8 +1,10 @@
 """Per-step DiT time and peak memory: gguf-dit's ggml runtime vs diffusers float32, same weights and shapes.
 
 One "step" = the conditional backbone on (text + image) tokens plus the unconditional backbone on the
-image tokens, as the sampler runs them. Each variant runs in its own subprocess so that its peak RSS is
-its own. Ratios are against diffusers float32 measured in the same run.
+image tokens, as the sampler runs them. Each variant runs in its own subprocess and reports its own peak
+RSS: ``VmHWM`` from its ``/proc/self/status`` (the high-water mark of its own address space, which exec
+starts afresh), not ``ru_maxrss``, which Linux carries over from the parent across fork and exec (see
+benchmarks/convert_block.py). Ratios are against diffusers float32 measured in the same run.
 
     python benchmarks/dit_step.py                      # mid-size config of issue 3
     python benchmarks/dit_step.py --layers 2 --image-tokens 256 --reps 2   # quick look
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,12 @@ from pathlib import Path
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident memory (VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise SystemExit("no VmHWM in /proc/self/status (Linux only)")
 
 
 def _config(a) -> dict:

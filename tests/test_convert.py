@@ -104,18 +104,44 @@ def test_q4_k_decodes_within_quantization_error(cli, checkpoints, tmp_path, path
         dec = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType.Q4_K).reshape(ref.shape)
         rel = np.linalg.norm(dec - _np(ref)) / np.linalg.norm(_np(ref))
         worst = max(worst, rel)
-    # 4.5 bits per Gaussian weight: relative RMS error ≈ 7-8 % (gguf-and-ggml.md §8); 10 % bounds it.
-    assert 0.0 < worst < 0.10
+    # 4.5 bits per Gaussian weight: measured 7.10 % (weighted) and 7.16 % (reference) worst over the tensors; ggml's
+    # quantizers are scalar C, the same on every CPU. A wrong scale or a lost sub-block moves this by percents.
+    assert 0.065 < worst < 0.08, worst
 
 
-def test_q4_k_weighted_and_reference_paths_write_different_bytes(cli, checkpoints, tmp_path):
-    root, _, _ = checkpoints("f32")
+def _q4_k_row_ref(x: np.ndarray) -> bytes:
+    """ggml's reference quantizer quantize_row_q4_K_ref (the from_float_ref of Q4_K's type traits): what
+    llama-quantize writes without an imatrix."""
+    import ctypes
+
+    from gguf_dit.ggml_ops._lib import lib
+
+    traits = lib.ggml_get_type_traits(int(gguf.GGMLQuantizationType.Q4_K)).contents
+    ref = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64)(traits.from_float_ref)
+    src = np.ascontiguousarray(x, dtype=np.float32)
+    out = ctypes.create_string_buffer(src.size // 256 * 144)
+    ref(src.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), ctypes.addressof(out), src.size)
+    return out.raw
+
+
+def test_q4_k_reference_path_equals_ggml_reference_quantizer(cli, checkpoints, tmp_path):
+    """--q4k-path reference writes quantize_row_q4_K_ref's bytes; the default (weighted) path writes others."""
+    root, sds, _ = checkpoints("f32")
     _convert(cli, root, tmp_path / "w", "--recipe", "q4_k", "--role", "cond")
     _convert(cli, root, tmp_path / "r", "--recipe", "q4_k", "--role", "cond", "--q4k-path", "reference")
-    _, a = _read(tmp_path / "w" / "transformer.gguf")
-    _, b = _read(tmp_path / "r" / "transformer.gguf")
-    name = "layers.0.attention.qkv.weight"
-    assert not np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data))
+    _, weighted = _read(tmp_path / "w" / "transformer.gguf")
+    _, reference = _read(tmp_path / "r" / "transformer.gguf")
+    n_q4k = 0
+    for name, src in sds["transformer"].items():
+        if reference[name].tensor_type != gguf.GGMLQuantizationType.Q4_K:
+            continue
+        n_q4k += 1
+        want = _q4_k_row_ref(_np(src))
+        assert np.asarray(reference[name].data).tobytes() == want, name
+        assert np.asarray(weighted[name].data).tobytes() != want, name
+    # every linear with an input width that is a multiple of 256: per block qkv, o, w1, w2, w3, adaln_modulation;
+    # t_embedding.mlp_in/mlp_out, adaln_proj, final_layer.adaln_modulation/linear
+    assert n_q4k == 2 * 6 + 5
 
 
 def test_fp8_weights_are_dequantized_with_their_row_scale(cli, checkpoints, tmp_path):

@@ -13,6 +13,10 @@ from gguf_dit.runtime.sampler import sample, token_grid
 from gguf_dit.runtime.schedule import resolve_settings, timesteps
 
 F = 416
+#: Final latents after the whole loop (12 or 20 steps of both backbones, F32 files) against diffusers' pipeline.
+#: Observed on AMD EPYC Zen 4 (AVX-512, no AMX): 5.9e-7 (turbo-12, 64x96) and 1.4e-6 (default-20, 80x48). Float32
+#: summation order of ggml's CPU kernels vs torch's, compounded over the steps; pure F32, no CPU-specific kernel.
+LOOP_TOL = 5e-6
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +75,11 @@ def test_denoising_loop_matches_diffusers_pipeline(pair, backend, height, width,
     assert ours.shape == ref.shape == (1, grid[0] * grid[1], 128)
     err = np.abs(ours - ref).max() / np.abs(ref).max()
     print(f"final-latent error vs diffusers ({preset}, {height}x{width}): {err:.2e}")
-    assert err <= 1e-4, err
-    # The official grid (ending at t_max, not 1) lands measurably elsewhere: the comparison is not vacuous.
+    assert err <= LOOP_TOL, err
+    # The official grid (ending at t_max, not 1) lands measurably elsewhere (measured 2.7e-4 and 3.1e-4, ~200x the
+    # loop error): the comparison is not vacuous.
     official = sample(cond, uncond, feats, height, width, settings=s, seed=11)
-    assert np.abs(official - ref).max() / np.abs(ref).max() > 1e-4
+    assert np.abs(official - ref).max() / np.abs(ref).max() > 20 * LOOP_TOL
 
 
 def test_same_seed_reproduces_and_callback_sees_every_step(pair):
@@ -87,7 +92,9 @@ def test_same_seed_reproduces_and_callback_sees_every_step(pair):
     b = sample(cond, uncond, feats, 32, 48, preset="turbo-12", seed=4)
     c = sample(cond, uncond, feats, 32, 48, preset="turbo-12", seed=5)
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+    # seed 5 is torch.randn on a CPU generator seeded 5, as in diffusers' prepare_latents
+    torch_noise = torch.randn((1, 6, 128), generator=torch.Generator("cpu").manual_seed(5)).numpy()
+    np.testing.assert_array_equal(c, sample(cond, uncond, feats, 32, 48, preset="turbo-12", noise=torch_noise))
     assert [i.index for i in seen] == list(range(12))
     assert [i.guidance for i in seen] == [7.0] * 11 + [3.0]
     ts = timesteps(12, 32, 48, 0.5, 1.75)

@@ -17,12 +17,20 @@ from _text_encoder_fixture import make_text_encoder_checkpoint, reference_taps  
 
 from gguf_dit.converter.text_encoder import convert_text_encoder  # noqa: E402
 from gguf_dit.errors import InputError, ModelError, OutputError, SourceError  # noqa: E402
-from gguf_dit.runtime.text_encoder import MAX_TOKENS, OFFICIAL_TAPS, TEMPLATE, TextEncoder, default_taps  # noqa: E402
+from gguf_dit.runtime.text_encoder import MAX_TOKENS, TEMPLATE, TextEncoder, default_taps  # noqa: E402
 
-# Measured on the fixture (36 layers, hidden 32, max |feature| ≈ 23), see docs/text_encoder.md:
-F32_MAX_ABS = 2e-4  # measured 3.6e-5 (relative to max |ref|: 1.6e-6)
-Q8_0_TAP0_REL_RMS = 0.03  # measured 0.013
-Q8_0_REL_RMS = 0.12  # measured ≤ 0.072 (tap 35): 36 random layers compound 8-bit weight and activation error
+#: The taps come from the oracle, diffusers 0.42.1's Ideogram 4 pipeline, not from the runtime's own constant.
+TAPS = tuple(pytest.importorskip("diffusers.pipelines.ideogram4.pipeline_ideogram4").QWEN3_VL_ACTIVATION_LAYERS)
+
+# Measured on the fixture (36 layers, hidden 32, max |feature| ≈ 23) on AMD EPYC Zen 4, see docs/text_encoder.md:
+F32_MAX_ABS = 2e-4  # measured 3.6e-5 to 5.2e-5 (≤ 2.2e-6 of max |ref|): F32 summation order, no CPU-specific kernel
+# Q8_0: llama.cpp's CPU Q8_0 kernels quantize activations; their rounding depends on the CPU's kernels
+# (AVX2 / AVX-512 VNNI / AMX), hence about 3x margin.
+Q8_0_TAP0_REL_RMS = 0.04  # measured 0.013
+Q8_0_REL_RMS = 0.24  # measured ≤ 0.079 (tap 35): 36 random layers compound 8-bit weight and activation error
+# qwen3vl (community) file: llama.cpp's MRoPE gives pair 6 of 8 to the zero 4th axis; a property of the two
+# graphs, not of CPU kernels. Measured 5.9e-4 of max |ref| at 135 tokens.
+QWEN3VL_DRIFT = 2e-3
 
 CAPTIONS = [
     "A photo of a red fox standing in the snow, soft morning light.",
@@ -86,7 +94,7 @@ def gguf_field(path: Path, key: str):
 
 
 def test_default_taps_are_the_official_13_for_36_layers():
-    assert default_taps(36) == list(OFFICIAL_TAPS)
+    assert default_taps(36) == list(TAPS)
     for n in range(13, 80):
         taps = default_taps(n)
         assert len(taps) == 13 and taps[0] == 0 and taps[-1] == n - 1 and taps == sorted(set(taps)), n
@@ -100,10 +108,10 @@ def test_conversion_writes_qwen3_with_tokenizer_taps_and_template(gguf_f32, te):
     out, s = gguf_f32
     _, _, _, model, tok = te
     assert s["arch"] == "qwen3" and s["n_layers"] == 36 and s["hidden"] == 32
-    assert s["taps"] == list(OFFICIAL_TAPS) and s["features_dim"] == 13 * 32
+    assert s["taps"] == list(TAPS) and s["features_dim"] == 13 * 32
     assert s["source_layout"] == "model.language_model."
     assert gguf_field(out, "general.architecture") == "qwen3"
-    assert gguf_field(out, "gguf_dit.text_encoder.taps") == list(OFFICIAL_TAPS)
+    assert gguf_field(out, "gguf_dit.text_encoder.taps") == list(TAPS)
     assert gguf_field(out, "gguf_dit.text_encoder.template") == TEMPLATE
     assert gguf_field(out, "qwen3.rope.freq_base") == pytest.approx(5e6)
     assert gguf_field(out, "tokenizer.ggml.model") == "gpt2" and gguf_field(out, "tokenizer.ggml.pre") == "qwen2"
@@ -160,14 +168,29 @@ def test_tokens_match_hf_tokenizer(enc_f32, te):
 
 def test_f32_features_match_transformers(enc_f32, te):
     model, tok = te[3], te[4]
-    assert enc_f32.taps == OFFICIAL_TAPS and enc_f32.features_dim == 416
+    assert tuple(enc_f32.taps) == TAPS and enc_f32.features_dim == 416
     for cap in CAPTIONS[1:3] + [CAPTIONS[0] * 8]:
         ids = hf_ids(tok, cap)
         got = enc_f32.encode(cap)
-        ref = hf_features(model, ids, enc_f32.taps)
+        ref = hf_features(model, ids, TAPS)
         assert got.shape == (len(ids), 32 * 13) and got.dtype == np.float32
         err = np.abs(got - ref).max()
         assert err < F32_MAX_ABS, (cap, err, np.abs(ref).max())
+
+
+def test_f32_features_match_diffusers_encode_path(enc_f32, te):
+    """diffusers' own Ideogram4Pipeline text path (_get_text_encoder_hidden_states + its stack/permute/reshape)."""
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import Ideogram4Pipeline
+
+    model, tok = te[3], te[4]
+    cap = CAPTIONS[2]
+    ids = torch.tensor([hf_ids(tok, cap)])
+    n = ids.shape[1]
+    with torch.no_grad():
+        taps = Ideogram4Pipeline._get_text_encoder_hidden_states(model.model, ids, torch.ones_like(ids), torch.arange(n)[None])
+    ref = torch.stack(taps, dim=0).permute(1, 2, 3, 0).reshape(n, -1).numpy()
+    err = np.abs(enc_f32.encode(cap) - ref).max()
+    assert err < F32_MAX_ABS, err
 
 
 def test_features_are_interleaved_raw_layer_outputs(enc_f32, te):
@@ -191,7 +214,7 @@ def test_q8_0_features_within_bound(te, tmp_path):
         cap = CAPTIONS[1] * 3
         ids = hf_ids(tok, cap)
         got = enc.encode(cap).reshape(len(ids), 32, 13)
-    ref = hf_features(model, ids, OFFICIAL_TAPS).reshape(len(ids), 32, 13)
+    ref = hf_features(model, ids, TAPS).reshape(len(ids), 32, 13)
     rel = np.sqrt(((got - ref) ** 2).sum(axis=(0, 1)) / (ref**2).sum(axis=(0, 1)))
     assert rel[0] < Q8_0_TAP0_REL_RMS and rel.max() < Q8_0_REL_RMS, rel
 
@@ -206,13 +229,13 @@ def test_qwen3vl_arch_file_loads_and_deviates_only_slightly(te, tmp_path, enc_f3
     assert gguf_field(out, "qwen3vl.rope.dimension_sections") == [2, 3, 3, 0]
     cap = CAPTIONS[0] * 3
     with TextEncoder.load(out, n_threads=1) as enc:
-        assert enc.arch == "qwen3vl" and enc.taps == OFFICIAL_TAPS
+        assert enc.arch == "qwen3vl" and tuple(enc.taps) == TAPS
         ids = enc.tokenize(cap)
         got = enc.encode(cap)
-    ref = hf_features(model, ids, OFFICIAL_TAPS)
+    ref = hf_features(model, ids, TAPS)
     assert ids == hf_ids(tok, cap)
     assert np.abs(got[0] - ref[0]).max() < F32_MAX_ABS  # position 0: no rotation at all
-    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert np.abs(got - ref).max() < QWEN3VL_DRIFT * np.abs(ref).max()
     assert np.abs(enc_f32.encode(cap) - ref).max() < F32_MAX_ABS
 
 

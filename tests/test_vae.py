@@ -3,11 +3,25 @@
 ``make_tiny_vae(path, seed)`` is importable (``from test_vae import make_tiny_vae``; ``tests/`` is on sys.path via
 conftest) to build the ``vae/`` folder of a tiny end-to-end checkpoint.
 
-Measured on the tiny model below (float32, CPU, torch 2.13): decode_latents vs diffusers ``vae.decode``: F32 file
-max |diff| 0 (same kernels), F16 file 3.9e-3 (output std 0.76, |max| 3.9); decode_tokens vs diffusers'
-Ideogram4Pipeline decode path: F32 file 0 uint8 levels, F16 file max 1 level on 3.8% of values; tiled (tile 12,
-overlap 4) vs untiled on a 16x16 latent: mean |diff| 0.048, max 0.39 (per-window GroupNorm statistics in the up path;
-random weights exaggerate this).
+Measured on the tiny model below (float32, AMD EPYC Zen 4, torch 2.13): decode_latents vs diffusers ``vae.decode``:
+F32 file max |diff| 0 (the runtime runs the same torch ops), F16 file 3.9e-3 (output std 0.76, |max| 3.9);
+decode_tokens vs diffusers' Ideogram4Pipeline decode path: F32 file 0 uint8 levels, F16 file max 1 level on 3.8% of
+values; tiled (tile 12, overlap 4) vs untiled on a 16x16 latent: mean |diff| 0.048, max 0.39 (per-window GroupNorm
+statistics in the up path; random weights exaggerate this). A GroupNorm eps of 1e-5 instead of 1e-6 moves the F32
+decode by 5.3e-5, one of 1e-7 by 6.4e-6: the F32 tolerance sits below both.
+
+Mutation proof (``tests/mutations.py``, AMD EPYC Zen 4, 2026-12-02): each change below, made in memory to the
+runtime's source, fails the tests named (without their test_ prefix and name tails).
+
+| mutation | change | caught by | error seen |
+|---|---|---|---|
+| latent_shift_value | one LATENT_SHIFT constant (p2, channel 26) 0.07062869 -> 0.07062969 | official_constants | checksum off by 1e-6 (tol 1e-12 relative) |
+| latent_scale_value | one LATENT_SCALE constant (p1, channel 7) 1.61934825 -> 1.61934925 | official_constants | checksum off by 1e-6 |
+| latent_norm_modes_swapped | latent_norm 'official' and 'checkpoint' swapped | latent_norm_modes | 5.5 (tol 1e-6) |
+| checkpoint_bn_eps_dropped | checkpoint mode: scale = sqrt(var) without batch_norm_eps | latent_norm_modes | 2.4e-2 (tol 1e-6) |
+| denorm_formula | de-normalisation z*scale + shift -> (z + shift)*scale | decode_tokens (3/3), token_layout, latent_norm_modes | 20 uint8 levels (tol 1) |
+| token_layout | unpatchify with ph and pw swapped | decode_tokens (3/3), token_layout, latent_norm_modes | 255 uint8 levels (tol 1) |
+| vae_groupnorm_eps | VAE decoder GroupNorm eps 1e-6 -> 1e-5 | decode_latents (F32 case) | 5.3e-5 (tol 5e-6) |
 """
 
 from __future__ import annotations
@@ -79,17 +93,20 @@ def _z(h=12, w=10, seed=1):
     return torch.randn(1, 32, h, w, generator=g) * 1.6
 
 
+def _pipeline_latents(tokens: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """Ideogram4Pipeline.__call__'s de-normalisation (z * scale + shift per token dim) and unpatch, restated."""
+    z = tokens * scale.view(1, 1, -1) + shift.view(1, 1, -1)
+    c = z.shape[-1] // 4
+    return z.view(1, gh, gw, 2, 2, c).permute(0, 5, 1, 3, 2, 4).contiguous().view(1, c, gh * 2, gw * 2)
+
+
 def _pipeline_decode(vae, tokens: torch.Tensor, gh: int, gw: int) -> np.ndarray:
     """diffusers 0.42.1 Ideogram4Pipeline.__call__'s decode section, restated (bn de-normalisation, unpatch,
     vae.decode, VaeImageProcessor.postprocess to PIL)."""
     from diffusers.image_processor import VaeImageProcessor
 
-    z = tokens
-    bn_mean = vae.bn.running_mean.view(1, 1, -1)
-    bn_std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps).view(1, 1, -1)
-    z = z * bn_std + bn_mean
-    c = z.shape[-1] // 4
-    z = z.view(1, gh, gw, 2, 2, c).permute(0, 5, 1, 3, 2, 4).contiguous().view(1, c, gh * 2, gw * 2)
+    bn_std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+    z = _pipeline_latents(tokens, vae.bn.running_mean, bn_std, gh, gw)
     with torch.no_grad():
         decoded = vae.decode(z, return_dict=False)[0]
     proc = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1) * 2)
@@ -99,7 +116,9 @@ def _pipeline_decode(vae, tokens: torch.Tensor, gh: int, gw: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- (a), (b)
 
 
-@pytest.mark.parametrize("dt,tol", [("f32", 1e-4), ("f16", 2e-2)])
+# F32: observed 0 (both sides are torch's own CPU kernels on the same shapes); 5e-6 leaves room for a CPU where torch
+# picks another kernel for one of them. F16: observed 3.9e-3, the F16 rounding of the weights (not CPU dependent).
+@pytest.mark.parametrize("dt,tol", [("f32", 5e-6), ("f16", 1.5e-2)])
 def test_decode_latents_matches_diffusers(tiny, dt, tol):
     z = _z()
     with torch.no_grad():
@@ -187,6 +206,50 @@ def test_official_constants():
     for arr, i, v in spot:
         assert arr[i] == np.float32(v), (i, arr[i], v)
     assert 1.53 < LATENT_SCALE.min() and LATENT_SCALE.max() < 1.95 and np.abs(LATENT_SHIFT).max() < 0.39
+    # Every value: sum, index-weighted sum (k = 1..128) and sum of squares, in float64 over the float32 values,
+    # computed from the official latent_norm.py values as restated in ideogram4-model.md §13 (not from our arrays).
+    for arr, sums in ((LATENT_SHIFT, (-0.9297049473971128, -96.30016596242785, 4.488222301503358)),
+                      (LATENT_SCALE, (213.54464638233185, 13755.824171066284, 357.21006905848475))):
+        a = arr.astype(np.float64)
+        got = (a.sum(), (np.arange(1, 129) * a).sum(), (a * a).sum())
+        assert got == pytest.approx(sums, rel=1e-12, abs=1e-12)
+
+
+def test_latent_norm_modes_follow_their_own_sources(tiny, tmp_path):
+    """On a VAE whose BatchNorm statistics are not the official constants (a few variances near batch_norm_eps),
+    'checkpoint' gives diffusers' pipeline de-normalisation (vae.bn), 'official' the official constants, and the two
+    differ: swapped modes, a dropped eps or a wrong formula fail here."""
+    from diffusers import AutoencoderKLFlux2
+
+    from gguf_dit.converter.vae import convert_vae
+    from gguf_dit.runtime.vae import VAEDecoder
+
+    g = torch.Generator().manual_seed(7)
+
+    def other_bn(sd):
+        sd["bn.running_mean"] = torch.randn(128, generator=g) * 0.5
+        sd["bn.running_var"] = torch.rand(128, generator=g) ** 4 * 2.0  # down to ~1e-8, below batch_norm_eps (1e-4)
+
+    src = _copy_src(tiny, tmp_path / "vae", edit=other_bn)
+    convert_vae(src, tmp_path / "vae.gguf", dtype="f32")
+    vae = AutoencoderKLFlux2.from_pretrained(str(src)).eval()
+    gh, gw = 3, 4
+    tokens = torch.randn(1, gh * gw, 128, generator=g)
+    bn_std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+    want = {
+        "checkpoint": _pipeline_latents(tokens, vae.bn.running_mean, bn_std, gh, gw),
+        "official": _pipeline_latents(tokens, torch.from_numpy(LATENT_SHIFT.copy()), torch.from_numpy(LATENT_SCALE.copy()), gh, gw),
+    }
+    dec = {mode: VAEDecoder.load(tmp_path / "vae.gguf", latent_norm=mode) for mode in want}
+    for mode, ref in want.items():
+        err = (dec[mode].tokens_to_latents(tokens, gh, gw) - ref).abs().max().item()
+        # observed 0 (official) and 2.4e-7 (checkpoint: we take the square root in float64, diffusers in float32)
+        assert err <= 1e-6, f"{mode}: max |ours - diffusers| = {err:.2e}"
+    assert (want["checkpoint"] - want["official"]).abs().max() > 0.5
+    # The image too: diffusers' pipeline decodes with vae.bn, so 'checkpoint' matches it and 'official' does not.
+    ref_img = _pipeline_decode(vae, tokens, gh, gw).astype(int)
+    assert np.abs(dec["checkpoint"].decode_tokens(tokens, gh, gw).astype(int) - ref_img).max() <= 1
+    assert np.abs(dec["official"].decode_tokens(tokens, gh, gw).astype(int) - ref_img).max() > 20
 
 
 def test_vae_gguf_contents(tiny):
@@ -215,7 +278,9 @@ def test_vae_gguf_contents(tiny):
             assert t.tensor_type == (want if len(t.data.shape) > 1 else gguf.GGMLQuantizationType.F32), t.name
     s = tiny["summary_f16"]
     assert s["checkpoint_bn"] and s["checkpoint_bn_vs_official"]["shift_max_abs"] == 0.0
-    assert s["checkpoint_bn_vs_official"]["scale_max_abs"] < 1e-6 and s["skipped_tensors"] > 0
+    # every tensor of diffusers' model outside the decoder (encoder, quant_conv, bn) is left out
+    outside = [k for k in tiny["model"].state_dict() if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert s["checkpoint_bn_vs_official"]["scale_max_abs"] < 1e-6 and s["skipped_tensors"] == len(outside)
 
 
 # ------------------------------------------------------------------------------------------- (e) tiling
