@@ -5,7 +5,8 @@ All outputs of one command are written into a private folder inside the output f
 (``OUT/.gguf-dit-convert.lock``) that a second conversion into the same folder finds held and refuses. A failure
 or Ctrl-C before that leaves the old files as they were, removes the private folder, the lock, and any output
 folder the command created. The moves are a handful of renames within one folder, run with Ctrl-C deferred, and
-undone if one fails: the folder holds the whole old set or the whole new one.
+undone if one fails: the folder holds the whole old set or the whole new one. A manifest written before the first
+rename (and a DONE mark after the last) lets the next conversion resolve a SIGKILL in between the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ TMP_PREFIX = ".gguf-dit-tmp-"
 BUSY = "another gguf-dit convert is writing here"
 #: Room for one GGUF's header (metadata, tensor infos, alignment) on top of its tensor data, in space estimates.
 HEADER_ALLOWANCE = 1 << 20
+#: In the private folder: the outputs' names, written before the first rename into place; DONE after the last.
+MANIFEST, DONE = ".manifest", ".done"
 
 
 def check_location(out_dir: Path, names: list[str], *, force: bool, need_bytes: int | None = None, folders: bool = False) -> None:
@@ -75,13 +78,15 @@ class OutputSet:
         self._lock_fd: int | None = None
 
     def path(self, name: str) -> Path:
-        assert name in self.names
+        if name not in self.names:
+            raise OutputError(f"internal: {name} is not one of this command's outputs", path=self.out_dir)
         return self.staging / name
 
     @property
     def staging(self) -> Path:
         """The private folder the outputs are written into."""
-        assert self.tmp is not None
+        if self.tmp is None:
+            raise OutputError("internal: the output set is not open", path=self.out_dir)
         return self.tmp
 
     def __enter__(self) -> "OutputSet":
@@ -127,11 +132,9 @@ class OutputSet:
                 continue  # made by someone else meanwhile: not ours to remove
             self._created.append(d)
         self._lock()
-        # Under the lock: leftovers of a killed conversion are removed, and one that finished meanwhile is seen.
+        # Under the lock: leftovers of a killed conversion are resolved to one whole set, and removed.
         for stale in self.out_dir.glob(TMP_PREFIX + "*"):
-            for old in stale.glob(".old-*"):  # killed while moving into place: put the old files back
-                os.replace(old, self.out_dir / old.name[len(".old-"):])
-            shutil.rmtree(stale, ignore_errors=True)
+            _recover(stale, self.out_dir)
         check_location(self.out_dir, self.names, force=self.force, folders=self.folders)
         self.tmp = self.out_dir / f"{TMP_PREFIX}{os.getpid()}"
         os.mkdir(self.tmp)
@@ -156,7 +159,11 @@ class OutputSet:
         raise OutputError(BUSY, path=self.out_dir)
 
     def _commit(self) -> None:
-        assert self.tmp is not None
+        if self.tmp is None:
+            raise OutputError("internal: nothing staged to move into place", path=self.out_dir)
+        # Written before the first rename: a conversion killed during the renames is then rolled back by the next
+        # one (_recover), and one killed after the last rename (DONE written) is rolled forward.
+        _write_synced(self.tmp / MANIFEST, "\n".join(self.names))
         moved: list[tuple[str, Path | None]] = []
         try:
             for name in self.names:
@@ -166,6 +173,7 @@ class OutputSet:
                     os.replace(dst, old)
                 moved.append((name, old))
                 os.replace(self.tmp / name, dst)
+            _write_synced(self.tmp / DONE, "")
         except BaseException:
             for name, old in reversed(moved):  # put the old set back
                 with contextlib.suppress(OSError):
@@ -191,6 +199,30 @@ class OutputSet:
                 except OSError:
                     break
             self._created = []
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _recover(stale: Path, out_dir: Path) -> None:
+    """Resolve the private folder of a killed conversion to one whole set: before its renames began (no manifest)
+    nothing in ``out_dir`` changed; after they all finished (DONE) the new set is complete; in between, every new
+    output moved into place goes back into ``stale`` and every old one moved aside returns. Then ``stale`` goes."""
+    manifest = stale / MANIFEST
+    if manifest.is_file() and not (stale / DONE).exists():
+        for name in manifest.read_text().split("\n"):
+            if not name:
+                continue
+            dst, old = out_dir / name, stale / f".old-{name}"
+            if not os.path.lexists(stale / name) and os.path.lexists(dst):  # the new one was moved into place
+                os.replace(dst, stale / name)
+            if os.path.lexists(old):
+                os.replace(old, dst)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -240,11 +240,12 @@ def test_concurrent_convert_started_mid_way_is_refused_and_the_first_completes(c
 
 
 def test_leftovers_of_a_killed_convert_are_cleared(cli, ck, tmp_path):
-    """A convert killed with SIGKILL leaves its private folder and an unlocked lock file; the next one removes them,
-    putting back an old output the killed one had moved aside."""
+    """A convert killed with SIGKILL mid-way through its renames leaves its private folder (with the manifest) and an
+    unlocked lock file; the next one puts back the old output the killed one had moved aside and removes the rest."""
     out = tmp_path / "o"
     stale = out / f"{outmod.TMP_PREFIX}999999"
     stale.mkdir(parents=True)
+    (stale / outmod.MANIFEST).write_text("vae.gguf\ntransformer.gguf")
     (stale / "transformer.gguf").write_bytes(b"half")
     (stale / ".old-vae.gguf").write_bytes(b"old vae")
     (out / outmod.LOCK_NAME).write_bytes(b"")
@@ -254,6 +255,64 @@ def test_leftovers_of_a_killed_convert_are_cleared(cli, ck, tmp_path):
     code, _, err = cli("convert", ck, "-o", out, "-q", "--parts", "vae", "--force")
     assert code == 0, err
     assert os.listdir(out) == ["vae.gguf"] and (out / "vae.gguf").read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("folders", [False, True], ids=["files", "folders"])
+def test_a_kill_at_any_point_of_the_commit_leaves_one_whole_set(tmp_path, monkeypatch, folders):
+    """The disk as a SIGKILL would leave it before each rename into place, before and after the DONE mark, is
+    resolved by the next conversion to the whole old set (a, b) or the whole new one (a, b, c): never a mix."""
+    names = ["a", "b", "c"]
+
+    def put(path, text):
+        if folders:
+            path.mkdir()
+            (path / "x").write_text(text)
+        else:
+            path.write_text(text)
+
+    def read(path):
+        return (path / "x").read_text() if folders else path.read_text()
+
+    out = tmp_path / "o"
+    out.mkdir()
+    put(out / "a", "old")
+    put(out / "b", "old")
+    snaps = []
+
+    def snap():
+        dst = tmp_path / f"snap{len(snaps)}"
+        shutil.copytree(out, dst, symlinks=True)
+        snaps.append(dst)
+
+    real_replace, real_write = os.replace, outmod._write_synced
+
+    def replace(src, dst):
+        snap()
+        real_replace(src, dst)
+
+    def write(path, text):
+        if path.name == outmod.DONE:
+            snap()
+        real_write(path, text)
+        if path.name == outmod.DONE:
+            snap()
+
+    with outmod.OutputSet(out, names, force=True, folders=folders) as outs:
+        for n in names:
+            put(outs.path(n), "new")
+        monkeypatch.setattr(outmod.os, "replace", replace)
+        monkeypatch.setattr(outmod, "_write_synced", write)
+    monkeypatch.undo()
+    assert len(snaps) == 2 * 2 + 1 + 2  # two old ones moved aside, three new ones moved in, around DONE
+    seen = set()
+    for s in snaps:
+        with pytest.raises(RuntimeError), outmod.OutputSet(s, names, force=True, folders=folders):
+            raise RuntimeError  # the next conversion fails after its recovery: what is left is the recovered state
+        state = {n: read(s / n) for n in names if os.path.lexists(s / n)}
+        assert state in ({"a": "old", "b": "old"}, {"a": "new", "b": "new", "c": "new"}), (s.name, state)
+        assert not [p for p in os.listdir(s) if p.startswith(outmod.TMP_PREFIX)]
+        seen.add(len(state))
+    assert seen == {2, 3}  # both outcomes occur: killed mid-way rolls back, killed after DONE rolls forward
 
 
 # -- the output location, checked before any work ----------------------------------------------------------
