@@ -12,12 +12,10 @@ from .quant import default_threads, dequantize, quantize
 from .types import STORAGE_TYPES, GGMLType, check_row, fits
 from .system import check_cpu
 
-check_cpu()
-
 __all__ = [
     "EXPECTED_GGML_VERSION", "lib", "Backend", "available", "devices", "Builder", "Context", "Graph",
     "Tensor", "TensorStore", "download", "upload", "default_threads", "dequantize", "quantize",
-    "STORAGE_TYPES", "GGMLType", "check_row", "fits",
+    "STORAGE_TYPES", "GGMLType", "check_row", "fits", "check_cpu",
 ]
 
 

@@ -71,6 +71,9 @@ class Backend:
     """An initialised ggml backend (``"cpu"``, ``"cuda"``, ``"auto"`` or a device name like ``"CUDA0"``)."""
 
     def __init__(self, name: str = "auto", threads: int | None = None) -> None:
+        from .system import check_cpu
+
+        check_cpu()
         _ensure_registry()
         want = name.lower()
         if want == "auto":

@@ -33,6 +33,9 @@ def quantize(
     selects the reference path. Rows are split across threads: ctypes releases the GIL during the call,
     and each row's bytes depend only on that row, so the output equals a single-threaded call.
     """
+    from .system import check_cpu
+
+    check_cpu()
     qtype = GGMLType(qtype)
     if x.ndim != 2:
         raise GGMLError(f"quantize expects a 2-D array, got shape {x.shape}")
@@ -81,6 +84,9 @@ def quantize(
 
 def dequantize(data: np.ndarray, qtype: GGMLType, n_per_row: int) -> np.ndarray:
     """Decode rows of ``qtype`` bytes with ggml's own ``to_float`` (type traits); returns float32 [rows, n]."""
+    from .system import check_cpu
+
+    check_cpu()
     qtype = GGMLType(qtype)
     check_row(qtype, n_per_row)
     raw = np.ascontiguousarray(data).view(np.uint8)

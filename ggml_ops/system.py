@@ -127,8 +127,16 @@ def cpu_registry() -> Registry | None:
     return next((r for r in registries() if r.name == "CPU"), None)
 
 
+_cpu_ok = False
+
+
 def check_cpu() -> None:
-    """Refuse a CPU backend compiled for instructions this CPU lacks, before a kernel dies of SIGILL."""
+    """Refuse a CPU backend compiled for instructions this CPU lacks, before a kernel dies of SIGILL. Called
+    before ggml computes anything (backend init, quantize, the text encoder), not at import, so that
+    `gguf-dit info` can still report the mismatch."""
+    global _cpu_ok
+    if _cpu_ok:
+        return
     from gguf_dit.errors import GGMLError
 
     reg = cpu_registry()
@@ -139,6 +147,7 @@ def check_cpu() -> None:
             "(a wheel compiled with -march=native on another machine, e.g. from pip's cache); rebuild it here with "
             "`pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36`"
         )
+    _cpu_ok = True
 
 
 __all__ = ["Registry", "registries", "extra_buffer_types", "buffer_type_name", "cpu_flags", "cpu_model", "cpu_mismatch", "cpu_registry", "check_cpu", "X86_FLAGS"]

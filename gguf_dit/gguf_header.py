@@ -194,7 +194,8 @@ def _string_array(s: _Stream, n: int, what: str, path: Path) -> list[bytes]:
             s.pos = s.base + i
             m = j - i - 8
             if m > min(MAX_STRING, s.left - 8):
-                raise ModelError(f"{what}[{k}] has length {m}, more than the {s.left - 8} bytes left in the file", path=path)
+                limit = f"the {s.left - 8} bytes left in the file" if s.left - 8 < MAX_STRING else f"ggml's string limit of {MAX_STRING} bytes"
+                raise ModelError(f"{what}[{k}] has length {m}, more than {limit}", path=path)
             s._fill(8 + m)
             buf, i, end = s.buf, 0, len(s.buf)
             j = 8 + m

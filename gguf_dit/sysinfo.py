@@ -51,15 +51,22 @@ def collect() -> dict:
         })
     info["devices"] = devs
     info["cuda"] = any(r.name == "CUDA" for r in regs)
+    import inspect
+
+    from gguf_dit.runtime.text_encoder import TextEncoder
+
     info["defaults"] = {
         "backend": "cuda" if info["cuda"] else "cpu",
         "threads": default_threads(),
-        "text_encoder_extra_buffer_types": False,
+        "text_encoder_extra_buffer_types": inspect.signature(TextEncoder.load).parameters["use_extra_bufts"].default,
         "dit_weights_buffer": "the backend's default buffer type (no repacking)",
     }
-    from gguf_dit.runtime.text_encoder import llama_system_info
+    if info["cpu"]["build_features_missing_on_this_cpu"]:  # llama.cpp would run the wrong instructions
+        info["llama_cpp_system_info"] = "not queried: this llama-cpp-python build targets another CPU"
+    else:
+        from gguf_dit.runtime.text_encoder import llama_system_info
 
-    info["llama_cpp_system_info"] = llama_system_info()
+        info["llama_cpp_system_info"] = llama_system_info()
     return info
 
 

@@ -74,6 +74,9 @@ def _llama_cpp():
     """Import llama_cpp once, route llama.cpp's log into Python logging, and check that it shares
     ggml with gguf_dit.ggml_ops (one libggml-base mapped, so a tensor pointer means the same to both)."""
     global _llama, _llama_log_cb, _LOAD_PROGRESS
+    from gguf_dit.ggml_ops.system import check_cpu
+
+    check_cpu()  # llama.cpp runs the same -march=native CPU backend
     with _setup_lock:
         if _llama is not None:
             return _llama

@@ -99,12 +99,35 @@ def test_build_for_another_cpu_is_refused(monkeypatch):
     from gguf_dit.ggml_ops import system
 
     system.check_cpu()  # this machine's own build passes
+    monkeypatch.setattr(system, "_cpu_ok", False)
     monkeypatch.setattr(system, "cpu_flags", lambda: {"sse3"})
     reg = system.cpu_registry()
     if not any(v == "1" and k in system.X86_FLAGS and k != "SSE3" for k, v in reg.features.items()):
         pytest.skip("ggml's CPU backend reports no x86 features here (not an x86 build)")
     with pytest.raises(GGMLError, match="--no-cache-dir llama-cpp-python==0.3.36"):
         system.check_cpu()
+    from gguf_dit.ggml_ops import Backend, GGMLType, quantize
+
+    with pytest.raises(GGMLError, match="does not have"):  # before ggml computes anything
+        Backend("cpu")
+    with pytest.raises(GGMLError, match="does not have"):
+        quantize(__import__("numpy").zeros((1, 32), "float32"), GGMLType.Q8_0)
+
+
+def test_info_still_reports_a_build_for_another_cpu(monkeypatch, cli):
+    # The case info exists for: it must run and say what is wrong, where every other command refuses.
+    from gguf_dit.ggml_ops import system
+
+    monkeypatch.setattr(system, "_cpu_ok", False)
+    monkeypatch.setattr(system, "cpu_flags", lambda: {"sse3", "ssse3", "avx", "avx2", "fma", "f16c", "bmi2"})
+    missing = system.cpu_mismatch(system.cpu_registry().features, system.cpu_flags())
+    if not missing:
+        pytest.skip("this build uses no instruction beyond AVX2, so an AVX2-only CPU cannot be faked")
+    code, out, err = cli("info", "--json")
+    assert code == 0, err
+    assert json.loads(out)["cpu"]["build_features_missing_on_this_cpu"] == missing
+    code, text, _ = cli("info")
+    assert code == 0 and f"this ggml build uses {', '.join(missing)}, which this CPU lacks" in text
 
 
 def test_build_features_match_this_cpu():
@@ -148,10 +171,36 @@ def test_info_names_backend_devices_and_features(cli):
     assert cpu["features"] == system.cpu_registry().features
     assert data["cpu"]["model"] == system.cpu_model()
     assert data["cpu"]["build_features_missing_on_this_cpu"] == []
-    assert data["defaults"]["text_encoder_extra_buffer_types"] is False
+    import inspect
+
+    from gguf_dit.runtime.text_encoder import TextEncoder
+
+    assert data["defaults"]["text_encoder_extra_buffer_types"] is inspect.signature(TextEncoder.load).parameters["use_extra_bufts"].default is False
     dev = next(d for d in data["devices"] if d["kind"] == "cpu")
     assert dev["name"] == "CPU"
     code, text, _ = cli("info")
     assert code == 0
     assert "backend       CPU: CPU" in text and data["cpu"]["model"] in text
     assert ("AVX2" in text) == (cpu["features"].get("AVX2") == "1")
+
+
+def test_dit_velocity_does_not_depend_on_the_thread_count():
+    # docs/portability.md says each output row is computed by one thread: the bytes must not change with threads.
+    import numpy as np
+
+    from gguf_dit.runtime.dit import Ideogram4DiT
+
+    from gguf_dit.runtime.model_file import BackboneFile
+
+    cfg = BackboneFile(_demo("transformer.gguf")).config
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, cfg.in_channels)).astype(np.float32)
+    f = rng.standard_normal((5, cfg.llm_features_dim)).astype(np.float32)
+    out = []
+    for threads in (1, 2, 3):
+        dit = Ideogram4DiT.load(_demo("transformer.gguf"), "cpu", threads=threads)
+        try:
+            out.append(dit.velocity(x, 0.4, f, grid=(4, 4)))
+        finally:
+            dit.close()
+    assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2])

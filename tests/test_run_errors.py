@@ -265,7 +265,7 @@ def _interrupt(args, marker: str, delay: float):
 def _check_interrupted(result, out: Path):
     code, err, latency, exit_latency = result
     assert code == 130, err[-2000:]
-    assert err.rstrip().splitlines()[-1] == "error: interrupted; no partial output was kept"
+    assert err.rstrip().splitlines()[-1] == "error: interrupted; no partial file was kept"
     assert "Traceback" not in err and "Exception ignored" not in err
     # Observed on 2 shared cores at load 8: message 0.07-0.33 s, exit 0.5-1.0 s after the signal
     # (without the abort callbacks: 9 s in encoding, 12 s in sampling).
@@ -284,6 +284,9 @@ def test_ctrl_c_during_text_encoding(tmp_path):
     out = tmp_path / "out"
     result = _interrupt([p, "-o", out, "--steps", "2", "--threads", "1"], "gguf_dit.llama: decoding ", 0.5)
     _check_interrupted(result, out)
+    # Still in the encoder: on a CPU fast enough to finish the decode first, the signal would land in sampling
+    # and this test would prove nothing about the encoder's abort callback.
+    assert "gguf_dit.runtime: loaded" not in result[1], result[1][-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +311,7 @@ def test_ctrl_c_during_sampling(tiny_model, prompt, tmp_path):
     args = [prompt, "-m", tiny_model, "-o", out, "--steps", "2", "-W", "768", "-H", "768", "--threads", "2"]
     result = _interrupt(args, "built graph", 0.3)
     _check_interrupted(result, out)
+    assert "gguf_dit.runtime: loaded" in result[1]  # the line whose absence places the encoding test in the encoder
 
 
 def test_ctrl_c_during_decoding(tiny_model, prompt, tmp_path):
