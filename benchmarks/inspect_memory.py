@@ -82,11 +82,14 @@ def main() -> None:
     if not path.exists():
         write(path)
     print(f"{path}: {path.stat().st_size / 2**20:.0f} MiB")
+    peaks = {}
     for label, code in CASES.items():
         r = subprocess.run([sys.executable, "-c", f"P = {str(path)!r}\n{code}\n{PEAK}"], capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"{label} failed:\n{r.stderr[-2000:]}")
-        print(f"{label:24s} VmHWM {int(r.stdout.split()[-1]) / 1024:6.0f} MiB")
+        peaks[label] = int(r.stdout.split()[-1]) / 1024
+        print(f"{label:24s} VmHWM {peaks[label]:6.0f} MiB")
+    print(f"inspect --check now / before: {peaks['inspect --check (now)'] / peaks['memmap decode (before)']:.2f}x the peak memory")
 
 
 if __name__ == "__main__":

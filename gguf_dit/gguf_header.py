@@ -176,6 +176,18 @@ def _value_type(raw: int, what: str, path: Path) -> GGUFValueType:
         raise ModelError(f"{what} has unknown GGUF value type id {raw}", path=path) from None
 
 
+def _name(s: _Stream, what: str, limit: int, path: Path) -> str:
+    """A metadata key or tensor name: a non-empty UTF-8 string within ``limit`` bytes."""
+    raw = _string(s, what, limit, path)
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"{what} is not valid UTF-8 ({raw[:40]!r})", path=path) from None
+    if not name:
+        raise ModelError(f"{what} is empty", path=path)
+    return name
+
+
 def _string_array(s: _Stream, n: int, what: str, path: Path) -> list[bytes]:
     # The one per-element loop (each length says where the next string starts), kept tight: locals, one
     # unpack and one bounds check per string. The buffer is refilled only when a string crosses its end.
@@ -267,13 +279,7 @@ def read_header(path: str | Path) -> GGUFHeader:
 
         kv: dict[str, KV] = {}
         for i in range(n_kv):
-            raw = _string(s, f"key #{i}", MAX_KEY, path)
-            try:
-                key = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ModelError(f"key #{i} is not valid UTF-8 ({raw[:40]!r})", path=path) from None
-            if not key:
-                raise ModelError(f"key #{i} is empty", path=path)
+            key = _name(s, f"key #{i}", MAX_KEY, path)
             if key in kv:
                 raise ModelError(f"duplicate metadata key {key!r}", path=path)
             (raw_t,) = s.unpack(_U32, f"the value type of key {key!r}")
@@ -291,13 +297,7 @@ def read_header(path: str | Path) -> GGUFHeader:
         infos = []
         names: set[str] = set()
         for i in range(n_tensors):
-            raw = _string(s, f"tensor name #{i}", MAX_NAME, path)
-            try:
-                name = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ModelError(f"tensor name #{i} is not valid UTF-8 ({raw!r})", path=path) from None
-            if not name:
-                raise ModelError(f"tensor name #{i} is empty", path=path)
+            name = _name(s, f"tensor name #{i}", MAX_NAME, path)
             if name in names:
                 raise ModelError("duplicate tensor name", path=path, tensor=name)
             names.add(name)

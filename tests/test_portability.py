@@ -94,40 +94,54 @@ def test_cpu_mismatch_names_missing_instructions():
     assert cpu_mismatch(built, set()) == []  # no /proc/cpuinfo: unknown, not "lacks everything"
 
 
-def test_build_for_another_cpu_is_refused(monkeypatch):
-    from gguf_dit.errors import GGMLError
+@pytest.fixture
+def foreign_build(monkeypatch):
+    """This ggml build as if compiled on a CPU with AVX512_BF16 and AMX, run on one without them: works on any
+    machine (the real features stay; two are added to what ggml reports and removed from /proc/cpuinfo's flags)."""
+    import dataclasses
+
     from gguf_dit.ggml_ops import system
 
-    system.check_cpu()  # this machine's own build passes
+    real_regs, real_flags = system.registries(), system.cpu_flags()
+    extra = {"AVX512_BF16": "1", "AMX_INT8": "1"}
+    regs = [dataclasses.replace(r, features={**r.features, **extra}) if r.name == "CPU" else r for r in real_regs]
+    monkeypatch.setattr(system, "registries", lambda: regs)
+    monkeypatch.setattr(system, "cpu_flags", lambda: (real_flags or {"sse3"}) - {"avx512_bf16", "amx_int8"})
     monkeypatch.setattr(system, "_cpu_ok", False)
-    monkeypatch.setattr(system, "cpu_flags", lambda: {"sse3"})
-    reg = system.cpu_registry()
-    if not any(v == "1" and k in system.X86_FLAGS and k != "SSE3" for k, v in reg.features.items()):
-        pytest.skip("ggml's CPU backend reports no x86 features here (not an x86 build)")
-    with pytest.raises(GGMLError, match="--no-cache-dir llama-cpp-python==0.3.36"):
-        system.check_cpu()
-    from gguf_dit.ggml_ops import Backend, GGMLType, quantize
+    return ["AVX512_BF16", "AMX_INT8"]
 
+
+def test_build_for_another_cpu_is_refused(foreign_build):
+    import numpy as np
+
+    from gguf_dit.errors import GGMLError
+    from gguf_dit.ggml_ops import Backend, GGMLType, quantize, system
+
+    with pytest.raises(GGMLError, match="uses AVX512_BF16, AMX_INT8, which this CPU .* --no-cache-dir llama-cpp-python==0.3.36"):
+        system.check_cpu()
     with pytest.raises(GGMLError, match="does not have"):  # before ggml computes anything
         Backend("cpu")
     with pytest.raises(GGMLError, match="does not have"):
-        quantize(__import__("numpy").zeros((1, 32), "float32"), GGMLType.Q8_0)
+        quantize(np.zeros((1, 32), np.float32), GGMLType.Q8_0)
 
 
-def test_info_still_reports_a_build_for_another_cpu(monkeypatch, cli):
-    # The case info exists for: it must run and say what is wrong, where every other command refuses.
+def test_own_build_passes_the_cpu_check(monkeypatch):
     from gguf_dit.ggml_ops import system
 
     monkeypatch.setattr(system, "_cpu_ok", False)
-    monkeypatch.setattr(system, "cpu_flags", lambda: {"sse3", "ssse3", "avx", "avx2", "fma", "f16c", "bmi2"})
-    missing = system.cpu_mismatch(system.cpu_registry().features, system.cpu_flags())
-    if not missing:
-        pytest.skip("this build uses no instruction beyond AVX2, so an AVX2-only CPU cannot be faked")
+    system.check_cpu()
+    assert system._cpu_ok
+
+
+def test_info_still_reports_a_build_for_another_cpu(foreign_build, cli):
+    # The case info exists for: it must run and say what is wrong, where every other command refuses.
     code, out, err = cli("info", "--json")
     assert code == 0, err
-    assert json.loads(out)["cpu"]["build_features_missing_on_this_cpu"] == missing
+    data = json.loads(out)
+    assert data["cpu"]["build_features_missing_on_this_cpu"] == foreign_build
+    assert data["llama_cpp_system_info"].startswith("not queried")  # llama.cpp would run the wrong instructions
     code, text, _ = cli("info")
-    assert code == 0 and f"this ggml build uses {', '.join(missing)}, which this CPU lacks" in text
+    assert code == 0 and "this ggml build uses AVX512_BF16, AMX_INT8, which this CPU lacks" in text
 
 
 def test_build_features_match_this_cpu():
