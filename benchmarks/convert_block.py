@@ -103,7 +103,7 @@ def child_convert(report: str, cli_args: list[str]) -> int:
 
 def child_write(report: str, root: str, layers: int) -> int:
     """Write the checkpoint in a child, so that this process never grows (and its children inherit nothing)."""
-    from gguf_dit.arch import Ideogram4Config
+    from gguf_dit.arch.dit import Ideogram4Config
     from gguf_dit.converter.tiny import write_tiny_checkpoint
 
     write_tiny_checkpoint(root, cfg=Ideogram4Config(num_layers=layers), fp8=True, force=True, full=False)
@@ -181,7 +181,7 @@ def machine_info() -> list[str]:
 
 def inventory_bytes(cfg) -> tuple[int, int, int, dict]:
     """(fp32-equivalent bytes of the backbone, of its non-block tensors, of one block, largest tensor)."""
-    from gguf_dit.arch import tensor_inventory
+    from gguf_dit.arch.dit import tensor_inventory
 
     total = nonblock = block0 = 0
     largest = {"name": "", "bytes": 0}
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             return child_baseline(report, rest[0])
         return child_convert(report, [mode, *rest])
 
-    from gguf_dit.arch import Ideogram4Config
+    from gguf_dit.arch.dit import Ideogram4Config
     recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="gguf-dit-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 
 from gguf_dit import __version__
-from gguf_dit.arch import ARCH, BACKBONE_DIRS, tensor_inventory
+from gguf_dit.arch.dit import ARCH, BACKBONE_DIRS, tensor_inventory
+from gguf_dit import keys
 from gguf_dit.errors import GgufDitError, OutputError, RecipeError, SourceError
 from gguf_dit.ggml_ops import GGMLType
 
@@ -112,29 +113,29 @@ def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path:
     cfg = bb.config
     writer.add_name(f"Ideogram 4 {'conditional' if bb.role == 'cond' else 'unconditional'} DiT ({recipe.name})")
     writer.add_uint32("general.quantization_version", GGML_QNT_VERSION)
-    writer.add_string(f"{ARCH}.role", bb.role)
+    writer.add_string(keys.ROLE, bb.role)
     for k, v in cfg.to_metadata().items():
-        key = f"{ARCH}.{k}"
+        key = keys.dit(k)
         if isinstance(v, tuple):
             writer.add_array(key, [int(x) for x in v])
         elif isinstance(v, float):
             writer.add_float32(key, v)
         else:
             writer.add_uint32(key, int(v))
-    writer.add_uint32(f"{ARCH}.head_dim", cfg.head_dim)
-    writer.add_string("gguf_dit.converter_version", __version__)
-    writer.add_string("gguf_dit.recipe.name", recipe.name)
-    writer.add_string("gguf_dit.recipe.json", json.dumps(recipe.to_json(), separators=(",", ":")))
-    writer.add_string("gguf_dit.recipe.tensors", json.dumps({p.name: [p.type.name, p.why] for p in plans}, separators=(",", ":")))
-    writer.add_string("gguf_dit.quantization.q4_k_path", q4k_path)
-    writer.add_string("gguf_dit.source.layout", bb.layout)
-    writer.add_string("gguf_dit.source.dtypes", ",".join(sorted({t.dtype for t in bb.tensors.values()})))
-    writer.add_array("gguf_dit.source.files", bb.source_names())
-    writer.add_string("gguf_dit.source.sha256", _HASH_PLACEHOLDER)
+    writer.add_uint32(keys.HEAD_DIM, cfg.head_dim)
+    writer.add_string(keys.CONVERTER_VERSION, __version__)
+    writer.add_string(keys.RECIPE_NAME, recipe.name)
+    writer.add_string(keys.RECIPE_JSON, json.dumps(recipe.to_json(), separators=(",", ":")))
+    writer.add_string(keys.RECIPE_TENSORS, json.dumps({p.name: [p.type.name, p.why] for p in plans}, separators=(",", ":")))
+    writer.add_string(keys.Q4K_PATH, q4k_path)
+    writer.add_string(keys.SOURCE_LAYOUT, bb.layout)
+    writer.add_string(keys.SOURCE_DTYPES, ",".join(sorted({t.dtype for t in bb.tensors.values()})))
+    writer.add_array(keys.SOURCE_FILES, bb.source_names())
+    writer.add_string(keys.SOURCE_SHA256, _HASH_PLACEHOLDER)
     if sizes is not None and sizes.size_range is not None:
-        writer.add_array("gguf_dit.size_range", [int(x) for x in sizes.size_range])
+        writer.add_array(keys.SIZE_RANGE, [int(x) for x in sizes.size_range])
     if sizes is not None and sizes.default_size is not None:
-        writer.add_uint32("gguf_dit.default_size", int(sizes.default_size))
+        writer.add_uint32(keys.DEFAULT_SIZE, int(sizes.default_size))
 
 
 def _patch_hash(path: Path, digest: str) -> None:

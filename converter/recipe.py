@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from gguf_dit.arch import TensorSpec
+from gguf_dit.arch.dit import TensorSpec
 from gguf_dit.errors import GgufDitError, RecipeError
 from gguf_dit.ggml_ops import GGMLType, fits
 from gguf_dit.ggml_ops.types import STORAGE_TYPES

@@ -19,8 +19,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from gguf_dit.arch import BACKBONE_DIRS, Ideogram4Config, check_tensors, config_from_json, detect_config, tensor_inventory
-from gguf_dit.errors import GgufDitError, SourceError
+from gguf_dit.arch.dit import BACKBONE_DIRS, Ideogram4Config, check_tensors, config_from_json, detect_config, tensor_inventory
+from gguf_dit.errors import SourceError
 
 from .inputs import read_json, regular_file
 
@@ -118,7 +118,7 @@ class Backbone(SafetensorsFiles):
         self._handles: dict[Path, object] = {}
         self._scan()
         self.config = self._config()
-        check_tensors({n: t.shape for n, t in self.tensors.items()}, self.config, self.where)
+        check_tensors({n: t.shape for n, t in self.tensors.items()}, self.config, self.where, error=SourceError)
 
     # -- discovery ---------------------------------------------------------------------
     def _scan(self) -> None:
@@ -183,23 +183,17 @@ class Backbone(SafetensorsFiles):
         if layers and max(layers) >= len(layers):
             top = max(layers)
             raise SourceError(f"transformer blocks are not numbered 0..N-1: block {top} with {len(layers)} blocks in all", path=where, tensor=layers[top])
-        detected = detect_config(shapes, where)
+        detected = detect_config(shapes, where, error=SourceError)
         if self.config_json is not None:
             cfg_path = self.directory / "config.json"
-            try:
-                declared = config_from_json(self.config_json, str(cfg_path))
-            except GgufDitError as e:
-                raise SourceError(str(e)) from None
+            declared = config_from_json(self.config_json, str(cfg_path), error=SourceError)
             # Values no tensor shape can show come from the config; the rest must agree with the shapes.
             merged = dataclasses.replace(detected, **{k: v for k, v in declared.items() if k in ("rope_theta", "mrope_section", "norm_eps")})
             for k, v in declared.items():
                 if getattr(merged, k) != v:
                     raise SourceError(f"config.json says {k}={v} but the tensors say {getattr(merged, k)}", path=self.directory / "config.json")
             detected = merged
-        try:
-            detected.validate(where)
-        except GgufDitError as e:
-            raise SourceError(str(e)) from None
+        detected.validate(where, error=SourceError)
         return detected
 
     # -- reading -----------------------------------------------------------------------

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,7 +36,18 @@ from gguf_dit import __version__
 from gguf_dit.errors import GgufDitError, OutputError, RecipeError, SourceError
 from gguf_dit.ggml_ops import GGMLType, fits
 from gguf_dit.ggml_ops.types import STORAGE_TYPES
-from gguf_dit.runtime.text_encoder import KEY_TAPS, KEY_TEMPLATE, LLAMA_ARCH, TEMPLATE, default_taps
+from gguf_dit import keys
+from gguf_dit.arch.text_encoder import (
+    DEFAULT_CONTEXT,
+    DEFAULT_RMS_EPS,
+    DEFAULT_ROPE_THETA,
+    LAYER_MAP,
+    LAYER_RE,
+    LLAMA_ARCH,
+    LM_PREFIXES,
+    TEMPLATE,
+    default_taps,
+)
 
 from .encode import check_range, encode_rows, stored_nbytes
 from .gguf_out import atomic_gguf, stream_tensor
@@ -51,31 +61,11 @@ CHUNK_BYTES = 64 << 20
 GGML_QNT_VERSION = 2
 UINT32_MAX = (1 << 32) - 1
 #: Checked in order: the stock Instruct layout's prefix also starts with ``model.``.
-LM_PREFIXES = ("model.language_model.", "language_model.", "model.")
 _FLOAT_DTYPES = {"F32", "BF16", "F16", "F8_E4M3"}
 _SCALED = ("weight_scale", "weight_scale_inv")
 #: Qwen2's pre-tokenizer regex, which llama.cpp implements as pre-tokenizer ``qwen2``.
 QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 #: Qwen3-VL-8B values used when the checkpoint has no config.json (shapes give everything else).
-DEFAULT_ROPE_THETA = 5_000_000.0
-DEFAULT_RMS_EPS = 1e-6
-DEFAULT_CONTEXT = 262_144
-
-# HF language-model name (after the prefix) -> GGUF name; {i} is the layer.
-_LAYER_MAP = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 # gguf TokenType values
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
@@ -135,8 +125,8 @@ class TextEncoderSource(SafetensorsFiles):
             if name in scales:
                 continue
             if name not in ("embed_tokens.weight", "norm.weight"):
-                m = _LAYER_RE.match(name)
-                if not m or m.group(2) not in _LAYER_MAP:
+                m = LAYER_RE.match(name)
+                if not m or m.group(2) not in LAYER_MAP:
                     if name.startswith(("rotary_emb.",)):
                         continue
                     raise SourceError(
@@ -172,7 +162,7 @@ class TextEncoderSource(SafetensorsFiles):
         if len(emb) != 2:
             raise SourceError(f"embedding has shape {list(emb)}, expected [vocab, hidden]", path=self.tensors["embed_tokens.weight"].file, tensor=self.tensors["embed_tokens.weight"].key)
         vocab, hidden = emb
-        layer_of = {int(m.group(1)): n for n in shapes if (m := _LAYER_RE.match(n))}
+        layer_of = {int(m.group(1)): n for n in shapes if (m := LAYER_RE.match(n))}
         layers = sorted(layer_of)
         n_layers = len(layers)
         if n_layers == 0:
@@ -534,9 +524,9 @@ def _gguf_name(hf_name: str) -> str:
         return "token_embd.weight"
     if hf_name == "norm.weight":
         return "output_norm.weight"
-    m = _LAYER_RE.match(hf_name)
+    m = LAYER_RE.match(hf_name)
     assert m is not None
-    return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    return f"blk.{m.group(1)}.{LAYER_MAP[m.group(2)]}"
 
 
 def _encode(x: np.ndarray, t: GGMLType, threads: int | None) -> np.ndarray:
@@ -589,7 +579,7 @@ def prepare_text_encoder(
     except BaseException:
         src.close()
         raise
-    order = ["embed_tokens.weight"] + [f"layers.{i}.{k}" for i in range(cfg["n_layers"]) for k in _LAYER_MAP] + ["norm.weight"]
+    order = ["embed_tokens.weight"] + [f"layers.{i}.{k}" for i in range(cfg["n_layers"]) for k in LAYER_MAP] + ["norm.weight"]
     strings = tok["tokens"] + tok["merges"] + [tok["chat_template"] or ""]
     nbytes = sum(_nbytes(src.tensors[n].shape, plans[n][0]) + 512 for n in order) + sum(len(x.encode()) + 12 for x in strings) + HEADER_ALLOWANCE
     return TextEncoderPlan(src, cfg, tok, plans, order, default_taps(cfg["n_layers"]), lt, dt, arch, nbytes)
@@ -693,17 +683,17 @@ def _write(src, cfg, tok, plans, order, taps, out_path, lt, dt, threads, progres
         writer.add_add_eos_token(False)
         if tok["chat_template"]:
             writer.add_chat_template(tok["chat_template"])
-        writer.add_array(KEY_TAPS, [int(x) for x in taps])
-        writer.add_string(KEY_TEMPLATE, TEMPLATE)
-        writer.add_string("gguf_dit.converter_version", __version__)
-        writer.add_string("gguf_dit.text_encoder.linear_type", lt.name)
+        writer.add_array(keys.TE_TAPS, [int(x) for x in taps])
+        writer.add_string(keys.TE_TEMPLATE, TEMPLATE)
+        writer.add_string(keys.CONVERTER_VERSION, __version__)
+        writer.add_string(keys.TE_LINEAR_TYPE, lt.name)
         if dt is not None:
-            writer.add_string("gguf_dit.text_encoder.down_proj_type", dt.name)
-        writer.add_string("gguf_dit.text_encoder.source.layout", src.prefix or "(none)")
-        writer.add_string("gguf_dit.text_encoder.source.dtypes", ",".join(sorted({t.dtype + ("*" + t.scale[2] if t.scale else "") for t in src.tensors.values()})))
-        writer.add_array("gguf_dit.text_encoder.source.files", [f.name for f in src.files] + tok["files"])
+            writer.add_string(keys.TE_DOWN_PROJ_TYPE, dt.name)
+        writer.add_string(keys.TE_SOURCE_LAYOUT, src.prefix or "(none)")
+        writer.add_string(keys.TE_SOURCE_DTYPES, ",".join(sorted({t.dtype + ("*" + t.scale[2] if t.scale else "") for t in src.tensors.values()})))
+        writer.add_array(keys.TE_SOURCE_FILES, [f.name for f in src.files] + tok["files"])
         if cfg["mrope_section"]:
-            writer.add_array("gguf_dit.text_encoder.source.mrope_section", cfg["mrope_section"])
+            writer.add_array(keys.TE_SOURCE_MROPE, cfg["mrope_section"])
         for name in order:
             t, _ = plans[name]
             shape = src.tensors[name].shape

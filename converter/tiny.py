@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_dit.arch import BACKBONE_DIRS, Ideogram4Config, tensor_inventory
+from gguf_dit.arch.dit import BACKBONE_DIRS, Ideogram4Config, tensor_inventory
 from gguf_dit.errors import OutputError
 
 TINY = Ideogram4Config(emb_dim=512, num_layers=2, num_heads=2, intermediate_size=768, adaln_dim=256, in_channels=128, llm_features_dim=13 * 32)
@@ -140,8 +140,8 @@ def _write_vae(d: Path, g) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
-    from gguf_dit.runtime.vae import VAEConfig, decoder_inventory
+    from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
+    from gguf_dit.arch.vae import VAEConfig, decoder_inventory
 
     cfg = VAEConfig(block_out_channels=VAE_CHANNELS, layers_per_block=1, norm_num_groups=8)
     sd = {}

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from gguf_dit import __version__
+from gguf_dit import keys
 from gguf_dit.errors import GgufDitError, SourceError
-from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
-from gguf_dit.runtime.vae import NORM_EPS, VAE_ARCH, VAEConfig, decoder_inventory
+from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
+from gguf_dit.arch.vae import ARCH as VAE_ARCH, NORM_EPS, VAEConfig, decoder_inventory
 
 from .gguf_out import atomic_gguf
 from .inputs import read_json
@@ -243,22 +244,22 @@ def write_vae(vae: VAEPlan, out_path: Path) -> dict:
         writer.add_uint32(f"{a}.latent_channels", cfg.latent_channels)
         writer.add_uint32(f"{a}.out_channels", cfg.out_channels)
         writer.add_uint32(f"{a}.norm_num_groups", cfg.norm_num_groups)
-        writer.add_float32(f"{a}.norm_eps", NORM_EPS)
+        writer.add_float32(keys.VAE_NORM_EPS, NORM_EPS)
         writer.add_bool(f"{a}.mid_block_add_attention", cfg.mid_block_add_attention)
         writer.add_bool(f"{a}.use_post_quant_conv", cfg.use_post_quant_conv)
         writer.add_uint32(f"{a}.patch_size", cfg.patch_size)
-        writer.add_uint32(f"{a}.scale_factor", cfg.scale_factor)
+        writer.add_uint32(keys.VAE_SCALE_FACTOR, cfg.scale_factor)
         writer.add_float32(f"{a}.batch_norm_eps", cfg.batch_norm_eps)
         writer.add_string(f"{a}.latent_norm_source", "official")
-        writer.add_array(f"{a}.latent_shift", [float(x) for x in LATENT_SHIFT])
-        writer.add_array(f"{a}.latent_scale", [float(x) for x in LATENT_SCALE])
+        writer.add_array(keys.VAE_LATENT_SHIFT, [float(x) for x in LATENT_SHIFT])
+        writer.add_array(keys.VAE_LATENT_SCALE, [float(x) for x in LATENT_SCALE])
         if "bn.running_mean" in bn and "bn.running_var" in bn:
-            writer.add_array(f"{a}.checkpoint_bn_mean", [float(x) for x in bn["bn.running_mean"]])
-            writer.add_array(f"{a}.checkpoint_bn_var", [float(x) for x in bn["bn.running_var"]])
-        writer.add_string("gguf_dit.converter_version", __version__)
-        writer.add_string("gguf_dit.vae.dtype", dtype)
-        writer.add_string("gguf_dit.source.files", WEIGHTS_NAME)
-        writer.add_string("gguf_dit.source.config", json.dumps(raw_cfg, separators=(",", ":"), sort_keys=True))
+            writer.add_array(keys.VAE_BN_MEAN, [float(x) for x in bn["bn.running_mean"]])
+            writer.add_array(keys.VAE_BN_VAR, [float(x) for x in bn["bn.running_var"]])
+        writer.add_string(keys.CONVERTER_VERSION, __version__)
+        writer.add_string(keys.VAE_DTYPE, dtype)
+        writer.add_string(keys.SOURCE_FILES, WEIGHTS_NAME)
+        writer.add_string(keys.SOURCE_CONFIG, json.dumps(raw_cfg, separators=(",", ":"), sort_keys=True))
         for name, arr in tensors:
             writer.add_tensor(name, arr)
         writer.write_header_to_file(tmp)

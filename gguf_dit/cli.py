@@ -139,6 +139,7 @@ def inspect(
     check: bool = typer.Option(False, "--check", help="Also scan every tensor for NaN/Inf values (float bits and quantized block scales, a few MiB at a time)."),
 ) -> None:
     """Describe a backbone GGUF: architecture, role, config, types, bytes, recipe and warnings."""
+    from gguf_dit import keys
     from gguf_dit.runtime.model_file import BackboneFile
 
     f = BackboneFile(file, strict=False)
@@ -155,8 +156,8 @@ def inspect(
         "bytes": sum(t.nbytes for t in f.tensors.values()),
         "types": f.type_counts(),
         "recipe": f.recipe,
-        "source_sha256": f.metadata.get("gguf_dit.source.sha256"),
-        "converter_version": f.metadata.get("gguf_dit.converter_version"),
+        "source_sha256": f.metadata.get(keys.SOURCE_SHA256),
+        "converter_version": f.metadata.get(keys.CONVERTER_VERSION),
         "warnings": warnings,
     }
     if as_json:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from gguf_dit import keys
 from gguf_dit.errors import ModelError
 from gguf_dit.files import regular_file
 
@@ -286,13 +287,13 @@ def read_header(path: str | Path) -> GGUFHeader:
             kv[key] = _value(s, _value_type(raw_t, f"metadata key {key!r}", path), f"metadata key {key!r}", path)
 
         alignment = DEFAULT_ALIGNMENT
-        a = kv.get("general.alignment")
+        a = kv.get(keys.ALIGNMENT)
         if a is not None:
             if a.type is not GGUFValueType.UINT32:
-                raise ModelError(f"metadata key 'general.alignment' has type {a.type.name}, must be UINT32", path=path)
+                raise ModelError(f"metadata key '{keys.ALIGNMENT}' has type {a.type.name}, must be UINT32", path=path)
             alignment = int(a.value)
             if alignment <= 0 or alignment & (alignment - 1):
-                raise ModelError(f"metadata key 'general.alignment' is {alignment}, not a power of two", path=path)
+                raise ModelError(f"metadata key '{keys.ALIGNMENT}' is {alignment}, not a power of two", path=path)
 
         infos = []
         names: set[str] = set()

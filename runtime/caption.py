@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gguf_dit.arch.text_encoder import MAX_TOKENS as MAX_TEXT_TOKENS  # counting tokens needs the tokenizer: the encoder enforces it
 from gguf_dit.errors import InputError
 
 __all__ = [
@@ -49,9 +50,6 @@ __all__ = [
     "PLAIN_TEXT_NOTE",
 ]
 
-#: The official pipeline refuses captions longer than this many tokens (template included), §11.2.
-#: Counting tokens needs the tokenizer, so the text encoder enforces it, not this module.
-MAX_TEXT_TOKENS = 2048
 
 #: Characters per caption before tokenizing: 32 per allowed token, far above what 2048 tokens of
 #: real text take (about 4 characters each), and small enough that a hostile caption (e.g.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_dit.arch import HEAD_DIM, IMAGE_POSITION_OFFSET, MAX_TEXT_TOKENS, Ideogram4Config
+from gguf_dit.arch.dit import HEAD_DIM, IMAGE_POSITION_OFFSET, MAX_TEXT_TOKENS, QK_NORM_EPS, Ideogram4Config
 from gguf_dit.errors import InputError, ModelError
 from gguf_dit.ggml_ops import Backend, Builder, Context, GGMLType, Graph, Tensor, TensorStore, upload
 
@@ -277,8 +277,8 @@ class Ideogram4DiT:
         x = b.mul(self._rms(b, h, p + "attention_norm1.weight", cfg.norm_eps), scale_msa)
         qkv = self._linear(b, p + "attention.qkv", x)  # [3D, L]: q rows, then k, then v
         heads = lambda i: b.view(qkv, (hd, H, L), (hd * 4, qkv.nb[1]), i * D * 4)  # noqa: E731
-        q = self._rope(b, self._rms(b, heads(0), p + "attention.norm_q.weight", 1e-5), cos, sin)
-        k = self._rope(b, self._rms(b, heads(1), p + "attention.norm_k.weight", 1e-5), cos, sin)
+        q = self._rope(b, self._rms(b, heads(0), p + "attention.norm_q.weight", QK_NORM_EPS), cos, sin)
+        k = self._rope(b, self._rms(b, heads(1), p + "attention.norm_k.weight", QK_NORM_EPS), cos, sin)
         v = heads(2)
         attn = self._linear(b, p + "attention.o", self._attention(b, q, k, v))
         h = b.add(h, b.mul(self._rms(b, attn, p + "attention_norm2.weight", cfg.norm_eps), gate_msa))

@@ -11,8 +11,9 @@ from typing import Iterator
 
 import numpy as np
 
-from gguf_dit.arch import ARCH, ROLES, Ideogram4Config, check_tensors, detect_config, is_ideogram4, tensor_inventory
-from gguf_dit.errors import GgufDitError, ModelError
+from gguf_dit.arch.dit import ARCH, ROLES, Ideogram4Config, check_tensors, detect_config, is_ideogram4, tensor_inventory
+from gguf_dit import keys
+from gguf_dit.errors import ModelError
 from gguf_dit.ggml_ops import STORAGE_TYPES, GGMLType
 
 
@@ -100,12 +101,6 @@ def all_finite(type_: GGMLType, raw: np.ndarray) -> bool:
     size, offsets = _SCALES[type_]
     blocks = raw.reshape(-1, size)
     return not any(((blocks[:, o : o + 2].view(np.uint16) & 0x7C00) == 0x7C00).any() for o in offsets)
-
-
-def _model_error(e: GgufDitError) -> ModelError:
-    m = ModelError(str(e))
-    m.path, m.tensor = e.path, e.tensor
-    return m
 
 
 def _type_list(types) -> str:
@@ -196,44 +191,38 @@ class BackboneFile:
                 gt = None
             shape = tuple(int(x) for x in reversed([int(v) for v in t.shape]))
             self.tensors[t.name] = FileTensor(t.name, gt, shape, t.data, int(t.data_offset), gguf.GGMLQuantizationType(int(t.tensor_type)).name)
-        self.arch = meta.get_str("general.architecture")
-        self.has_metadata = self.arch is not None and f"{ARCH}.emb_dim" in reader.fields
+        self.arch = meta.get_str(keys.ARCHITECTURE)
+        self.has_metadata = self.arch is not None and keys.EMB_DIM in reader.fields
         if self.arch is not None and self.arch != ARCH:
-            raise ModelError(f"general.architecture is {self.arch!r}, not {ARCH!r}", path=self.path)
+            raise ModelError(f"{keys.ARCHITECTURE} is {self.arch!r}, not {ARCH!r}", path=self.path)
         if not is_ideogram4(self.tensors):
             raise ModelError("not an Ideogram 4 backbone (no embed_image_indicator.weight / input_proj.weight tensors)", path=self.path)
         shapes = {n: t.shape for n, t in self.tensors.items()}
-        try:
-            detected = detect_config(shapes, str(self.path))
-        except GgufDitError as e:
-            raise _model_error(e) from None
+        detected = detect_config(shapes, str(self.path), error=ModelError)
         if self.has_metadata:
             cfg = dataclasses.replace(detected, **self._config_metadata(meta))
             for k in ("emb_dim", "num_layers", "num_heads", "intermediate_size", "adaln_dim", "in_channels", "llm_features_dim"):
                 if getattr(cfg, k) != getattr(detected, k):
-                    raise ModelError(f"metadata {ARCH}.{k}={getattr(cfg, k)} contradicts the tensor shapes ({getattr(detected, k)})", path=self.path)
+                    raise ModelError(f"metadata {keys.dit(k)}={getattr(cfg, k)} contradicts the tensor shapes ({getattr(detected, k)})", path=self.path)
         else:
             cfg = detected
             self.warnings.append("no gguf-dit metadata: architecture and config detected from tensor names and shapes")
-        try:
-            cfg.validate(str(self.path))
-        except GgufDitError as e:
-            raise _model_error(e) from None
+        cfg.validate(str(self.path), error=ModelError)
         self.config = cfg
-        self.role = meta.get_str(f"{ARCH}.role")
+        self.role = meta.get_str(keys.ROLE)
         if self.role is not None and self.role not in ROLES:
-            raise ModelError(f"metadata {ARCH}.role must be one of {', '.join(ROLES)}, got {self.role!r}", path=self.path)
-        self.recipe = meta.get_str("gguf_dit.recipe.name")
-        self.recipe_tensors = self._recipe_tensors(meta.get_str("gguf_dit.recipe.tensors"))
+            raise ModelError(f"metadata {keys.ROLE} must be one of {', '.join(ROLES)}, got {self.role!r}", path=self.path)
+        self.recipe = meta.get_str(keys.RECIPE_NAME)
+        self.recipe_tensors = self._recipe_tensors(meta.get_str(keys.RECIPE_TENSORS))
         self.size_range, self.default_size = self._size_hints(meta)
-        self.metadata = {k: _field(reader, k) for k in reader.fields if not k.startswith("GGUF.") and k != "gguf_dit.recipe.tensors"}
+        self.metadata = {k: _field(reader, k) for k in reader.fields if not k.startswith("GGUF.") and k != keys.RECIPE_TENSORS}
         self._check_tensors(shapes, strict)
 
     # -- validation --------------------------------------------------------------------
     def _config_metadata(self, meta: _Metadata) -> dict:
         out: dict = {}
         for f in dataclasses.fields(Ideogram4Config):
-            key = f"{ARCH}.{f.name}"
+            key = keys.dit(f.name)
             if f.name == "mrope_section":
                 v = meta.get_ints(key, len(f.default))
                 if v is not None and min(v) < 0:
@@ -251,7 +240,7 @@ class BackboneFile:
     def _recipe_tensors(self, text: str | None) -> dict[str, list[str]] | None:
         if text is None:
             return None
-        key = "gguf_dit.recipe.tensors"
+        key = keys.RECIPE_TENSORS
         try:
             d = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as e:
@@ -262,7 +251,7 @@ class BackboneFile:
 
     def _size_hints(self, meta: _Metadata) -> tuple[tuple[int, int], int]:
         """Validated image-side hints for `run`, with the defaults when the file has none."""
-        key = "gguf_dit.size_range"
+        key = keys.SIZE_RANGE
         rng = meta.get_ints(key, 2)
         if rng is not None:
             lo, hi = rng
@@ -271,7 +260,7 @@ class BackboneFile:
         else:
             rng = REAL_SIZE_RANGE if self.config.emb_dim == 4608 else (PIXELS_PER_TOKEN, REAL_SIZE_RANGE[1])
         lo, hi = rng
-        key = "gguf_dit.default_size"
+        key = keys.DEFAULT_SIZE
         d = meta.get_int(key)
         if d is None:
             d = 1024 if lo <= 1024 <= hi else lo
@@ -283,10 +272,7 @@ class BackboneFile:
         """Names and shapes against the architecture, then each stored type against its role."""
         specs = tensor_inventory(self.config)
         if strict:
-            try:
-                check_tensors(shapes, self.config, str(self.path))
-            except GgufDitError as e:
-                raise _model_error(e) from None
+            check_tensors(shapes, self.config, str(self.path), error=ModelError)
         else:
             expected = {s.name: s.shape for s in specs}
             for n, s in expected.items():

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 from scipy.special import expit, ndtri
 
+from gguf_dit.arch.latent import TOKEN_DIM
 from gguf_dit.errors import InputError
 
 LOGSNR_MIN = -15.0
@@ -34,7 +35,6 @@ T_MIN: float = 1.0 / (1.0 + math.exp(0.5 * LOGSNR_MAX))
 T_MAX: float = 1.0 / (1.0 + math.exp(0.5 * LOGSNR_MIN))
 #: The resolution shift is relative to this many pixels (512²).
 BASE_PIXELS = 512 * 512
-LATENT_CHANNELS = 128
 
 
 class ScheduleError(InputError, ValueError):
@@ -267,7 +267,7 @@ def euler_step(
     return (np.asarray(z, dtype=f32) + v * dt).astype(f32, copy=False)
 
 
-def initial_noise(seed: int, n_tokens: int, channels: int = LATENT_CHANNELS) -> np.ndarray:
+def initial_noise(seed: int, n_tokens: int, channels: int = TOKEN_DIM) -> np.ndarray:
     """Standard normal latent (1, n_tokens, channels) float32 from torch's CPU generator.
 
     Same draw as diffusers' Ideogram4Pipeline with ``generator=torch.Generator("cpu").manual_seed(seed)``

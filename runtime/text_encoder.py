@@ -32,36 +32,15 @@ import numpy as np
 from gguf_dit.errors import InputError, ModelError
 
 from . import interrupt, native_log
+from gguf_dit.arch.text_encoder import ACCEPTED_ARCHES, MAX_TOKENS, TEMPLATE, default_taps
+from gguf_dit import keys
+
 from .caption import MAX_CAPTION_CHARS
 
-LLAMA_ARCH = "qwen3"
-ACCEPTED_ARCHES = ("qwen3", "qwen3vl")
-TEMPLATE = "<|im_start|>user\n{caption}<|im_end|>\n<|im_start|>assistant\n"
-OFFICIAL_TAPS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)
-N_TAPS = 13
-MAX_TOKENS = 2048
-KEY_TAPS = "gguf_dit.text_encoder.taps"
-KEY_TEMPLATE = "gguf_dit.text_encoder.template"
 GGML_TYPE_F32 = 0
 _CTX_STEP = 256  # contexts are sized in steps of this many tokens (llama.cpp pads n_ctx to 256)
 
 log = logging.getLogger("gguf_dit.llama")
-
-
-def default_taps(n_layers: int) -> list[int]:
-    """Tap layers for an ``n_layers`` decoder: the official rule generalised.
-
-    Every third layer from 0 below the last, plus the last: for 36 layers exactly the official
-    (0, 3, …, 33, 35); for 35 or 37 also 13 taps. Other depths with at least 13 layers get 13
-    evenly spaced layers from 0 to N-1 (rounded half up), so the feature width stays hidden × 13;
-    fewer than 13 layers keep the every-third rule (fewer taps; the DiT check then refuses).
-    """
-    if n_layers <= 0:
-        return []
-    taps = list(range(0, n_layers - 1, 3)) + [n_layers - 1]
-    if len(taps) == N_TAPS or n_layers < N_TAPS:
-        return taps
-    return [int(j * (n_layers - 1) / (N_TAPS - 1) + 0.5) for j in range(N_TAPS)]
 
 
 # -- llama_cpp plumbing --------------------------------------------------------------------
@@ -223,7 +202,7 @@ def _check_tensors(h, hidden: int) -> int:
     ok = _cpu_weight_types()
     for t in h.tensors.values():
         if t.offset % TENSOR_ALIGNMENT:
-            raise ModelError(f"data at byte {t.offset} is not {TENSOR_ALIGNMENT}-byte aligned (general.alignment {h.alignment}); llama.cpp maps the file and ggml needs aligned tensors", path=h.path, tensor=t.name)
+            raise ModelError(f"data at byte {t.offset} is not {TENSOR_ALIGNMENT}-byte aligned ({keys.ALIGNMENT} {h.alignment}); llama.cpp maps the file and ggml needs aligned tensors", path=h.path, tensor=t.name)
         if t.name.endswith((".bias", "_norm.weight")) or t.name == "rope_freqs.weight":
             if t.type.name != "F32":
                 raise ModelError(f"stored as {t.type.name}; norm weights and biases must be F32", path=h.path, tensor=t.name)
@@ -244,10 +223,10 @@ def _read_meta(path: Path) -> dict:
     from gguf_dit.gguf_header import INTEGER_TYPES, read_header
 
     h = read_header(path)
-    arch = h.value("general.architecture", ("STRING",), required=True)
+    arch = h.value(keys.ARCHITECTURE, ("STRING",), required=True)
     if arch not in ACCEPTED_ARCHES:
         raise ModelError(
-            f"general.architecture is {arch!r}; a text encoder must be a Qwen3-VL language model (arch {' or '.join(ACCEPTED_ARCHES)})",
+            f"{keys.ARCHITECTURE} is {arch!r}; a text encoder must be a Qwen3-VL language model (arch {' or '.join(ACCEPTED_ARCHES)})",
             path=path,
         )
     L, A, R = (lambda k, a=arch: k.format(arch=a)), Keys.Attention, Keys.Rope
@@ -291,14 +270,14 @@ def _read_meta(path: Path) -> dict:
     if pre != "qwen2":
         log.warning("%s: tokenizer.ggml.pre is %r, not qwen2; token ids may differ from Qwen's tokenizer", path, pre)
 
-    taps = h.value(KEY_TAPS, ("ARRAY",), item=INTEGER_TYPES)
+    taps = h.value(keys.TE_TAPS, ("ARRAY",), item=INTEGER_TYPES)
     if taps is not None:
         taps = [int(x) for x in taps]
         if not taps or taps[0] < 0 or taps[-1] >= n_layers or any(b <= a for a, b in zip(taps, taps[1:])):
-            raise ModelError(f"metadata key {KEY_TAPS} is {taps}: tap layers must increase within 0..{n_layers - 1}", path=path)
-    template = h.value(KEY_TEMPLATE, ("STRING",))
+            raise ModelError(f"metadata key {keys.TE_TAPS} is {taps}: tap layers must increase within 0..{n_layers - 1}", path=path)
+    template = h.value(keys.TE_TEMPLATE, ("STRING",))
     if template is not None and "{caption}" not in template:
-        raise ModelError(f"metadata key {KEY_TEMPLATE} has no {{caption}} placeholder: every prompt would encode the same", path=path)
+        raise ModelError(f"metadata key {keys.TE_TEMPLATE} has no {{caption}} placeholder: every prompt would encode the same", path=path)
     return {"arch": arch, "n_layers": n_layers, "hidden": hidden, "taps": taps, "template": template}
 
 

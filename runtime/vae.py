@@ -28,101 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gguf_dit import keys
 from gguf_dit.errors import InputError, ModelError
 
-from .latent_norm import LATENT_SCALE, LATENT_SHIFT, PATCH
-
-VAE_ARCH = "flux2_vae"
-NORM_EPS = 1e-6  # GroupNorm eps of every decoder norm (fixed by the architecture, stored for readers)
-
-
-# ----------------------------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class VAEConfig:
-    """What is needed to rebuild the decoder. ``block_out_channels`` are the *decoder's* channels, listed
-    from the highest resolution (``conv_out`` side) to the lowest (``conv_in`` side), as in diffusers."""
-
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2  # the decoder has layers_per_block + 1 ResNets per up block
-    latent_channels: int = 32
-    out_channels: int = 3
-    norm_num_groups: int = 32
-    mid_block_add_attention: bool = True
-    use_post_quant_conv: bool = True
-    patch_size: int = PATCH
-    batch_norm_eps: float = 1e-4
-
-    @property
-    def scale_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @property
-    def token_dim(self) -> int:
-        return self.patch_size * self.patch_size * self.latent_channels
-
-    def problems(self) -> list[str]:
-        out = []
-        if not self.block_out_channels:
-            out.append("block_out_channels is empty")
-        for c in self.block_out_channels:
-            if c <= 0 or c % self.norm_num_groups:
-                out.append(f"channel count {c} is not a positive multiple of norm_num_groups {self.norm_num_groups}")
-        if self.layers_per_block < 1:
-            out.append(f"layers_per_block {self.layers_per_block} < 1")
-        if self.latent_channels <= 0 or self.out_channels <= 0:
-            out.append("latent_channels and out_channels must be positive")
-        if self.patch_size != PATCH:
-            out.append(f"patch_size {self.patch_size} is not {PATCH}")
-        return out
-
-
-def decoder_inventory(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the decoder needs, in diffusers names (as stored in vae.gguf), with its PyTorch shape."""
-    inv: dict[str, tuple[int, ...]] = {}
-    z = cfg.latent_channels
-
-    def conv(name, cout, cin, k):
-        inv[f"{name}.weight"] = (cout, cin, k, k)
-        inv[f"{name}.bias"] = (cout,)
-
-    def norm(name, c):
-        inv[f"{name}.weight"] = (c,)
-        inv[f"{name}.bias"] = (c,)
-
-    def resnet(name, cin, cout):
-        norm(f"{name}.norm1", cin)
-        conv(f"{name}.conv1", cout, cin, 3)
-        norm(f"{name}.norm2", cout)
-        conv(f"{name}.conv2", cout, cout, 3)
-        if cin != cout:
-            conv(f"{name}.conv_shortcut", cout, cin, 1)
-
-    if cfg.use_post_quant_conv:
-        conv("post_quant_conv", z, z, 1)
-    chans = list(reversed(cfg.block_out_channels))
-    top = chans[0]
-    conv("decoder.conv_in", top, z, 3)
-    resnet("decoder.mid_block.resnets.0", top, top)
-    if cfg.mid_block_add_attention:
-        a = "decoder.mid_block.attentions.0"
-        norm(f"{a}.group_norm", top)
-        for p in ("to_q", "to_k", "to_v", "to_out.0"):
-            inv[f"{a}.{p}.weight"] = (top, top)
-            inv[f"{a}.{p}.bias"] = (top,)
-    resnet("decoder.mid_block.resnets.1", top, top)
-    prev = top
-    for i, c in enumerate(chans):
-        for j in range(cfg.layers_per_block + 1):
-            resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else c, c)
-        if i < len(chans) - 1:
-            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3)
-        prev = c
-    norm("decoder.conv_norm_out", cfg.block_out_channels[0])
-    conv("decoder.conv_out", cfg.out_channels, cfg.block_out_channels[0], 3)
-    return inv
-
+from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
+from gguf_dit.arch.vae import ARCH as VAE_ARCH, NORM_EPS, VAEConfig, decoder_inventory
 
 # ----------------------------------------------------------------------------------------------- modules
 # Module attribute names follow the stored (diffusers) tensor names so that the file's tensors load by name.
@@ -335,12 +245,12 @@ def read_config(reader, path) -> VAEConfig:
     from gguf_dit.gguf_header import INTEGER_TYPES
 
     h = reader.header
-    arch = h.value("general.architecture", ("STRING",), required=True)
+    arch = h.value(keys.ARCHITECTURE, ("STRING",), required=True)
     if arch != VAE_ARCH:
-        raise ModelError(f"general.architecture is {arch!r}, not {VAE_ARCH!r} (not a gguf-dit VAE file)", path=path)
+        raise ModelError(f"{keys.ARCHITECTURE} is {arch!r}, not {VAE_ARCH!r} (not a gguf-dit VAE file)", path=path)
     vals = {}
     for f in dataclasses.fields(VAEConfig):
-        key = f"{VAE_ARCH}.{f.name}"
+        key = keys.vae(f.name)
         if f.name == "block_out_channels":
             v = tuple(int(x) for x in h.value(key, ("ARRAY",), item=INTEGER_TYPES, required=True))
         elif f.name in ("mid_block_add_attention", "use_post_quant_conv"):
@@ -355,12 +265,12 @@ def read_config(reader, path) -> VAEConfig:
     cfg = VAEConfig(**vals)
     bad = cfg.problems()
     # Informational keys the decoder does not read must still agree with what it computes.
-    eps = h.value(f"{VAE_ARCH}.norm_eps", ("FLOAT32", "FLOAT64"))
+    eps = h.value(keys.VAE_NORM_EPS, ("FLOAT32", "FLOAT64"))
     if eps is not None and not math.isclose(eps, NORM_EPS, rel_tol=1e-6):
-        bad.append(f"{VAE_ARCH}.norm_eps is {eps:.7g}, but the decoder's GroupNorm eps is {NORM_EPS:g}")
-    scale = h.value(f"{VAE_ARCH}.scale_factor", INTEGER_TYPES)
+        bad.append(f"{keys.VAE_NORM_EPS} is {eps:.7g}, but the decoder's GroupNorm eps is {NORM_EPS:g}")
+    scale = h.value(keys.VAE_SCALE_FACTOR, INTEGER_TYPES)
     if scale is not None and scale != cfg.scale_factor:
-        bad.append(f"{VAE_ARCH}.scale_factor is {scale}, but {len(cfg.block_out_channels)} levels scale by {cfg.scale_factor}")
+        bad.append(f"{keys.VAE_SCALE_FACTOR} is {scale}, but {len(cfg.block_out_channels)} levels scale by {cfg.scale_factor}")
     # Each up-block ResNet is several tensors: a config needing more ResNets than the file has tensors is refused
     # before the tensor inventory is built from it (layers_per_block = 1e9 would loop a billion times).
     if (cfg.layers_per_block + 1) * len(cfg.block_out_channels) > len(h.tensors):
@@ -408,19 +318,19 @@ class VAEDecoder:
         cfg = read_config(reader, path)
         n = cfg.token_dim
         if latent_norm == "official":
-            shift = _norm_array(reader, f"{VAE_ARCH}.latent_shift", n, path)
-            scale = _norm_array(reader, f"{VAE_ARCH}.latent_scale", n, path)
+            shift = _norm_array(reader, keys.VAE_LATENT_SHIFT, n, path)
+            scale = _norm_array(reader, keys.VAE_LATENT_SCALE, n, path)
             if shift is None or scale is None:
                 if n != LATENT_SHIFT.shape[0]:
-                    raise ModelError(f"no {VAE_ARCH}.latent_shift/latent_scale and token dim {n} != 128", path=path)
+                    raise ModelError(f"no {keys.VAE_LATENT_SHIFT}/latent_scale and token dim {n} != 128", path=path)
                 shift, scale = LATENT_SHIFT.copy(), LATENT_SCALE.copy()
         else:
-            mean = _norm_array(reader, f"{VAE_ARCH}.checkpoint_bn_mean", n, path)
-            var = _norm_array(reader, f"{VAE_ARCH}.checkpoint_bn_var", n, path)
+            mean = _norm_array(reader, keys.VAE_BN_MEAN, n, path)
+            var = _norm_array(reader, keys.VAE_BN_VAR, n, path)
             if mean is None or var is None:
                 raise ModelError("latent_norm='checkpoint' but the file has no checkpoint BatchNorm statistics", path=path)
             if var.min() < 0:
-                raise ModelError(f"metadata key {VAE_ARCH}.checkpoint_bn_var holds a negative variance ({var.min():.7g})", path=path)
+                raise ModelError(f"metadata key {keys.VAE_BN_VAR} holds a negative variance ({var.min():.7g})", path=path)
             shift = mean
             scale = np.sqrt(var.astype(np.float64) + cfg.batch_norm_eps).astype(np.float32)
 

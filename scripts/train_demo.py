@@ -97,7 +97,7 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
 def stage_vae(root: Path, work: Path, steps: int, seed: int, per_combo: int = 24):
     from diffusers import AutoencoderKLFlux2
 
-    from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
+    from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
 
     path = work / "vae.pt"
     torch.manual_seed(seed)
@@ -153,7 +153,7 @@ def stage_vae(root: Path, work: Path, steps: int, seed: int, per_combo: int = 24
 
 def latent_tokens(vae, imgs: np.ndarray) -> torch.Tensor:
     """Images -> normalised DiT tokens (B, N, 128): inverse of runtime/vae.py tokens_to_latents."""
-    from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT
+    from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
 
     x = to_tensor(imgs)
     with torch.no_grad():

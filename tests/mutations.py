@@ -25,7 +25,7 @@ velocity (tolerance 3e-6; unmutated 3.7e-7 to 6.4e-7).
 | rope_axes_swapped | RoPE H and W axes swapped in rope_tables | f32_velocity (5/5), eps_probe, t_is_rounded | 8.2e-2 |
 | t_not_rounded | official bf16 rounding of t skipped | t_is_rounded | 2.2e-1 |
 | t_always_rounded | t rounded to bf16 even with t_rounding='none' | f32_velocity (5/5), eps_probe | 5.2e-4 |
-| image_position_offset | IMAGE_POSITION_OFFSET 65536 -> 65535 (gguf_dit/arch.py) | f32_velocity (5/5), eps_probe, t_is_rounded | 4.2e-2 |
+| image_position_offset | IMAGE_POSITION_OFFSET 65536 -> 65535 (gguf_dit/arch/dit.py) | f32_velocity (5/5), eps_probe, t_is_rounded | 4.2e-2 |
 | timestep_scale | timestep sinusoid u = 1e4*t -> 1e3*t | f32_velocity (5/5), eps_probe, t_is_rounded | 1.3e-1 |
 | timestep_freq_base | sinusoid frequency step ln(1e4)/(half-1) -> ln(1e4)/half | f32_velocity (5/5), eps_probe, t_is_rounded | 4.8e-4 |
 | latent_shift_value | one LATENT_SHIFT constant (p2, channel 26) 0.07062869 -> 0.07062969 | official_constants | checksum off by 1e-6 (tol 1e-12 relative) |
@@ -84,9 +84,8 @@ MUTATIONS = [
        ("b.norm(h, cfg.final_norm_eps)", "b.norm(h, cfg.final_norm_eps * 10)", 1)),
     _m("block_norm_eps", "gguf_dit.runtime.dit", "block RMSNorm eps (cfg.norm_eps, 4 norms) 1e-5 -> 1e-4", DIT_TESTS,
        (", cfg.norm_eps)", ", cfg.norm_eps * 10)", 4)),
-    _m("qk_norm_eps", "gguf_dit.runtime.dit", "q/k RMSNorm eps 1e-5 -> 1e-6", DIT_TESTS,
-       ('"attention.norm_q.weight", 1e-5)', '"attention.norm_q.weight", 1e-6)', 1),
-       ('"attention.norm_k.weight", 1e-5)', '"attention.norm_k.weight", 1e-6)', 1)),
+    _m("qk_norm_eps", "gguf_dit.arch.dit", "q/k RMSNorm eps 1e-5 -> 1e-6", DIT_TESTS,
+       ("QK_NORM_EPS = 1e-5", "QK_NORM_EPS = 1e-6", 1)),
     _m("llm_cond_norm_eps", "gguf_dit.runtime.dit", "llm_cond_norm eps 1e-6 -> 1e-5", DIT_TESTS,
        ("cfg.llm_cond_norm_eps)", "cfg.llm_cond_norm_eps * 10)", 1)),
     _m("drop_attention_norm2_weight", "gguf_dit.runtime.dit", "attention_norm2 weight not multiplied", DIT_TESTS,
@@ -97,15 +96,15 @@ MUTATIONS = [
        ("tt = tt.to(torch.bfloat16)", "tt = tt", 1)),
     _m("t_always_rounded", "gguf_dit.runtime.dit", "t rounded to bf16 even with t_rounding='none'", DIT_TESTS,
        ('if rounding == "bf16":', "if True:", 1)),
-    _m("image_position_offset", "gguf_dit.arch", "IMAGE_POSITION_OFFSET 65536 -> 65535", DIT_TESTS,
+    _m("image_position_offset", "gguf_dit.arch.dit", "IMAGE_POSITION_OFFSET 65536 -> 65535", DIT_TESTS,
        ("IMAGE_POSITION_OFFSET = 65536", "IMAGE_POSITION_OFFSET = 65535", 1)),
     _m("timestep_scale", "gguf_dit.runtime.dit", "timestep sinusoid u = 1e4*t -> 1e3*t", DIT_TESTS,
        ("scaled = 1e4 * (x - 0.0)", "scaled = 1e3 * (x - 0.0)", 1)),
     _m("timestep_freq_base", "gguf_dit.runtime.dit", "sinusoid frequency step ln(1e4)/(half-1) -> /half", DIT_TESTS,
        ("freq = math.log(1e4) / (half - 1)", "freq = math.log(1e4) / half", 1)),
-    _m("latent_shift_value", "gguf_dit.runtime.latent_norm", "one LATENT_SHIFT constant (p2, channel 26) 0.07062869 -> 0.07062969", VAE_TESTS,
+    _m("latent_shift_value", "gguf_dit.arch.latent", "one LATENT_SHIFT constant (p2, channel 26) 0.07062869 -> 0.07062969", VAE_TESTS,
        ("0.07062869", "0.07062969", 1)),
-    _m("latent_scale_value", "gguf_dit.runtime.latent_norm", "one LATENT_SCALE constant (p1, channel 7) 1.61934825 -> 1.61934925", VAE_TESTS,
+    _m("latent_scale_value", "gguf_dit.arch.latent", "one LATENT_SCALE constant (p1, channel 7) 1.61934825 -> 1.61934925", VAE_TESTS,
        ("1.61934825", "1.61934925", 1)),
     _m("latent_norm_modes_swapped", "gguf_dit.runtime.vae", "latent_norm 'official' and 'checkpoint' swapped", VAE_TESTS,
        ('if latent_norm == "official":\n            shift = _norm_array', 'if latent_norm != "official":\n            shift = _norm_array', 1)),
@@ -115,7 +114,7 @@ MUTATIONS = [
        ("t = t * self.scale + self.shift", "t = (t + self.shift) * self.scale", 1)),
     _m("token_layout", "gguf_dit.runtime.vae", "unpatchify with ph and pw swapped (token dim (pw*2 + ph)*32 + c)", VAE_TESTS,
        ("permute(4, 0, 2, 1, 3)", "permute(4, 0, 3, 1, 2)", 1)),
-    _m("vae_groupnorm_eps", "gguf_dit.runtime.vae", "VAE decoder GroupNorm eps 1e-6 -> 1e-5", VAE_TESTS,
+    _m("vae_groupnorm_eps", "gguf_dit.arch.vae", "VAE decoder GroupNorm eps 1e-6 -> 1e-5", VAE_TESTS,
        ("NORM_EPS = 1e-6", "NORM_EPS = 1e-5", 1)),
 ]
 

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from gguf_dit.arch import detect_config
+from gguf_dit.arch.dit import detect_config
 from gguf_dit.errors import GgufDitError, ModelError
 from gguf_dit.runtime import pipeline
 from gguf_dit.runtime.demo import DEMO_DIR
@@ -130,8 +130,8 @@ def test_size_hints_are_exposed_validated(good, tmp_path):
 def test_huge_block_index_is_refused_without_building_a_range(good, tmp_path, cli):
     shapes = {"input_proj.weight": (512, 128), "llm_cond_proj.weight": (512, 416), "adaln_proj.weight": (256, 512),
               "layers.0.ffn_norm1.weight": (512,), "layers.99999999999.ffn_norm1.weight": (512,)}
-    with pytest.raises(GgufDitError, match=r"not contiguous: 2 block indices up to 99999999999, layer 1 missing"):
-        detect_config(shapes, "x.safetensors")
+    with pytest.raises(ModelError, match=r"not contiguous: 2 block indices up to 99999999999, layer 1 missing"):
+        detect_config(shapes, "x.safetensors", error=ModelError)
     p = tmp_path / "huge.gguf"
     rewrite(good, p, extra_tensors={"layers.99999999999.ffn_norm1.weight": np.ones(512, np.float32)})
     refused(p, cli, "transformer blocks are not contiguous: 4 block indices up to 99999999999, layer 3 missing")
@@ -139,8 +139,8 @@ def test_huge_block_index_is_refused_without_building_a_range(good, tmp_path, cl
 
 def test_config_tensor_of_the_wrong_rank_is_named(good, tmp_path, cli):
     shapes = {"input_proj.weight": (512, 128, 1), "llm_cond_proj.weight": (512, 416), "adaln_proj.weight": (256, 512)}
-    with pytest.raises(GgufDitError, match=r"tensor input_proj.weight: has 3 dimensions \[512, 128, 1\], expected 2"):
-        detect_config(shapes, "x.safetensors")
+    with pytest.raises(ModelError, match=r"tensor input_proj.weight: has 3 dimensions \[512, 128, 1\], expected 2"):
+        detect_config(shapes, "x.safetensors", error=ModelError)
 
 
 def test_truncated_file_says_truncated(good, tmp_path, cli):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gguf_dit.arch import tensor_inventory
+from gguf_dit.arch.dit import tensor_inventory
 from gguf_dit.runtime.model_file import BackboneFile
 
 OUT = ("transformer.gguf", "unconditional_transformer.gguf")

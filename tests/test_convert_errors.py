@@ -264,16 +264,16 @@ def test_dit_config_json_with_wrongly_typed_values(cli, full, tmp_path, key, val
 
 
 def test_config_from_json_checks_types_itself():
-    from gguf_dit.arch import config_from_json
-    from gguf_dit.errors import GgufDitError
+    from gguf_dit.arch.dit import config_from_json
+    from gguf_dit.errors import SourceError
 
-    assert config_from_json({"num_layers": 34, "rope_theta": 5000000, "mrope_section": [24, 20, 20], "attention_head_dim": 256, "num_attention_heads": 18}) == {
+    assert config_from_json({"num_layers": 34, "rope_theta": 5000000, "mrope_section": [24, 20, 20], "attention_head_dim": 256, "num_attention_heads": 18}, None, error=SourceError) == {
         "num_layers": 34, "rope_theta": 5e6, "mrope_section": (24, 20, 20), "num_heads": 18, "emb_dim": 4608}
     for bad in ({"num_layers": "34"}, {"hidden_size": 4608.0}, {"mrope_section": [24, 20, "20"]}, {"rope_theta": float("inf")}, {"adaln_dim": 0}):
-        with pytest.raises(GgufDitError, match=f"cfg.json: config.json key {next(iter(bad))} is"):
-            config_from_json(bad, "cfg.json")
-    with pytest.raises(GgufDitError, match="expected a JSON object"):
-        config_from_json([1, 2], "cfg.json")
+        with pytest.raises(SourceError, match=f"cfg.json: config.json key {next(iter(bad))} is"):
+            config_from_json(bad, "cfg.json", error=SourceError)
+    with pytest.raises(SourceError, match="expected a JSON object"):
+        config_from_json([1, 2], "cfg.json", error=SourceError)
 
 
 TOKENIZER_EDITS = {

@@ -18,7 +18,8 @@ from _text_encoder_fixture import make_text_encoder_checkpoint, reference_taps  
 
 from gguf_dit.converter.text_encoder import convert_text_encoder  # noqa: E402
 from gguf_dit.errors import InputError, ModelError, OutputError, SourceError  # noqa: E402
-from gguf_dit.runtime.text_encoder import MAX_TOKENS, TEMPLATE, TextEncoder, default_taps  # noqa: E402
+from gguf_dit.arch.text_encoder import MAX_TOKENS, TEMPLATE, default_taps  # noqa: E402
+from gguf_dit.runtime.text_encoder import TextEncoder  # noqa: E402
 
 #: The taps come from the oracle, diffusers 0.42.1's Ideogram 4 pipeline, not from the runtime's own constant.
 TAPS = tuple(QWEN3_VL_ACTIVATION_LAYERS)

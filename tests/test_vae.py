@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from gguf_dit.errors import InputError, ModelError, OutputError, SourceError
-from gguf_dit.runtime.latent_norm import LATENT_SCALE, LATENT_SHIFT, token_dim
+from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT, token_dim
 
 TINY_VAE_CONFIG = dict(
     block_out_channels=(16, 32, 32, 48),  # reversed in the decoder: 48 -> 32 -> 32 -> 16 (two conv_shortcuts)

@@ -1,4 +1,4 @@
-"""Ideogram 4 DiT architecture knowledge shared by the converter and the runtime.
+"""The Ideogram 4 DiT (both CFG backbones): config, official tensor names and shapes, detection.
 
 Everything here is derived from ``../shared/docs/ideogram4-model.md`` §2–§4: the config fields,
 the official (fused, unprefixed) tensor names, their PyTorch shapes and which of them are linears.
@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Iterable, Mapping
 
-from .errors import GgufDitError
+from ..errors import GgufDitError
 
 ARCH = "ideogram4"
 ROLES = ("cond", "uncond")
@@ -21,7 +21,10 @@ BACKBONE_DIRS = {"transformer": "cond", "unconditional_transformer": "uncond"}
 # head_dim is fixed by the architecture: RoPE slot map and attention scale 1/16 assume 256.
 HEAD_DIM = 256
 IMAGE_POSITION_OFFSET = 65536
+#: Text tokens per caption, chat template included: the official pipeline refuses longer ones (§11.2).
 MAX_TEXT_TOKENS = 2048
+#: eps of the per-head q/k RMSNorm inside attention; unlike norm_eps it is not a config field (diffusers hard-codes it).
+QK_NORM_EPS = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +46,18 @@ class Ideogram4Config:
     def head_dim(self) -> int:
         return self.emb_dim // self.num_heads
 
-    def validate(self, where: str = "config") -> None:
+    def validate(self, where: str, *, error: type[GgufDitError]) -> None:
+        """Raise ``error`` (the caller's kind: SourceError, ModelError) naming ``where`` on an impossible config."""
         if self.num_heads <= 0 or self.emb_dim % self.num_heads:
-            raise GgufDitError(f"emb_dim {self.emb_dim} is not divisible by num_heads {self.num_heads}", path=where)
+            raise error(f"emb_dim {self.emb_dim} is not divisible by num_heads {self.num_heads}", path=where)
         if self.head_dim != HEAD_DIM:
-            raise GgufDitError(
+            raise error(
                 f"head_dim {self.head_dim} (emb_dim {self.emb_dim} / heads {self.num_heads}) is not {HEAD_DIM}, "
                 "which the Ideogram 4 RoPE slot map and attention scale require",
                 path=where,
             )
         if sum(self.mrope_section) * 2 > self.head_dim:
-            raise GgufDitError(f"mrope_section {self.mrope_section} does not fit head_dim {self.head_dim}", path=where)
+            raise error(f"mrope_section {self.mrope_section} does not fit head_dim {self.head_dim}", path=where)
 
     def to_metadata(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -79,7 +83,7 @@ _DIFFUSERS_KEYS = {
 }
 
 
-def config_from_json(d: Mapping[str, object], where: str | None = None) -> dict[str, object]:
+def config_from_json(d: Mapping[str, object], where: str | None, *, error: type[GgufDitError]) -> dict[str, object]:
     """Pick the fields we know from a diffusers/official ``config.json`` (unknown keys ignored).
 
     Values are type-checked (a string, list, null or bool where a number belongs is an error naming ``where`` and
@@ -87,7 +91,7 @@ def config_from_json(d: Mapping[str, object], where: str | None = None) -> dict[
 
     def bad(key: str, v: object, want: str) -> GgufDitError:
         shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
-        return GgufDitError(f"config.json key {key} is {shown}, expected {want}", path=where)
+        return error(f"config.json key {key} is {shown}, expected {want}", path=where)
 
     def positive_int(key: str, v: object) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -95,7 +99,7 @@ def config_from_json(d: Mapping[str, object], where: str | None = None) -> dict[
         return v
 
     if not isinstance(d, Mapping):
-        raise GgufDitError(f"config.json is a {type(d).__name__}, expected a JSON object", path=where)
+        raise error(f"config.json is a {type(d).__name__}, expected a JSON object", path=where)
     out: dict[str, object] = {}
     for k, v in d.items():
         ours = _DIFFUSERS_KEYS.get(k)
@@ -126,10 +130,6 @@ class TensorSpec:
     @property
     def in_features(self) -> int:
         return self.shape[-1]
-
-
-BLOCK_LINEARS = ("attention.qkv", "attention.o", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaln_modulation")
-BLOCK_NORMS = ("attention.norm_q", "attention.norm_k", "attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2")
 
 
 def tensor_inventory(cfg: Ideogram4Config) -> list[TensorSpec]:
@@ -183,15 +183,15 @@ def is_ideogram4(names: Iterable[str]) -> bool:
     return "embed_image_indicator.weight" in names and "input_proj.weight" in names
 
 
-def detect_config(shapes: Mapping[str, tuple[int, ...]], where: str = "model") -> Ideogram4Config:
+def detect_config(shapes: Mapping[str, tuple[int, ...]], where: str, *, error: type[GgufDitError]) -> Ideogram4Config:
     """Infer the config from tensor names and PyTorch-order shapes (for files without metadata)."""
 
     def need(name: str, ndim: int) -> tuple[int, ...]:
         if name not in shapes:
-            raise GgufDitError("missing tensor, cannot infer the Ideogram 4 config", path=where, tensor=name)
+            raise error("missing tensor, cannot infer the Ideogram 4 config", path=where, tensor=name)
         shape = tuple(int(x) for x in shapes[name])
         if len(shape) != ndim:
-            raise GgufDitError(f"has {len(shape)} dimensions {list(shape)}, expected {ndim}", path=where, tensor=name)
+            raise error(f"has {len(shape)} dimensions {list(shape)}, expected {ndim}", path=where, tensor=name)
         return shape
 
     D, C = need("input_proj.weight", 2)
@@ -199,33 +199,33 @@ def detect_config(shapes: Mapping[str, tuple[int, ...]], where: str = "model") -
     A, _ = need("adaln_proj.weight", 2)
     layers = sorted({int(m.group(1)) for k in shapes if (m := _LAYER_RE.match(k))})
     if not layers:
-        raise GgufDitError("no transformer blocks (layers.N.*) found", path=where)
+        raise error("no transformer blocks (layers.N.*) found", path=where)
     # Only indices below the block count can be contiguous: never build a range from a file's index
     # (a tensor named layers.99999999999.* would make it 1e11 long).
     first_gap = next(i for i, n in enumerate(layers + [None]) if n != i)
     if first_gap != len(layers):
-        raise GgufDitError(
+        raise error(
             f"transformer blocks are not contiguous: {len(layers)} block indices up to {layers[-1]}, layer {first_gap} missing",
             path=where,
         )
     I, _ = need("layers.0.feed_forward.w1.weight", 2)
     (hd,) = need("layers.0.attention.norm_q.weight", 1)
     if hd <= 0 or D % hd:
-        raise GgufDitError(f"head dim {hd} does not divide hidden size {D}", path=where, tensor="layers.0.attention.norm_q.weight")
+        raise error(f"head dim {hd} does not divide hidden size {D}", path=where, tensor="layers.0.attention.norm_q.weight")
     cfg = Ideogram4Config(emb_dim=D, num_layers=len(layers), num_heads=D // hd, intermediate_size=I, adaln_dim=A, in_channels=C, llm_features_dim=F)
     return cfg
 
 
-def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: Ideogram4Config, where: str) -> None:
-    """Raise on the first missing, unexpected or wrongly shaped tensor."""
+def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: Ideogram4Config, where: str, *, error: type[GgufDitError]) -> None:
+    """Raise ``error`` on the first missing, unexpected or wrongly shaped tensor, naming ``where`` and the tensor."""
     specs = tensor_inventory(cfg)
     expected = {s.name: s.shape for s in specs}
     for s in specs:
         if s.name not in shapes:
-            raise GgufDitError("missing tensor", path=where, tensor=s.name)
+            raise error("missing tensor", path=where, tensor=s.name)
         got = tuple(shapes[s.name])
         if got != s.shape:
-            raise GgufDitError(f"shape {list(got)} does not match the architecture's {list(s.shape)}", path=where, tensor=s.name)
+            raise error(f"shape {list(got)} does not match the architecture's {list(s.shape)}", path=where, tensor=s.name)
     for name in shapes:
         if name not in expected:
-            raise GgufDitError("unexpected tensor for an Ideogram 4 backbone", path=where, tensor=name)
+            raise error("unexpected tensor for an Ideogram 4 backbone", path=where, tensor=name)

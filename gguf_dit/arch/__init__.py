@@ -1,0 +1,7 @@
+"""Architecture tables of the three models Ideogram 4 runs, one module each, shared by converter and runtime.
+
+``dit``: the two CFG backbones (config, tensor inventory, detection). ``text_encoder``: Qwen3-VL's language model
+as the caption encoder (taps, chat template, tensor names). ``vae``: the FLUX.2 decoder (config, inventory, eps).
+``latent``: the latent token layout and the official de-normalisation constants. Nothing here reads files or
+builds graphs.
+"""
