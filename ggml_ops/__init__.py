@@ -9,13 +9,13 @@ from ._lib import EXPECTED_GGML_VERSION, lib
 from .backend import Backend, available, devices
 from .graph import Builder, Context, Graph, Tensor, TensorStore, download, upload
 from .quant import default_threads, dequantize, quantize
-from .types import STORAGE_TYPES, GGMLType, check_row, fits
+from .types import STORAGE_TYPES, TRAITS, GGMLType, TypeTraits, check_row, fits, fitting_type
 from .system import check_cpu
 
 __all__ = [
     "EXPECTED_GGML_VERSION", "lib", "Backend", "available", "devices", "Builder", "Context", "Graph",
     "Tensor", "TensorStore", "download", "upload", "default_threads", "dequantize", "quantize",
-    "STORAGE_TYPES", "GGMLType", "check_row", "fits", "check_cpu",
+    "STORAGE_TYPES", "TRAITS", "GGMLType", "TypeTraits", "check_row", "fits", "fitting_type", "check_cpu",
 ]
 
 

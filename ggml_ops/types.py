@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 from gguf_dit.errors import GGMLError
@@ -44,21 +45,72 @@ class GGMLType(enum.IntEnum):
         return int(lib.ggml_type_size(int(self)))
 
     @property
+    def traits(self) -> "TypeTraits":
+        return TRAITS[self]
+
+    @property
     def is_quantized(self) -> bool:
-        return self not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+        return self.traits.quantized
 
     def row_bytes(self, n_per_row: int) -> int:
         check_row(self, n_per_row)
         return int(lib.ggml_row_size(int(self), n_per_row))
 
 
-#: Types a weight may be stored in (Q8_K is an activation-only type: quantizing to it aborts ggml).
-STORAGE_TYPES = tuple(t for t in GGMLType if t is not GGMLType.Q8_K)
+@dataclasses.dataclass(frozen=True)
+class TypeTraits:
+    """What gguf-dit does differently per type, in one table (as gguf-py's ``quants.py`` keys its codecs by type).
+
+    ``encoder``: how float rows become stored bytes: ``"numpy"`` (F32, F16), ``"torch"`` (BF16, round to nearest
+    even) or ``"ggml"`` (``ggml_quantize_chunk``). ``k_quant``: a K-quant, whose ggml search is importance-weighted
+    when given an importance vector (stable-diffusion.cpp's bytes) and the reference search without one.
+    ``f16_scales``: values beyond F16's range cannot be stored (F16 itself, and every quantized type, whose block
+    scales are F16). ``f32_acc``: matmuls against it ask ggml for F32 accumulation (F16/BF16 weights).
+    ``fallback``: the type tried next when a row length is not a multiple of the block size (quantized types fall
+    back to Q8_0, then F16; Q8_0 to F16). ``storage``: may hold a weight (Q8_K is an activation-only type:
+    quantizing to it aborts ggml).
+    """
+
+    quantized: bool
+    encoder: str
+    k_quant: bool = False
+    f16_scales: bool = True
+    f32_acc: bool = False
+    fallback: "GGMLType | None" = None
+    storage: bool = True
+
+
+def _q(fallback: GGMLType | None = GGMLType.Q8_0, **kw) -> TypeTraits:
+    return TypeTraits(quantized=True, encoder="ggml", fallback=fallback, **kw)
+
+
+T = GGMLType
+TRAITS: dict[GGMLType, TypeTraits] = {
+    T.F32: TypeTraits(quantized=False, encoder="numpy", f16_scales=False),
+    T.F16: TypeTraits(quantized=False, encoder="numpy", f32_acc=True),
+    T.BF16: TypeTraits(quantized=False, encoder="torch", f16_scales=False, f32_acc=True),
+    T.Q8_0: _q(fallback=T.F16),
+    T.Q4_0: _q(), T.Q4_1: _q(), T.Q5_0: _q(), T.Q5_1: _q(), T.IQ4_NL: _q(),
+    T.Q2_K: _q(k_quant=True), T.Q3_K: _q(k_quant=True), T.Q4_K: _q(k_quant=True), T.Q5_K: _q(k_quant=True), T.Q6_K: _q(k_quant=True),
+    T.Q8_K: _q(fallback=None, storage=False),
+}
+del T
+assert set(TRAITS) == set(GGMLType)
+
+#: Types a weight may be stored in.
+STORAGE_TYPES = tuple(t for t in GGMLType if t.traits.storage)
+
+
+def fitting_type(t: GGMLType, n_per_row: int) -> GGMLType | None:
+    """``t`` if a row of ``n_per_row`` fits its blocks, else the first of its fallbacks that fits (None: none does)."""
+    while t is not None and not fits(t, n_per_row):
+        t = t.traits.fallback
+    return t
 
 
 def check_row(t: GGMLType, n_per_row: int, *, what: str = "") -> None:
     """ggml silently writes truncated blocks for a bad row length; refuse it here instead."""
-    if t is GGMLType.Q8_K:
+    if not t.traits.storage:
         raise GGMLError(f"{what}Q8_K is an activation-only type and cannot store weights")
     bs = t.block_size
     if n_per_row <= 0 or n_per_row % bs:
@@ -66,4 +118,4 @@ def check_row(t: GGMLType, n_per_row: int, *, what: str = "") -> None:
 
 
 def fits(t: GGMLType, n_per_row: int) -> bool:
-    return t is not GGMLType.Q8_K and n_per_row > 0 and n_per_row % t.block_size == 0
+    return t.traits.storage and n_per_row > 0 and n_per_row % t.block_size == 0
