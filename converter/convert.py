@@ -9,9 +9,11 @@ interrupt never leaves a partial, mixed or overwritten output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -20,28 +22,18 @@ import numpy as np
 from gguf_dit import __version__
 from gguf_dit.arch.dit import ARCH, BACKBONE_DIRS, tensor_inventory
 from gguf_dit import keys
-from gguf_dit.errors import GgufDitError, OutputError, RecipeError, SourceError
+from gguf_dit.errors import OptionError, OutputError, SourceError
 from gguf_dit.ggml_ops import GGMLType
 
-from .encode import REFERENCE, WEIGHTED, check_range, encode_rows, stored_nbytes
-from .gguf_out import atomic_gguf, stream_tensor
+from .encode import REFERENCE, WEIGHTED, encode_rows, stored_nbytes
+from .gguf_out import OutTensor, add_config, write_gguf
 from .output import HEADER_ALLOWANCE, OutputSet, check_location
 from .recipe import Recipe
+from .reader import CHUNK_BYTES
 from .source import Backbone, open_checkpoint
 
 OUTPUT_NAMES = {role: f"{d}.gguf" for d, role in BACKBONE_DIRS.items()}
-CHUNK_BYTES = 64 << 20
 _HASH_PLACEHOLDER = "sha256:" + "?" * 64
-GGML_QNT_VERSION = 2
-
-
-class Q4KPath:
-    """Which ggml Q4_K quantizer runs. ``weighted`` passes a uniform importance vector, selecting
-    ggml's importance-weighted search (the bytes stable-diffusion.cpp writes); ``reference`` passes
-    none (the bytes ``llama-quantize`` writes without an imatrix)."""
-
-    WEIGHTED = WEIGHTED
-    REFERENCE = REFERENCE
 
 
 @dataclasses.dataclass
@@ -66,16 +58,9 @@ class ConvertResult:
 def plan_backbone(bb: Backbone, recipe: Recipe) -> list[Plan]:
     plans = []
     for spec in tensor_inventory(bb.config):
-        t, why = recipe.choose(spec)
+        t, why = recipe.choose(spec, bb.directory)
         plans.append(Plan(spec.name, spec.shape, t, why))
     return plans
-
-
-def _encode(x: np.ndarray, t: GGMLType, q4k_path: str, threads: int | None) -> np.ndarray:
-    return encode_rows(x, t, threads=threads, k_quant_path=q4k_path)
-
-
-_nbytes = stored_nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +75,12 @@ class SizeHints:
         if self.size_range is not None:
             lo, hi = self.size_range
             if lo < 16 or hi < lo or lo % 16 or hi % 16:
-                raise GgufDitError(f"size range {lo}..{hi} must be multiples of 16 with 16 <= low <= high")
+                raise OptionError(f"size range {lo}..{hi} must be multiples of 16 with 16 <= low <= high")
         if self.default_size is not None:
             d = self.default_size
             lo, hi = self.size_range or (16, 1 << 30)
             if d % 16 or not lo <= d <= hi:
-                raise GgufDitError(f"default size {d} must be a multiple of 16 within {lo}..{hi}")
+                raise OptionError(f"default size {d} must be a multiple of 16 within {lo}..{hi}")
 
     @classmethod
     def parse(cls, size_range: str | None, default_size: int | None) -> "SizeHints":
@@ -104,24 +89,19 @@ class SizeHints:
             try:
                 lo, hi = (int(x) for x in size_range.replace(" ", "").split(".."))
             except ValueError:
-                raise GgufDitError(f"--size-range {size_range!r} is not LOW..HIGH (e.g. 256..2048)") from None
+                raise OptionError(f"--size-range {size_range!r} is not LOW..HIGH (e.g. 256..2048)") from None
             rng = (lo, hi)
         return cls(rng, default_size)
 
 
 def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path: str, sizes: SizeHints | None = None) -> None:
+    import gguf
+
     cfg = bb.config
     writer.add_name(f"Ideogram 4 {'conditional' if bb.role == 'cond' else 'unconditional'} DiT ({recipe.name})")
-    writer.add_uint32("general.quantization_version", GGML_QNT_VERSION)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string(keys.ROLE, bb.role)
-    for k, v in cfg.to_metadata().items():
-        key = keys.dit(k)
-        if isinstance(v, tuple):
-            writer.add_array(key, [int(x) for x in v])
-        elif isinstance(v, float):
-            writer.add_float32(key, v)
-        else:
-            writer.add_uint32(key, int(v))
+    add_config(writer, cfg, keys.dit)
     writer.add_uint32(keys.HEAD_DIM, cfg.head_dim)
     writer.add_string(keys.CONVERTER_VERSION, __version__)
     writer.add_string(keys.RECIPE_NAME, recipe.name)
@@ -130,7 +110,7 @@ def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path:
     writer.add_string(keys.Q4K_PATH, q4k_path)
     writer.add_string(keys.SOURCE_LAYOUT, bb.layout)
     writer.add_string(keys.SOURCE_DTYPES, ",".join(sorted({t.dtype for t in bb.tensors.values()})))
-    writer.add_array(keys.SOURCE_FILES, bb.source_names())
+    writer.add_array(keys.SOURCE_FILES, [f.name for f in bb.files])
     writer.add_string(keys.SOURCE_SHA256, _HASH_PLACEHOLDER)
     if sizes is not None and sizes.size_range is not None:
         writer.add_array(keys.SIZE_RANGE, [int(x) for x in sizes.size_range])
@@ -156,48 +136,27 @@ def write_backbone(
     recipe: Recipe,
     out_path: Path,
     *,
-    q4k_path: str = Q4KPath.WEIGHTED,
+    q4k_path: str = WEIGHTED,
     threads: int | None = None,
     progress: Callable[[str, int], None] | None = None,
     sizes: SizeHints | None = None,
 ) -> ConvertResult:
-    import gguf
-
     plans = plan_backbone(bb, recipe)
     t0 = time.perf_counter()
     hasher = hashlib.sha256()
-    bytes_in = 0
-    with atomic_gguf(out_path, ARCH, before_rename=lambda tmp: _patch_hash(tmp, hasher.hexdigest())) as (writer, tmp):
-        _metadata(writer, bb, recipe, plans, q4k_path, sizes)
-        for p in plans:
-            raw = gguf.GGMLQuantizationType(int(p.type))
-            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.type), raw_dtype=raw)
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for p in plans:
-
-            def on_chunk(n: int, name: str = p.name) -> None:
-                nonlocal bytes_in
-                bytes_in += n
-                if progress:
-                    progress(name, n)
-
-            def encode(c: np.ndarray, p: Plan = p) -> np.ndarray:
-                big = check_range(c, p.type)
-                if big is not None:
-                    raise SourceError(f"value of magnitude {big:.4g} is beyond F16's range (65504), which {p.type.name} cannot store; "
-                                      f"keep this tensor F32 or BF16 (--rule)", path=bb.tensors[p.name].parts[0].file, tensor=p.name)
-                return _encode(c, p.type, q4k_path, threads)
-
-            written = stream_tensor(writer, bb.chunks(p.name, CHUNK_BYTES, hasher), encode, on_chunk)
-            bb.release()
-            expect = _nbytes(p.shape, p.type)
-            if written != expect:
-                raise OutputError(f"internal: wrote {written} bytes, expected {expect}", path=out_path, tensor=p.name)
-    types: dict[str, int] = {}
-    for p in plans:
-        types[p.type.name] = types.get(p.type.name, 0) + 1
+    tensors = [OutTensor(p.name, p.shape, p.type, functools.partial(bb.chunks, p.name, CHUNK_BYTES, hasher), bb.tensors[p.name].parts[0].file, p.name) for p in plans]
+    bytes_in = write_gguf(
+        out_path,
+        ARCH,
+        lambda writer: _metadata(writer, bb, recipe, plans, q4k_path, sizes),
+        tensors,
+        encode=functools.partial(encode_rows, threads=threads, k_quant_path=q4k_path),
+        range_hint="keep this tensor F32 or BF16 (--rule)",
+        release=bb.release,
+        progress=progress,
+        before_rename=lambda tmp: _patch_hash(tmp, hasher.hexdigest()),
+    )
+    types = dict(Counter(p.type.name for p in plans))
     return ConvertResult(bb.role, out_path, len(plans), bytes_in, out_path.stat().st_size, time.perf_counter() - t0, types)
 
 
@@ -233,7 +192,7 @@ def convert_checkpoint(
     parts: list[str] | None = None,
     force: bool = False,
     role: str | None = None,
-    q4k_path: str = Q4KPath.WEIGHTED,
+    q4k_path: str = WEIGHTED,
     threads: int | None = None,
     te_type: str | None = None,
     te_down_proj_type: str | None = None,
@@ -253,22 +212,22 @@ def convert_checkpoint(
     """
     src = Path(src)
     out_dir = Path(out_dir)
-    if q4k_path not in (Q4KPath.WEIGHTED, Q4KPath.REFERENCE):
-        raise GgufDitError(f"unknown Q4_K path {q4k_path!r}; use weighted or reference")
+    if q4k_path not in (WEIGHTED, REFERENCE):
+        raise OptionError(f"unknown Q4_K path {q4k_path!r}; use weighted or reference")
     if not src.exists():
-        raise GgufDitError("does not exist", path=src)
+        raise SourceError("does not exist", path=src)
     chosen = parts or (["dit"] if role else _detect_parts(src))
     for p in chosen:
         if p not in PARTS:
-            raise GgufDitError(f"unknown part {p!r}; choose from {', '.join(PARTS)}")
+            raise OptionError(f"unknown part {p!r}; choose from {', '.join(PARTS)}")
     te_type = te_type or _TE_DEFAULT.get(recipe.name, "q8_0")
     vae_type = vae_type or ("f32" if recipe.name == "f32" else "f16")
     if "text_encoder" in chosen:
         for d in (src / "text_encoder", src / "tokenizer"):
             if not d.is_dir():
-                raise GgufDitError(f"missing {d.name}/ folder (needed for the text encoder)", path=src)
+                raise SourceError(f"missing {d.name}/ folder (needed for the text encoder)", path=src)
     if "vae" in chosen and not (src / "vae").is_dir():
-        raise GgufDitError("missing vae/ folder", path=src)
+        raise SourceError("missing vae/ folder", path=src)
     jobs: list[_Job] = []
     try:
         if "dit" in chosen:
@@ -317,11 +276,11 @@ class _Job:
 def _dit_job(bb: Backbone, recipe: Recipe, q4k_path: str, threads: int | None, progress_factory, sizes: SizeHints | None) -> _Job:
     try:
         plans = plan_backbone(bb, recipe)
-    except RecipeError as e:
+    except BaseException:
         bb.close()
-        raise RecipeError(str(e), path=bb.directory) from None
+        raise
     name = OUTPUT_NAMES[bb.role]
-    nbytes = sum(_nbytes(p.shape, p.type) + 512 for p in plans) + HEADER_ALLOWANCE
+    nbytes = sum(stored_nbytes(p.shape, p.type) + 512 for p in plans) + HEADER_ALLOWANCE
 
     def write(path: Path) -> ConvertResult:
         total = sum(int(np.prod(t.shape)) * 4 for t in bb.tensors.values())

@@ -7,28 +7,25 @@ is one error line naming the file and key rather than a TypeError deep inside th
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
 
-from gguf_dit import files
 from gguf_dit.errors import SourceError
+from gguf_dit.files import json_type, open_regular, regular_file as _regular_file, show
 
 #: Far above any real config or tokenizer (Qwen3-VL's tokenizer.json is about 11 MB).
 MAX_JSON_BYTES = 128 << 20
 
-
-def regular_file(path: Path, error=SourceError) -> Path:
-    """``path`` if it is a regular file (symlinks followed), else an error naming it."""
-    files.regular_file(path, error)
-    return path
+regular_file = functools.partial(_regular_file, error=SourceError)
 
 
 def read_json(path: Path, kind: type = dict, what: str = "JSON", error=SourceError):
     """Parse a JSON file whose top level must be ``kind`` (dict or list)."""
-    regular_file(path, error)
+    f, _ = open_regular(path, error)
     try:
-        with open(path, "rb") as f:
+        with f:
             data = f.read(MAX_JSON_BYTES + 1)
         if len(data) > MAX_JSON_BYTES:
             raise error(f"{what} is larger than {MAX_JSON_BYTES >> 20} MiB", path=path)
@@ -38,14 +35,14 @@ def read_json(path: Path, kind: type = dict, what: str = "JSON", error=SourceErr
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise error(f"unreadable {what} ({_one_line(e)})", path=path) from None
     if not isinstance(value, kind):
-        raise error(f"{what} is a JSON {_json_type(value)}, expected an {'object' if kind is dict else 'array'}", path=path)
+        raise error(f"{what} is a JSON {json_type(value)}, expected an {'object' if kind is dict else 'array'}", path=path)
     return value
 
 
 def json_int(value, key: str, path: Path, *, minimum: int = 0, maximum: int | None = None) -> int:
     """An integer field (a bool or an integral float is not accepted: configs write plain integers)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SourceError(f"{key} is a JSON {_json_type(value)} ({_show(value)}), expected an integer", path=path)
+        raise SourceError(f"{key} is a JSON {json_type(value)} ({show(value)}), expected an integer", path=path)
     if value < minimum or (maximum is not None and value > maximum):
         raise SourceError(f"{key} is {value}, expected {minimum}..{maximum}" if maximum is not None else f"{key} is {value}, expected at least {minimum}", path=path)
     return value
@@ -53,27 +50,18 @@ def json_int(value, key: str, path: Path, *, minimum: int = 0, maximum: int | No
 
 def json_float(value, key: str, path: Path, *, positive: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SourceError(f"{key} is a JSON {_json_type(value)} ({_show(value)}), expected a number", path=path)
+        raise SourceError(f"{key} is a JSON {json_type(value)} ({show(value)}), expected a number", path=path)
     v = float(value)
     if not math.isfinite(v) or (positive and v <= 0):
-        raise SourceError(f"{key} is {_show(value)}, expected a finite{' positive' if positive else ''} number", path=path)
+        raise SourceError(f"{key} is {show(value)}, expected a finite{' positive' if positive else ''} number", path=path)
     return v
 
 
 def json_int_list(value, key: str, path: Path, *, length: int | None = None, minimum: int = 0) -> list[int]:
     if not isinstance(value, list) or (length is not None and len(value) != length):
         want = f"a list of {length} integers" if length is not None else "a list of integers"
-        raise SourceError(f"{key} is {_show(value)}, expected {want}", path=path)
+        raise SourceError(f"{key} is {show(value)}, expected {want}", path=path)
     return [json_int(x, f"{key}[{i}]", path, minimum=minimum) for i, x in enumerate(value)]
-
-
-def _json_type(v) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null", int: "number", float: "number"}.get(type(v), type(v).__name__)
-
-
-def _show(v) -> str:
-    s = json.dumps(v) if not isinstance(v, float) or math.isfinite(v) else repr(v)
-    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def _one_line(e: BaseException) -> str:

@@ -18,7 +18,7 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from gguf_dit.errors import OutputError
 
@@ -199,6 +199,19 @@ class OutputSet:
                 except OSError:
                     break
             self._created = []
+
+
+def write_one(out_path: Path, force: bool, prepare: Callable[[], object], write: Callable[[object, Path], dict]) -> dict:
+    """One output written as a set of one: the location is checked, then ``prepare()`` opens and checks the source
+    (its result has ``nbytes`` and ``close()``), then ``write(prepared, path)`` writes it; returns write's summary."""
+    out_path = Path(out_path)
+    check_location(out_path.parent, [out_path.name], force=force)
+    prepared = prepare()
+    try:
+        with OutputSet(out_path.parent, [out_path.name], force=force, need_bytes=prepared.nbytes) as outs:  # type: ignore[attr-defined]
+            return write(prepared, outs.path(out_path.name))
+    finally:
+        prepared.close()  # type: ignore[attr-defined]
 
 
 def _write_synced(path: Path, text: str) -> None:

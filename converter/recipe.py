@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Sequence
 
 from gguf_dit.arch.dit import TensorSpec
-from gguf_dit.errors import GgufDitError, RecipeError
+from gguf_dit.errors import GGMLError, RecipeError
 from gguf_dit.ggml_ops import GGMLType, fits
-from gguf_dit.ggml_ops.types import STORAGE_TYPES
+from gguf_dit.ggml_ops.types import fitting_type
 
 from .inputs import read_json
 
 PROTECTED_W2 = r"^layers\.\d+\.feed_forward\.w2\.weight$"
-_FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +46,17 @@ class Recipe:
     builtin_rules: tuple[Rule, ...] = ()  # part of a named recipe: impossible type -> fallback
     description: str = ""
 
-    def choose(self, spec: TensorSpec) -> tuple[GGMLType, str]:
+    def choose(self, spec: TensorSpec, path: Path | str | None = None) -> tuple[GGMLType, str]:
+        """The type and reason for one tensor; an impossible explicit rule is an error naming ``path`` and it."""
         for r in self.rules:
             if r.matches(spec.name):
-                if spec.kind != "linear" and spec.kind != "embedding" and r.type not in _FLOAT_TYPES:
-                    raise RecipeError(f"rule {r.pattern}={r.type.name.lower()} asks for a quantized type on a 1-D tensor", tensor=spec.name)
+                if spec.kind != "linear" and spec.kind != "embedding" and r.type.is_quantized:
+                    raise RecipeError(f"rule {r.pattern}={r.type.name.lower()} asks for a quantized type on a 1-D tensor", path=path, tensor=spec.name)
                 if not fits(r.type, spec.in_features):
                     raise RecipeError(
                         f"rule {r.pattern}={r.type.name.lower()}: {r.type.name} needs the input dimension divisible by "
                         f"{r.type.block_size}, this tensor has {spec.in_features}",
+                        path=path,
                         tensor=spec.name,
                     )
                 return r.type, r.why
@@ -65,8 +66,8 @@ class Recipe:
             return GGMLType.F32, "embedding kept F32"
         for r in self.builtin_rules:
             if r.matches(spec.name):
-                return _fallback(r.type, spec, r.why)
-        return _fallback(self.linear_type, spec, f"recipe {self.name}: linear")
+                return fallback(r.type, spec.in_features, r.why, spec.name)
+        return fallback(self.linear_type, spec.in_features, f"recipe {self.name}: linear", spec.name)
 
     def to_json(self) -> dict:
         return {
@@ -77,13 +78,14 @@ class Recipe:
         }
 
 
-def _fallback(t: GGMLType, spec: TensorSpec, why: str) -> tuple[GGMLType, str]:
-    if fits(t, spec.in_features):
+def fallback(t: GGMLType, n_in: int, why: str, tensor: str | None = None) -> tuple[GGMLType, str]:
+    """``t`` and ``why`` if a row of ``n_in`` fits ``t``, else the first of its fallbacks that does, with the reason."""
+    alt = fitting_type(t, n_in)
+    if alt is None:  # pragma: no cover - F16 holds any row
+        raise RecipeError(f"no storage type fits input dimension {n_in}", tensor=tensor)
+    if alt is t:
         return t, why
-    for alt in (GGMLType.Q8_0, GGMLType.F16):
-        if fits(alt, spec.in_features):
-            return alt, f"{why}; {t.name} needs in % {t.block_size} == 0 (in = {spec.in_features}), fell back to {alt.name}"
-    raise RecipeError(f"no storage type fits input dimension {spec.in_features}", tensor=spec.name)  # pragma: no cover
+    return alt, f"{why}; {t.name} needs in % {t.block_size} == 0 (in = {n_in}), fell back to {alt.name}"
 
 
 BUILTIN: dict[str, Recipe] = {
@@ -101,20 +103,28 @@ BUILTIN: dict[str, Recipe] = {
 }
 
 
-def parse_rule(text: str) -> Rule:
+def parse_type(name: str | GGMLType, what: str, path: Path | None = None) -> GGMLType:
+    """A storage type from its name; errors begin with ``what`` (where the name came from) and name ``path``."""
+    t = name
+    if not isinstance(t, GGMLType):
+        try:
+            t = GGMLType.parse(str(name))
+        except GGMLError as e:  # carries no file or tensor: its message is all there is to keep
+            raise RecipeError(f"{what}: {e}", path=path) from None
+    if not t.traits.storage:
+        raise RecipeError(f"{what}: {t.name} cannot store weights", path=path)
+    return t
+
+
+def parse_rule(text: str, path: Path | None = None) -> Rule:
     if "=" not in text:
-        raise RecipeError(f"rule {text!r} is not REGEX=TYPE")
+        raise RecipeError(f"rule {text!r} is not REGEX=TYPE", path=path)
     pattern, type_name = text.rsplit("=", 1)
     try:
         re.compile(pattern)
     except re.error as e:
-        raise RecipeError(f"rule {text!r}: invalid regex ({e})") from None
-    try:
-        t = GGMLType.parse(type_name)
-    except GgufDitError as e:
-        raise RecipeError(f"rule {text!r}: {e}") from None
-    if t not in STORAGE_TYPES:
-        raise RecipeError(f"rule {text!r}: {t.name} cannot store weights")
+        raise RecipeError(f"rule {text!r}: invalid regex ({e})", path=path) from None
+    t = parse_type(type_name, f"rule {text!r}", path)
     return Rule(pattern, t, f"rule {pattern}={t.name.lower()}")
 
 
@@ -129,22 +139,18 @@ def _from_file(path: Path) -> Recipe:
         raise RecipeError(f"unknown base recipe {d.get('base')!r}; known: {', '.join(BUILTIN)}", path=path)
     linear = base.linear_type
     if "linear_type" in d:
-        try:
-            linear = GGMLType.parse(str(d["linear_type"]))
-        except GgufDitError as e:
-            raise RecipeError(str(e), path=path) from None
+        linear = parse_type(str(d["linear_type"]), "linear_type", path)
     rules = []
     for i, r in enumerate(d.get("rules", [])):
+        if isinstance(r, str):
+            rules.append(parse_rule(r, path))
+            continue
         try:
-            if isinstance(r, str):
-                rules.append(parse_rule(r))
-            else:
-                rule = parse_rule(f"{r['pattern']}={r['type']}")
-                rules.append(Rule(rule.pattern, rule.type, str(r.get("why", rule.why))))
+            text = f"{r['pattern']}={r['type']}"
         except (KeyError, TypeError):
             raise RecipeError(f"rules[{i}] needs 'pattern' and 'type'", path=path) from None
-        except RecipeError as e:
-            raise RecipeError(str(e), path=path) from None
+        rule = parse_rule(text, path)
+        rules.append(Rule(rule.pattern, rule.type, str(r.get("why", rule.why))))
     return Recipe(str(d.get("name", path.stem)), linear, tuple(rules), base.builtin_rules, str(d.get("description", "")))
 
 
@@ -159,9 +165,7 @@ def resolve(recipe: str, type_override: str | None = None, rules: Sequence[str] 
     linear = r.linear_type
     name = r.name
     if type_override:
-        linear = GGMLType.parse(type_override)
-        if linear not in STORAGE_TYPES:
-            raise RecipeError(f"--type {type_override}: {linear.name} cannot store weights")
+        linear = parse_type(type_override, f"--type {type_override}")
         name = f"{name}+type={linear.name.lower()}"
     user = tuple(parse_rule(x) for x in rules)
     if user:

@@ -10,30 +10,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from gguf_dit import __version__
 from gguf_dit import keys
-from gguf_dit.errors import GgufDitError, SourceError
+from gguf_dit.errors import OptionError, SourceError
 from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
 from gguf_dit.arch.vae import ARCH as VAE_ARCH, NORM_EPS, VAEConfig, decoder_inventory
+from gguf_dit.ggml_ops import GGMLType
 
-from .gguf_out import atomic_gguf
-from .inputs import read_json
-from .output import HEADER_ALLOWANCE, OutputSet, check_location
-from .source import open_safetensors
+from .encode import check_range, encode_rows
+from .gguf_out import OutTensor, add_config, write_gguf
+from .inputs import _one_line, read_json
+from .output import HEADER_ALLOWANCE, write_one
+from .reader import SafetensorsFiles, weight_files
+from .source import WEIGHTS_NAME  # the diffusers weights name, as for the backbones
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
-F16_MAX = 65504.0
 _SKIPPED_PREFIXES = ("encoder.", "quant_conv.", "bn.")
-
-
-def _short(e: BaseException) -> str:
-    s = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return s[:160]
+_BN = ("bn.running_mean", "bn.running_var")
 
 
 def _find_dir(vae_dir: Path) -> Path:
@@ -80,7 +78,7 @@ def read_vae_config(vae_dir: Path) -> tuple[VAEConfig, dict]:
         bad = cfg.problems()
         up_types = list(up_types)
     except (TypeError, ValueError) as e:
-        raise SourceError(f"bad config value ({_short(e)})", path=p) from None
+        raise SourceError(f"bad config value ({_one_line(e)})", path=p) from None
     act = raw.get("act_fn", "silu")
     if act not in ("silu", "swish"):
         bad.append(f"act_fn {str(act)[:60]!r} is not silu")
@@ -95,55 +93,42 @@ def read_vae_config(vae_dir: Path) -> tuple[VAEConfig, dict]:
     return cfg, raw
 
 
-class _Weights:
-    """Memory-mapped safetensors reader returning float32 numpy arrays (F32/F16/BF16 sources)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        if not path.exists():
-            raise SourceError("missing (the VAE weights file)", path=path)
-        self.f = open_safetensors(path)
-        self.keys = set(self.f.keys())
-
-    def close(self) -> None:
-        self.f = None
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.f.get_slice(key).get_shape())
-
-    def get(self, key: str) -> np.ndarray:
-        import torch
-
-        try:
-            t = self.f.get_tensor(key)
-        except Exception as e:
-            raise SourceError(f"cannot read tensor data ({_short(e)}); the file may be truncated or corrupt", path=self.path, tensor=key) from None
-        if not t.is_floating_point():
-            raise SourceError(f"dtype {t.dtype} is not a float type", path=self.path, tensor=key)
-        a = t.to(torch.float32).numpy()
-        if not np.isfinite(a).all():
-            bad = int(np.flatnonzero(~np.isfinite(a.reshape(-1)))[0])
-            raise SourceError(f"non-finite value (NaN or Inf) at flat index {bad}", path=self.path, tensor=key)
-        return a
+def _open(vae_dir: Path, cfg: VAEConfig) -> tuple[SafetensorsFiles, list[tuple[str, tuple[int, ...]]], int]:
+    """The weights, (name, shape) of every decoder tensor and the count of skipped ones; checks presence, shapes
+    and strays."""
+    files = weight_files(vae_dir, WEIGHTS_NAME, "a VAE folder")
+    src = SafetensorsFiles(files, files[0] if len(files) == 1 else vae_dir)
+    try:
+        raw = src.headers()
+        inv = decoder_inventory(cfg)
+        strays = sorted(k for k in raw if k not in inv and not k.startswith(_SKIPPED_PREFIXES))
+        if strays:
+            raise SourceError(f"unexpected tensor (not part of the decoder config.json describes; {len(strays)} in all)", path=src.where, tensor=strays[0])
+        for name, shape in inv.items():
+            if name not in raw:
+                raise SourceError("tensor missing", path=src.where, tensor=name)
+            got = raw[name][2]
+            # Older checkpoints store the mid attention projections as 1x1 convs (C, C, 1, 1).
+            if not (got == shape or (len(shape) == 2 and got == shape + (1, 1) and ".attentions." in name)):
+                raise SourceError(f"shape {list(got)}, expected {list(shape)} from config.json", path=src.where, tensor=name)
+        src.tensors = src.weights({k: v for k, v in raw.items() if k in inv or k in _BN})
+    except BaseException:
+        src.close()
+        raise
+    return src, list(inv.items()), sum(k.startswith(_SKIPPED_PREFIXES) for k in raw)
 
 
-def _plan(cfg: VAEConfig, w: _Weights) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(gguf name, source key, target shape) for every decoder tensor; checks presence, shapes, strays."""
-    inv = decoder_inventory(cfg)
-    plan = []
-    for name, shape in inv.items():
-        if name not in w.keys:
-            raise SourceError("tensor missing", path=w.path, tensor=name)
-        got = w.shape(name)
-        # Older checkpoints store the mid attention projections as 1x1 convs (C, C, 1, 1).
-        ok = got == shape or (len(shape) == 2 and got == shape + (1, 1) and ".attentions." in name)
-        if not ok:
-            raise SourceError(f"shape {list(got)}, expected {list(shape)} from config.json", path=w.path, tensor=name)
-        plan.append((name, name, shape))
-    strays = sorted(k for k in w.keys if k not in inv and not k.startswith(_SKIPPED_PREFIXES))
-    if strays:
-        raise SourceError(f"unexpected tensor (not part of the decoder config.json describes; {len(strays)} in all)", path=w.path, tensor=strays[0])
-    return plan
+def _chunks(src: SafetensorsFiles, name: str, shape: tuple[int, ...]):
+    return (c.reshape(-1, *shape[1:]) for c in src.chunks(name))
+
+
+def _type(src: SafetensorsFiles, name: str, shape: tuple[int, ...], dtype: str) -> GGMLType:
+    """F16 for 2-D and 4-D weights under ``dtype`` f16, unless a value lies beyond F16's range; else F32."""
+    if dtype == "f32" or len(shape) == 1:
+        return GGMLType.F32
+    big = any(check_range(c, GGMLType.F16) is not None for c in _chunks(src, name, shape))
+    src.release()
+    return GGMLType.F32 if big else GGMLType.F16
 
 
 #: Far above FLUX.2's 4 levels of 2 resnets: bounds the tensor inventory a hostile config.json can ask for.
@@ -157,39 +142,40 @@ class VAEPlan:
     vae_dir: Path
     cfg: VAEConfig
     raw_cfg: dict
-    weights: "_Weights"
-    plan: list[tuple[str, str, tuple[int, ...]]]
+    src: SafetensorsFiles
+    plan: list[tuple[str, tuple[int, ...], GGMLType]]
     bn: dict[str, np.ndarray]
     dtype: str
+    skipped: int  # encoder, quant_conv and bn tensors, not written
     nbytes: int  # upper bound of the output size (every tensor F32), for the free-space check
 
     def close(self) -> None:
-        self.weights.close()
+        self.src.close()
 
 
 def prepare_vae(vae_dir: str | Path, *, dtype: str = "f16") -> VAEPlan:
     """Open and check the VAE at ``vae_dir`` (config, tensor names and shapes, the bn statistics); writes nothing."""
     if dtype not in ("f16", "f32"):
-        raise GgufDitError(f"unknown VAE dtype {dtype!r}; use f16 or f32")
+        raise OptionError(f"unknown VAE dtype {dtype!r}; use f16 or f32")
     vae_dir = _find_dir(Path(vae_dir))
     cfg, raw_cfg = read_vae_config(vae_dir)
-    w = _Weights(vae_dir / WEIGHTS_NAME)
+    src, inv, skipped = _open(vae_dir, cfg)
     try:
-        plan = _plan(cfg, w)
         bn = {}
-        for k in ("bn.running_mean", "bn.running_var"):
-            if k in w.keys:
-                shp = w.shape(k)
-                if shp != (cfg.token_dim,):
-                    raise SourceError(f"shape {list(shp)}, expected [{cfg.token_dim}]", path=w.path, tensor=k)
-                bn[k] = w.get(k).astype(np.float32)
+        for k in _BN:
+            if k in src.tensors:
+                if src.tensors[k].shape != (cfg.token_dim,):
+                    raise SourceError(f"shape {list(src.tensors[k].shape)}, expected [{cfg.token_dim}]", path=src.where, tensor=k)
+                bn[k] = src.rows(k, 0, cfg.token_dim)
         if "bn.running_var" in bn and (bn["bn.running_var"] + cfg.batch_norm_eps <= 0).any():
-            raise SourceError("running_var + batch_norm_eps is not positive", path=w.path, tensor="bn.running_var")
+            raise SourceError("running_var + batch_norm_eps is not positive", path=src.where, tensor="bn.running_var")
+        # A tensor's type depends on its values, and the header (types included) precedes the data.
+        plan = [(name, shape, _type(src, name, shape, dtype)) for name, shape in inv]
     except BaseException:
-        w.close()
+        src.close()
         raise
-    nbytes = sum(4 * int(np.prod(shape)) + 512 for _, _, shape in plan) + len(json.dumps(raw_cfg)) + HEADER_ALLOWANCE
-    return VAEPlan(vae_dir, cfg, raw_cfg, w, plan, bn, dtype, nbytes)
+    nbytes = sum(4 * int(np.prod(shape)) + 512 for _, shape, _ in plan) + len(json.dumps(raw_cfg)) + HEADER_ALLOWANCE
+    return VAEPlan(vae_dir, cfg, raw_cfg, src, plan, bn, dtype, skipped, nbytes)
 
 
 def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16", force: bool = False) -> dict:
@@ -199,14 +185,7 @@ def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16"
     exceeds the F16 range stays F32 too), ``"f32"`` stores everything F32. Returns a summary dict. Written like
     ``gguf-dit convert``'s outputs (``output.OutputSet``): nothing is left behind on an error or Ctrl-C.
     """
-    out_path = Path(out_path)
-    check_location(out_path.parent, [out_path.name], force=force)
-    vae = prepare_vae(vae_dir, dtype=dtype)
-    try:
-        with OutputSet(out_path.parent, [out_path.name], force=force, need_bytes=vae.nbytes) as outs:
-            result = write_vae(vae, outs.path(out_path.name))
-    finally:
-        vae.close()
+    result = write_one(Path(out_path), force, lambda: prepare_vae(vae_dir, dtype=dtype), write_vae)
     result["path"] = str(out_path)
     return result
 
@@ -214,58 +193,27 @@ def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16"
 def write_vae(vae: VAEPlan, out_path: Path) -> dict:
     """Write a prepared VAE to ``out_path`` (itself written under a temporary name and renamed)."""
     t0 = time.perf_counter()
-    cfg, raw_cfg, w, plan, bn, dtype = vae.cfg, vae.raw_cfg, vae.weights, vae.plan, vae.bn, vae.dtype
-    # Every tensor is read and encoded before the header is written: a tensor's type depends on its values.
-    tensors: list[tuple[str, np.ndarray]] = []
-    types: dict[str, int] = {}
-    kept_f32: list[str] = []
-    bytes_in = 0
-    for name, key, shape in plan:
-        a = w.get(key).reshape(shape)
-        bytes_in += a.nbytes
-        if dtype == "f16" and a.ndim > 1:
-            if np.abs(a).max(initial=0.0) > F16_MAX:
-                kept_f32.append(name)
-                enc = np.ascontiguousarray(a, dtype=np.float32)
-            else:
-                enc = a.astype(np.float16)
-        else:
-            enc = np.ascontiguousarray(a, dtype=np.float32)
-        tname = "F16" if enc.dtype == np.float16 else "F32"
-        types[tname] = types.get(tname, 0) + 1
-        tensors.append((name, enc))
-    skipped = sorted(k for k in w.keys if k.startswith(_SKIPPED_PREFIXES))
+    cfg, src, bn = vae.cfg, vae.src, vae.bn
 
-    with atomic_gguf(out_path, VAE_ARCH) as (writer, tmp):
+    def metadata(writer) -> None:
         writer.add_name("Ideogram 4 VAE decoder (FLUX.2 KL)")
-        a = VAE_ARCH
-        writer.add_array(f"{a}.block_out_channels", [int(c) for c in cfg.block_out_channels])
-        writer.add_uint32(f"{a}.layers_per_block", cfg.layers_per_block)
-        writer.add_uint32(f"{a}.latent_channels", cfg.latent_channels)
-        writer.add_uint32(f"{a}.out_channels", cfg.out_channels)
-        writer.add_uint32(f"{a}.norm_num_groups", cfg.norm_num_groups)
+        add_config(writer, cfg, keys.vae)
         writer.add_float32(keys.VAE_NORM_EPS, NORM_EPS)
-        writer.add_bool(f"{a}.mid_block_add_attention", cfg.mid_block_add_attention)
-        writer.add_bool(f"{a}.use_post_quant_conv", cfg.use_post_quant_conv)
-        writer.add_uint32(f"{a}.patch_size", cfg.patch_size)
         writer.add_uint32(keys.VAE_SCALE_FACTOR, cfg.scale_factor)
-        writer.add_float32(f"{a}.batch_norm_eps", cfg.batch_norm_eps)
-        writer.add_string(f"{a}.latent_norm_source", "official")
+        writer.add_string(keys.vae("latent_norm_source"), "official")
         writer.add_array(keys.VAE_LATENT_SHIFT, [float(x) for x in LATENT_SHIFT])
         writer.add_array(keys.VAE_LATENT_SCALE, [float(x) for x in LATENT_SCALE])
-        if "bn.running_mean" in bn and "bn.running_var" in bn:
+        if len(bn) == 2:
             writer.add_array(keys.VAE_BN_MEAN, [float(x) for x in bn["bn.running_mean"]])
             writer.add_array(keys.VAE_BN_VAR, [float(x) for x in bn["bn.running_var"]])
         writer.add_string(keys.CONVERTER_VERSION, __version__)
-        writer.add_string(keys.VAE_DTYPE, dtype)
-        writer.add_string(keys.SOURCE_FILES, WEIGHTS_NAME)
-        writer.add_string(keys.SOURCE_CONFIG, json.dumps(raw_cfg, separators=(",", ":"), sort_keys=True))
-        for name, arr in tensors:
-            writer.add_tensor(name, arr)
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.add_string(keys.VAE_DTYPE, vae.dtype)
+        writer.add_string(keys.SOURCE_FILES, ",".join(f.name for f in src.files))
+        writer.add_string(keys.SOURCE_CONFIG, json.dumps(vae.raw_cfg, separators=(",", ":"), sort_keys=True))
 
+    tensors = [OutTensor(name, shape, t, lambda name=name, shape=shape: _chunks(src, name, shape), src.where, name) for name, shape, t in vae.plan]
+    bytes_in = write_gguf(out_path, VAE_ARCH, metadata, tensors, encode=encode_rows, release=src.release)
+    kept_f32 = [name for name, shape, t in vae.plan if vae.dtype == "f16" and len(shape) > 1 and t is GGMLType.F32]
     bn_diff = None
     if len(bn) == 2:
         scale = np.sqrt(bn["bn.running_var"].astype(np.float64) + cfg.batch_norm_eps)
@@ -276,11 +224,11 @@ def write_vae(vae: VAEPlan, out_path: Path) -> dict:
     return {
         "path": str(out_path),
         "source": str(vae.vae_dir),
-        "dtype": dtype,
+        "dtype": vae.dtype,
         "tensors": len(tensors),
-        "types": types,
+        "types": dict(Counter(t.name for _, _, t in vae.plan)),
         "kept_f32_for_range": kept_f32,
-        "skipped_tensors": len(skipped),
+        "skipped_tensors": vae.skipped,
         "bytes_in": bytes_in,
         "bytes_out": out_path.stat().st_size,
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},

@@ -26,6 +26,10 @@ class RecipeError(GgufDitError):
     """A recipe, rule or type cannot be applied."""
 
 
+class OptionError(GgufDitError):
+    """An option or argument has a value that cannot be used (a size range, a part name, a search path)."""
+
+
 class OutputError(GgufDitError):
     """An output cannot be written (exists without --force, not writable)."""
 

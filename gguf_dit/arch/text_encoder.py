@@ -46,6 +46,17 @@ LAYER_MAP = {
 LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's name for a language-model tensor (HF name without the prefix)."""
+    if hf_name == "embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "norm.weight":
+        return "output_norm.weight"
+    m = LAYER_RE.match(hf_name)
+    assert m is not None
+    return f"blk.{m.group(1)}.{LAYER_MAP[m.group(2)]}"
+
+
 def default_taps(n_layers: int) -> list[int]:
     """Tap layers for an ``n_layers`` decoder: the official rule generalised.
 
