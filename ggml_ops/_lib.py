@@ -12,8 +12,7 @@ import ctypes
 import importlib.util
 import logging
 import os
-import sys
-from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_uint8, c_void_p
+from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
 from pathlib import Path
 
 from gguf_dit.errors import GGMLError
@@ -23,7 +22,6 @@ os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 EXPECTED_GGML_VERSION = "0.25.3"
 EXPECTED_TENSOR_SIZE = 336
-GGML_MAX_DIMS = 4
 GGML_MAX_NAME = 64
 
 log = logging.getLogger("gguf_dit.ggml")
@@ -124,6 +122,8 @@ class _Libs:
         setattr(self, name, f)
 
     def _declare(self) -> None:
+        # One line per C prototype, in ggml.h's argument order, so each can be checked against the header:
+        # the lines look alike because prototypes do, and a table would only move them.
         b, g = self.base, self.ggml
         fn = self._fn
         fn(b, "ggml_version", c_char_p)
@@ -137,7 +137,6 @@ class _Libs:
         fn(b, "ggml_blck_size", c_int64, c_int)
         fn(b, "ggml_type_size", c_size_t, c_int)
         fn(b, "ggml_row_size", c_size_t, c_int, c_int64)
-        fn(b, "ggml_type_name", c_char_p, c_int)
         fn(b, "ggml_nbytes", c_size_t, T)
         fn(b, "ggml_quantize_init", None, c_int)
         fn(b, "ggml_quantize_requires_imatrix", c_bool, c_int)
@@ -145,14 +144,11 @@ class _Libs:
         # tensors
         fn(b, "ggml_new_tensor", T, P, c_int, c_int, POINTER(c_int64))
         fn(b, "ggml_set_name", T, T, c_char_p)
-        fn(b, "ggml_set_input", None, T)
         fn(b, "ggml_set_output", None, T)
-        fn(b, "ggml_get_first_tensor", T, P)
-        fn(b, "ggml_get_next_tensor", T, P, T)
         # ops
-        for name in ("ggml_add", "ggml_mul", "ggml_sub", "ggml_mul_mat"):
+        for name in ("ggml_add", "ggml_mul", "ggml_mul_mat"):
             fn(b, name, T, P, T, T)
-        for name in ("ggml_silu", "ggml_tanh", "ggml_cont", "ggml_neg", "ggml_sqr", "ggml_transpose"):
+        for name in ("ggml_silu", "ggml_tanh", "ggml_cont", "ggml_neg"):
             fn(b, name, T, P, T)
         fn(b, "ggml_rms_norm", T, P, T, c_float)
         fn(b, "ggml_norm", T, P, T, c_float)
@@ -190,11 +186,8 @@ class _Libs:
         fn(b, "ggml_backend_tensor_get", None, T, c_void_p, c_size_t, c_size_t)
         fn(b, "ggml_backend_graph_compute", c_int, P, P)
         fn(b, "ggml_backend_supports_op", c_bool, P, T)
-        fn(b, "ggml_backend_name", c_char_p, P)
         fn(b, "ggml_backend_free", None, P)
         fn(b, "ggml_backend_get_default_buffer_type", P, P)
-        fn(b, "ggml_backend_get_device", P, P)
-        fn(b, "ggml_backend_synchronize", None, P)
         fn(b, "ggml_backend_dev_name", c_char_p, P)
         fn(b, "ggml_backend_dev_description", c_char_p, P)
         fn(b, "ggml_backend_dev_type", c_int, P)
@@ -214,7 +207,6 @@ class _Libs:
         fn(g, "ggml_backend_dev_get", P, c_size_t)
         fn(g, "ggml_backend_dev_by_type", P, c_int)
         fn(g, "ggml_backend_dev_by_name", P, c_char_p)
-        fn(g, "ggml_backend_init_by_name", P, c_char_p, c_char_p)
         fn(g, "ggml_backend_load_all_from_path", None, c_char_p)
 
 
@@ -288,4 +280,20 @@ def tensor_struct(t: int) -> ggml_tensor_struct:
     return ctypes.cast(t, POINTER(ggml_tensor_struct)).contents
 
 
-__all__ = ["lib", "tensor_struct", "ggml_init_params", "ggml_type_traits", "TO_FLOAT", "c_uint8", "sys"]
+class Native:
+    """Owns native memory: ``close()`` frees it (idempotent), and garbage collection calls ``close()`` too."""
+
+    def _free(self, attr: str, free) -> None:
+        handle = getattr(self, attr, None)
+        if handle:
+            free(handle)
+            setattr(self, attr, None)
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter teardown order varies
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+__all__ = ["lib", "tensor_struct", "ggml_init_params", "TO_FLOAT", "LOG_CALLBACK", "LineLogger", "Native"]

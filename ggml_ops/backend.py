@@ -11,23 +11,13 @@ import dataclasses
 
 from gguf_dit.errors import GGMLError
 
-from ._lib import lib
+from ._lib import Native, lib
 from .quant import default_threads
+from .system import check_cpu, device_proc, ensure_registry
 
 DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL = 0, 1, 2, 3
 _SET_N_THREADS = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)
 _SET_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-
-_loaded = False
-
-
-def _ensure_registry() -> None:
-    global _loaded
-    if not _loaded:
-        # A GGML_BACKEND_DL build keeps its backends as plugins next to the libraries; a static
-        # build has them registered already and this is a no-op.
-        lib.ggml_backend_load_all_from_path(str(lib.dir).encode())
-        _loaded = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +30,7 @@ class DeviceInfo:
 
 
 def devices() -> list[DeviceInfo]:
-    _ensure_registry()
+    ensure_registry()
     out = []
     kinds = {DEV_CPU: "cpu", DEV_GPU: "gpu", DEV_IGPU: "igpu", DEV_ACCEL: "accel"}
     for i in range(lib.ggml_backend_dev_count()):
@@ -67,14 +57,12 @@ def available() -> list[str]:
     return names
 
 
-class Backend:
+class Backend(Native):
     """An initialised ggml backend (``"cpu"``, ``"cuda"``, ``"auto"`` or a device name like ``"CUDA0"``)."""
 
     def __init__(self, name: str = "auto", threads: int | None = None) -> None:
-        from .system import check_cpu
-
         check_cpu()
-        _ensure_registry()
+        ensure_registry()
         want = name.lower()
         if want == "auto":
             dev = lib.ggml_backend_dev_by_type(DEV_GPU) or lib.ggml_backend_dev_by_type(DEV_CPU)
@@ -109,8 +97,7 @@ class Backend:
     def set_threads(self, n: int) -> None:
         if n < 1:
             raise GGMLError(f"thread count must be >= 1, got {n}")
-        reg = lib.ggml_backend_dev_backend_reg(self.device)
-        addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
+        addr = device_proc(self.device, "ggml_backend_set_n_threads")
         if addr:
             _SET_N_THREADS(addr)(self.handle, int(n))
             self.threads = int(n)
@@ -119,8 +106,7 @@ class Backend:
         """Install a ggml_abort_callback (a ctypes function kept referenced here; None removes it),
         polled between graph nodes; returning true stops the compute with GGML_STATUS_ABORTED.
         False where the backend has none (CUDA)."""
-        reg = lib.ggml_backend_dev_backend_reg(self.device)
-        addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_abort_callback")
+        addr = device_proc(self.device, "ggml_backend_set_abort_callback")
         if not addr:
             return False
         _SET_ABORT_CALLBACK(addr)(self.handle, ctypes.cast(callback, ctypes.c_void_p), None)
@@ -130,19 +116,8 @@ class Backend:
     def supports(self, tensor) -> bool:
         return bool(lib.ggml_backend_supports_op(self.handle, int(tensor)))
 
-    def synchronize(self) -> None:
-        lib.ggml_backend_synchronize(self.handle)
-
     def close(self) -> None:
-        if getattr(self, "handle", None):
-            lib.ggml_backend_free(self.handle)
-            self.handle = None
-
-    def __del__(self) -> None:  # pragma: no cover - interpreter teardown order varies
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._free("handle", lib.ggml_backend_free)
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, device={self.device_name!r}, threads={self.threads})"

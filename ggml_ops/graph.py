@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from gguf_dit.errors import GGMLError
 
-from ._lib import ggml_init_params, lib, tensor_struct
+from ._lib import Native, ggml_init_params, lib, tensor_struct
 from .backend import Backend
 from .types import GGMLType, check_row
 
@@ -102,7 +102,7 @@ def _ne4(ne: Sequence[int]) -> tuple[int, int, int, int]:
     return tuple(ne + [1] * (4 - len(ne)))  # type: ignore[return-value]
 
 
-class Context:
+class Context(Native):
     """A ``no_alloc`` ggml context: tensor metadata only; data lives in backend buffers."""
 
     def __init__(self, n_tensors: int, graph_size: int = 0) -> None:
@@ -127,25 +127,11 @@ class Context:
             t.set_name(name)
         return t
 
-    def tensors(self) -> Iterable[Tensor]:
-        p = lib.ggml_get_first_tensor(self.ptr)
-        while p:
-            yield Tensor(p, self)
-            p = lib.ggml_get_next_tensor(self.ptr, p)
-
     def close(self) -> None:
-        if self.ptr:
-            lib.ggml_free(self.ptr)
-            self.ptr = None
-
-    def __del__(self) -> None:  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._free("ptr", lib.ggml_free)
 
 
-class TensorStore:
+class TensorStore(Native):
     """Named persistent tensors allocated together in one backend buffer (weights, or inputs that
     must survive graph allocation, since gallocr may reuse an input's memory after its last use)."""
 
@@ -177,16 +163,8 @@ class TensorStore:
         return name in self.tensors
 
     def close(self) -> None:
-        if self.buffer:
-            lib.ggml_backend_buffer_free(self.buffer)
-            self.buffer = None
+        self._free("buffer", lib.ggml_backend_buffer_free)
         self.ctx.close()
-
-    def __del__(self) -> None:  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def upload(t: Tensor, data: np.ndarray) -> None:
@@ -247,14 +225,13 @@ class Builder:
     def mul(self, a: Tensor, b: Tensor) -> Tensor:
         return self._binary(lib.ggml_mul, a, b, "mul")
 
-    def sub(self, a: Tensor, b: Tensor) -> Tensor:
-        return self._binary(lib.ggml_sub, a, b, "sub")
+    def _contiguous(self, a: Tensor) -> Tensor:
+        return a if a.is_contiguous() else self.cont(a)
 
-    def _unary(self, fn, a: Tensor, op: str) -> Tensor:
+    def _unary(self, fn, a: Tensor, op: str, *params) -> Tensor:
+        """An op on one F32 tensor (made contiguous, as ggml's kernels expect), with its scalar parameters."""
         self._f32(a, op=op)
-        if not a.is_contiguous():
-            a = self.cont(a)
-        return self._t(fn(self.ctx.ptr, a.ptr))
+        return self._t(fn(self.ctx.ptr, self._contiguous(a).ptr, *params))
 
     def silu(self, a: Tensor) -> Tensor:
         return self._unary(lib.ggml_silu, a, "silu")
@@ -266,41 +243,32 @@ class Builder:
         return self._unary(lib.ggml_neg, a, "neg")
 
     def scale(self, a: Tensor, s: float) -> Tensor:
-        self._f32(a, op="scale")
-        if not a.is_contiguous():
-            a = self.cont(a)
-        return self._t(lib.ggml_scale(self.ctx.ptr, a.ptr, float(s)))
+        return self._unary(lib.ggml_scale, a, "scale", float(s))
 
     def scale_bias(self, a: Tensor, s: float, bias: float) -> Tensor:
         """s * a + bias (e.g. the adaLN ``1 + scale``)."""
-        self._f32(a, op="scale_bias")
-        if not a.is_contiguous():
-            a = self.cont(a)
-        return self._t(lib.ggml_scale_bias(self.ctx.ptr, a.ptr, float(s), float(bias)))
+        return self._unary(lib.ggml_scale_bias, a, "scale_bias", float(s), float(bias))
 
     def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
         """silu(gate) * up, fused."""
         self._f32(gate, up, op="swiglu")
         if gate.ne != up.ne:
             raise GGMLError(f"swiglu: gate ne={gate.ne} and up ne={up.ne} differ")
-        if not gate.is_contiguous():
-            gate = self.cont(gate)
-        if not up.is_contiguous():
-            up = self.cont(up)
-        return self._t(lib.ggml_swiglu_split(self.ctx.ptr, gate.ptr, up.ptr))
+        gate = self._contiguous(gate)
+        return self._t(lib.ggml_swiglu_split(self.ctx.ptr, gate.ptr, self._contiguous(up).ptr))
 
     # -- normalisation -----------------------------------------------------------------
-    def rms_norm(self, a: Tensor, eps: float) -> Tensor:
-        self._f32(a, op="rms_norm")
+    def _norm(self, fn, a: Tensor, eps: float, op: str) -> Tensor:
+        self._f32(a, op=op)
         if not a.rows_contiguous():
-            raise GGMLError("rms_norm: rows must be contiguous")
-        return self._t(lib.ggml_rms_norm(self.ctx.ptr, a.ptr, float(eps)))
+            raise GGMLError(f"{op}: rows must be contiguous")
+        return self._t(fn(self.ctx.ptr, a.ptr, float(eps)))
+
+    def rms_norm(self, a: Tensor, eps: float) -> Tensor:
+        return self._norm(lib.ggml_rms_norm, a, eps, "rms_norm")
 
     def norm(self, a: Tensor, eps: float) -> Tensor:
-        self._f32(a, op="norm")
-        if not a.rows_contiguous():
-            raise GGMLError("norm: rows must be contiguous")
-        return self._t(lib.ggml_norm(self.ctx.ptr, a.ptr, float(eps)))
+        return self._norm(lib.ggml_norm, a, eps, "norm")
 
     # -- matmul ------------------------------------------------------------------------
     def mul_mat(self, w: Tensor, x: Tensor, *, f32_acc: bool = False) -> Tensor:
@@ -387,13 +355,10 @@ class Builder:
         return out
 
     def soft_max(self, a: Tensor, scale: float) -> Tensor:
-        self._f32(a, op="soft_max")
-        if not a.is_contiguous():
-            a = self.cont(a)
-        return self._t(lib.ggml_soft_max_ext(self.ctx.ptr, a.ptr, None, float(scale), 0.0))
+        return self._unary(lib.ggml_soft_max_ext, a, "soft_max", None, float(scale), 0.0)
 
 
-class Graph:
+class Graph(Native):
     """A compute graph built once and reused: its own context, a graph allocator reserved for it,
     and named inputs in a separate persistent buffer so values that do not change are uploaded once."""
 
@@ -434,14 +399,6 @@ class Graph:
         return download(self.outputs[name])
 
     def close(self) -> None:
-        if getattr(self, "allocr", None):
-            lib.ggml_gallocr_free(self.allocr)
-            self.allocr = None
+        self._free("allocr", lib.ggml_gallocr_free)
         self.ctx.close()
         self.inputs.close()
-
-    def __del__(self) -> None:  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass

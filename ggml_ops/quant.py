@@ -11,6 +11,7 @@ import numpy as np
 from gguf_dit.errors import GGMLError
 
 from ._lib import TO_FLOAT, lib
+from .system import check_cpu
 from .types import GGMLType, check_row
 
 _inited: set[int] = set()
@@ -33,15 +34,13 @@ def quantize(
     selects the reference path. Rows are split across threads: ctypes releases the GIL during the call,
     and each row's bytes depend only on that row, so the output equals a single-threaded call.
     """
-    from .system import check_cpu
-
     check_cpu()
     qtype = GGMLType(qtype)
     if x.ndim != 2:
         raise GGMLError(f"quantize expects a 2-D array, got shape {x.shape}")
     rows, n = x.shape
     check_row(qtype, n)
-    if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+    if not qtype.traits.quantized:
         raise GGMLError(f"{qtype.name} is not a quantized type; convert floats directly")
     if lib.ggml_quantize_requires_imatrix(int(qtype)) and importance is None:
         raise GGMLError(f"{qtype.name} requires an importance matrix")
@@ -84,8 +83,6 @@ def quantize(
 
 def dequantize(data: np.ndarray, qtype: GGMLType, n_per_row: int) -> np.ndarray:
     """Decode rows of ``qtype`` bytes with ggml's own ``to_float`` (type traits); returns float32 [rows, n]."""
-    from .system import check_cpu
-
     check_cpu()
     qtype = GGMLType(qtype)
     check_row(qtype, n_per_row)

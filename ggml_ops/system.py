@@ -45,27 +45,44 @@ class Registry:
     features: dict[str, str]
 
 
+_registry_loaded = False
+
+
+def ensure_registry() -> None:
+    global _registry_loaded
+    if not _registry_loaded:
+        # A GGML_BACKEND_DL build keeps its backends as plugins next to the libraries; a static
+        # build has them registered already and this is a no-op.
+        lib.ggml_backend_load_all_from_path(str(lib.dir).encode())
+        _registry_loaded = True
+
+
 def _proc(reg, name: str):
     return lib.ggml_backend_reg_get_proc_address(reg, name.encode())
 
 
+def device_proc(device, name: str):
+    """A function the device's backend registry exports by name (NULL where it has none)."""
+    return _proc(lib.ggml_backend_dev_backend_reg(device), name)
+
+
+def _until_null(p, present=bool):
+    """The entries of a C array ended by a NULL entry (``p`` itself may be NULL)."""
+    k = 0
+    while p and present(p[k]):
+        yield p[k]
+        k += 1
+
+
 def registries() -> list[Registry]:
     """Every ggml backend registry with its devices and the features it reports."""
-    from .backend import _ensure_registry
-
-    _ensure_registry()
+    ensure_registry()
     out = []
     for i in range(lib.ggml_backend_reg_count()):
         reg = lib.ggml_backend_reg_get(i)
         devs = tuple(lib.ggml_backend_dev_name(lib.ggml_backend_reg_dev_get(reg, j)).decode() for j in range(lib.ggml_backend_reg_dev_count(reg)))
-        feats: dict[str, str] = {}
         addr = _proc(reg, "ggml_backend_get_features")
-        if addr:
-            p = _GET_FEATURES(addr)(reg)
-            k = 0
-            while p and p[k].name:
-                feats[p[k].name.decode()] = (p[k].value or b"").decode()
-                k += 1
+        feats = {f.name.decode(): (f.value or b"").decode() for f in _until_null(addr and _GET_FEATURES(addr)(reg), lambda f: f.name)}
         out.append(Registry(lib.ggml_backend_reg_name(reg).decode(), devs, feats))
     return out
 
@@ -74,17 +91,8 @@ def extra_buffer_types(device) -> list[str]:
     """Names of the extra buffer types a device offers (CPU_REPACK, AMX, …). gguf-dit never places
     weights in them: our tensors go to the backend's default buffer type, and the text encoder is
     loaded with ``use_extra_bufts = False`` (docs/portability.md)."""
-    reg = lib.ggml_backend_dev_backend_reg(device)
-    addr = _proc(reg, "ggml_backend_dev_get_extra_bufts")
-    if not addr:
-        return []
-    p = _GET_EXTRA_BUFTS(addr)(device)
-    names = []
-    k = 0
-    while p and p[k]:
-        names.append(lib.ggml_backend_buft_name(p[k]).decode())
-        k += 1
-    return names
+    addr = device_proc(device, "ggml_backend_dev_get_extra_bufts")
+    return [lib.ggml_backend_buft_name(b).decode() for b in _until_null(addr and _GET_EXTRA_BUFTS(addr)(device))]
 
 
 def buffer_type_name(buffer) -> str:

@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -61,31 +62,30 @@ def _errors_to_exit(fn):
     return wrapper
 
 
+def _bars(*columns, **kwargs):
+    """A started rich progress display: each task's description and bar, then ``columns``."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), *columns, **kwargs)
+    p.start()
+    return p
+
+
 def _progress_factory(quiet: bool):
     if quiet:
         return None
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
     class Bar:
         def __init__(self, label: str, total_bytes: int, n_tensors: int) -> None:
-            self.p = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(bar_width=24),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-            )
+            self.p = _bars(DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
             self.label, self.n, self.total, self.last = label, 0, n_tensors, None
-            self.p.start()
-            self.task = self.p.add_task(self._desc(), total=total_bytes)
-
-        def _desc(self) -> str:
-            return f"{self.label} [{self.n}/{self.total} tensors]"
+            self.task = self.p.add_task(f"{label} [0/{n_tensors} tensors]", total=total_bytes)
 
         def __call__(self, name: str, nbytes: int) -> None:
-            if name != self.last:
+            if name != self.last:  # a tensor arrives in several pieces
                 self.n, self.last = self.n + 1, name
-            self.p.update(self.task, advance=nbytes, description=self._desc())
+            self.p.update(self.task, advance=nbytes, description=f"{self.label} [{self.n}/{self.total} tensors]")
 
         def close(self) -> None:
             self.p.stop()
@@ -93,6 +93,9 @@ def _progress_factory(quiet: bool):
     return Bar
 
 
+# Every command declares its options as `name: T = typer.Option(default, flags, help)`: the option lists of convert
+# and run share that shape line after line (what `duplicates` pairs), not logic. What run does lives in
+# runtime/generate.py; the command maps its options onto it.
 @app.command()
 @_errors_to_exit
 def convert(
@@ -187,14 +190,6 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print a JSON report
     typer.echo(json.dumps(data, indent=2) if as_json else sysinfo.render(data))
 
 
-def _output_paths(out: Path, count: int, seeds: list[int], index0: int = 0) -> list[Path]:
-    if out.suffix.lower() == ".png":
-        if count == 1:
-            return [out]
-        return [out.with_name(f"{out.stem}-{i:03d}.png") for i in range(count)]
-    return [out / f"{index0 + i:05d}-{s}.png" for i, s in enumerate(seeds)]
-
-
 @app.command()
 @_errors_to_exit
 def run(
@@ -222,132 +217,51 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print debug logs, llama.cpp's and ggml's included (hidden otherwise)."),
 ) -> None:
     """Generate PNGs from a prompt file: encode, sample both CFG backbones, decode."""
-    options = dict(locals())
-    del options["verbose"]
-    from gguf_dit.runtime import native_log
-
-    with native_log.verbose(sys.stderr) if verbose else native_log.hidden():
-        _run(**options)
-
-
-def _run(*, prompt_file, model, text_encoder, preset, steps, guidance, mu, std, width, height, seed, count, out, backend, threads, raw,
-         keep_bboxes, tile, reference, force, quiet) -> None:
-    from gguf_dit.errors import InputError
-    from gguf_dit.runtime.caption import caption_summary, prompts_from_file
-    from gguf_dit.runtime.pipeline import ModelFiles, Pipeline, check_output, png_bytes_bound, png_metadata, write_png
+    from gguf_dit.runtime import demo, native_log
+    from gguf_dit.runtime.caption import caption_summary
+    from gguf_dit.runtime.generate import Generator
     from gguf_dit.runtime.schedule import resolve_settings
 
-    if count < 1:
-        raise InputError(f"-n must be at least 1, got {count}")
-    prompts = prompts_from_file(prompt_file, raw=raw, keep_bboxes=keep_bboxes)
-    for p in prompts:
-        for w in p.warnings:
-            typer.echo(f"warning: {prompt_file}{f':{p.line}' if p.line else ''}: {w}", err=True)
-    settings = resolve_settings(preset, steps=steps, guidance=guidance, mu=mu, std=std)
-    model_dir = model
-    if model_dir is None:
-        from gguf_dit.runtime import demo
-
-        model_dir = demo.model_dir()
-        if not quiet:
+    with native_log.verbose(sys.stderr) if verbose else native_log.hidden():
+        settings = resolve_settings(preset, steps=steps, guidance=guidance, mu=mu, std=std)
+        gen = Generator(model, text_encoder=text_encoder, backend=backend, threads=threads, reference=reference)
+        if gen.demo and not quiet:
             typer.echo(demo.NOTICE, err=True)
-    if reference not in ("official", "diffusers"):
-        raise InputError(f"--reference must be official or diffusers, got {reference!r}")
-    from gguf_dit.runtime.dit import RuntimeOptions
-
-    files = ModelFiles.find(model_dir, text_encoder)
-    pipe = Pipeline(files, backend=backend, threads=threads, options=RuntimeOptions(t_rounding="bf16" if reference == "official" else "none"))
-    jobs = [(pi, k) for pi in range(len(prompts)) for k in range(count)]
-    seeds = [seed + j for j in range(len(jobs))]
-    paths = _output_paths(out, len(jobs), seeds)
-    from gguf_dit.runtime.pipeline import check_size, default_size, size_range
-
-    pipe.check_files()
-    header = pipe.header()
-    h, w = height or default_size(header), width or default_size(header)
-    check_size(h, w, size_range(header), files.transformer)
-    check_output(paths, force=force, image_bytes=png_bytes_bound(h, w))  # before the work; creates nothing
-    progress = _RunProgress(quiet)
-    try:
-        feats = pipe.encode([p.text for p in prompts], progress.encoded(len(prompts)), origins=[(prompt_file, p.line) for p in prompts])
-        models = pipe.describe()
-        ts = None
-        if reference == "diffusers":
-            from gguf_dit.runtime.schedule import diffusers_timesteps
-
-            ts = diffusers_timesteps(settings.steps, h, w, settings.mu, settings.std)
-        for j, (pi, _) in enumerate(jobs):
-            gen = pipe.generate(feats[pi], h, w, settings, seeds[j], step_callback=progress.stepper(j, len(jobs), settings.steps), tile=tile, ts=ts,
-                               decode_started=progress.decoding(j, len(jobs)))
-            meta = png_metadata(prompts[pi].text, settings, seeds[j], h, w, models, {"prompt_source": prompts[pi].source, "reference": reference})
-            write_png(paths[j], gen.image, meta, force=force)
-            progress.done(paths[j], caption_summary(prompts[pi].text))
-    finally:
-        progress.close()
+        batch = gen.generate(prompt_file, seed=seed, count=count, width=width, height=height, settings=settings, tile=tile,
+                             out=out, force=force, raw=raw, keep_bboxes=keep_bboxes)
+        for p, (src, line) in zip(batch.prompts, batch.origins):
+            for w in p.warnings:
+                typer.echo(f"warning: {src}{f':{line}' if line else ''}: {w}", err=True)
+        if quiet:
+            for image in batch:
+                typer.echo(str(image.path))
+            return
+        with _RunBars() as bars:
+            for image in batch.run(bars):
+                bars.p.console.print(f"wrote {image.path}  ({caption_summary(image.prompt.text)})", soft_wrap=True)  # a path to copy, unbroken
 
 
-class _RunProgress:
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.p = None
-        if not quiet:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+class _RunBars:
+    """`run`'s progress on stderr: a bar per stage the library reports (encode, sample J/N, decode J/N) with its rate."""
 
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                              TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
-            self.p.start()
+    UNITS = {"encode": "prompt/s", "sample": "step/s", "decode": "img/s"}
 
-    def encoded(self, n: int):
-        if self.p is None:
-            return None
-        task = self.p.add_task("encode", total=n, rate="")
-        import time
+    def __enter__(self) -> "_RunBars":
+        from rich.console import Console
+        from rich.progress import MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        t0 = time.perf_counter()
+        self.p = _bars(MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        return self
 
-        def cb(i: int) -> None:
-            self.p.update(task, completed=i, rate=f"{i / max(time.perf_counter() - t0, 1e-9):.2f} prompt/s")
+    def __exit__(self, *exc) -> None:
+        self.p.stop()
 
-        return cb
-
-    def stepper(self, j: int, n: int, steps: int):
-        if self.p is None:
-            return None
-        task = self.p.add_task(f"sample {j + 1}/{n}", total=steps, rate="")
-
-        def cb(info, z) -> None:
-            self.p.update(task, completed=info.index + 1, rate=f"{1.0 / max(info.seconds, 1e-9):.2f} step/s")
-
-        return cb
-
-    def decoding(self, j: int, n: int):
-        if self.p is None:
-            return None
-
-        def cb() -> None:
-            import time
-
-            self._decode_task = self.p.add_task(f"decode {j + 1}/{n}", total=1, rate="")
-            self._decode_t0 = time.perf_counter()
-
-        return cb
-
-    def done(self, path, summary: str) -> None:
-        if self.p is not None and getattr(self, "_decode_task", None) is not None:
-            import time
-
-            dt = time.perf_counter() - self._decode_t0
-            self.p.update(self._decode_task, completed=1, rate=f"{1.0 / max(dt, 1e-9):.2f} img/s")
-            self._decode_task = None
-        if self.p is not None:
-            self.p.console.print(f"wrote {path}  ({summary})", soft_wrap=True)  # a path the user can copy, unbroken
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if done == 0:
+            self.task, self.t0 = self.p.add_task(stage, total=total, rate=""), time.perf_counter()
         else:
-            typer.echo(str(path))
-
-    def close(self) -> None:
-        if self.p is not None:
-            self.p.stop()
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            self.p.update(self.task, completed=done, rate=f"{rate:.2f} {self.UNITS[stage.split()[0]]}")
 
 
 @app.command("tiny-checkpoint")

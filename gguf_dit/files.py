@@ -1,24 +1,60 @@
-"""Opening what a user names as an input file: only regular files (a FIFO blocks the first read forever,
-``/dev/zero`` never ends), refused with an error that names the path. Both sides use it."""
+"""Opening what a user names as an input file, and how errors show a JSON value. Both sides use it.
+
+Only regular files are read: a FIFO blocks the first read forever, ``/dev/zero`` never ends. The check is made on
+the open descriptor, not on the path before opening, so a path swapped for a FIFO after a check cannot slip
+through; the open itself uses O_NONBLOCK, so it returns at once even on a FIFO.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
+import math
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import GgufDitError
 
+#: How a refusal reads; a caller with its own wording (the prompt file) passes its own.
+REFUSALS = {"missing": "does not exist", "unreadable": "cannot be read ({why})", "folder": "is a folder, not a regular file",
+            "special": "is {kind}, not a regular file"}
+
+
+def open_regular(path: Path, error: type[GgufDitError] = GgufDitError, refusals: dict[str, str] = REFUSALS) -> tuple[BinaryIO, int]:
+    """``path`` open for binary reading and its size, if it is a regular file (symlinks followed); else ``error``
+    naming it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise error(refusals["missing"], path=path) from None
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket cannot be opened at all
+            raise error(refusals["special"].format(kind="a socket"), path=path) from None
+        raise error(refusals["unreadable"].format(why=e.strerror or e), path=path) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(refusals["folder"], path=path)
+        raise error(refusals["special"].format(kind="a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or special file"), path=path)
+    return os.fdopen(fd, "rb"), st.st_size
+
 
 def regular_file(path: Path, error: type[GgufDitError] = GgufDitError) -> int:
-    """The size of ``path`` if it is a regular file (symlinks followed), else ``error`` naming it."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise error("does not exist", path=path) from None
-    except OSError as e:
-        raise error(f"cannot be read ({e.strerror or e})", path=path) from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or special file"
-        raise error(f"is {kind}, not a regular file", path=path)
-    return st.st_size
+    """The size of ``path`` if it is a regular file, else ``error`` naming it (for readers that open it themselves)."""
+    f, size = open_regular(path, error)
+    f.close()
+    return size
+
+
+def json_type(v) -> str:
+    """The JSON name of a parsed value's type."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null", int: "number", float: "number"}.get(type(v), type(v).__name__)
+
+
+def show(v, limit: int | None = 40) -> str:
+    """A JSON value as written (non-ASCII literal), cut to ``limit`` characters."""
+    s = json.dumps(v, ensure_ascii=False) if not isinstance(v, float) or math.isfinite(v) else repr(v)
+    return s if limit is None or len(s) <= limit else s[: limit - 3] + "..."

@@ -1,4 +1,4 @@
-"""A GGUF header validator in pure Python, run before gguf-py or llama.cpp sees a file.
+"""A GGUF header validator in pure Python: the runtime's one GGUF parser, run before llama.cpp sees a file.
 
 gguf-py allocates from the counts and lengths it reads (a mutated array length is a MemoryError) and
 turns a truncated file into a NumPy reshape error; ggml and llama.cpp abort the process on some bad
@@ -11,6 +11,7 @@ line ModelErrors naming the file and the key or tensor.
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from gguf_dit import keys
 from gguf_dit.errors import ModelError
-from gguf_dit.files import regular_file
+from gguf_dit.files import open_regular
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -31,6 +32,8 @@ MAX_STRING = 1 << 30  # gguf.cpp's GGUF_MAX_STRING_LENGTH
 MAX_NESTING = 8  # arrays of arrays; deeper is refused rather than recursed into
 INT64_MAX = (1 << 63) - 1
 INTEGER_TYPES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64")
+NUMBER_TYPES = INTEGER_TYPES + ("FLOAT32", "FLOAT64")
+_WANT = {INTEGER_TYPES: "an integer", NUMBER_TYPES: "a number"}  # how a type check names a group of types
 
 # struct format of each scalar value type (little-endian); NumPy reads arrays with the same codes
 _FORMAT = {
@@ -104,11 +107,20 @@ class GGUFHeader:
             return None
         if kv.type.name not in types or (kv.item_type is not None and kv.item_type.name not in item):
             got = kv.type.name + (f" of {kv.item_type.name}" if kv.item_type is not None else "")
-            want = "an integer" if types == INTEGER_TYPES else " or ".join(t if t != "ARRAY" else f"ARRAY of {'/'.join(item)}" for t in types)
+            want = _WANT.get(types) or " or ".join(t if t != "ARRAY" else f"ARRAY of {'/'.join(item)}" for t in types)
             if item == INTEGER_TYPES:
                 want = want.replace("/".join(item), "integers")
             raise ModelError(f"metadata key {key} is {got}, expected {want}", path=self.path)
         return kv.value
+
+    def number(self, key: str, types: tuple[str, ...] = NUMBER_TYPES, *, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True,
+               required: bool = False) -> float | None:
+        """``value`` for a number that must be finite and in (lo, hi), or [lo, hi) without ``lo_open``."""
+        v = self.value(key, types, required=required)
+        if v is not None and not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and v < hi):
+            want = "a positive finite number" if (lo, hi, lo_open) == (0.0, math.inf, True) else f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g})"
+            raise ModelError(f"metadata key {key} is {v:.7g}, must be {want}", path=self.path)
+        return v
 
 
 class _Stream:
@@ -251,81 +263,79 @@ def _value(s: _Stream, t: GGUFValueType, what: str, path: Path, depth: int = 0) 
     return KV(t, a, item)
 
 
-def _check_regular(path: Path) -> int:
-    return regular_file(path, ModelError)
-
-
 def read_header(path: str | Path) -> GGUFHeader:
     """Parse and validate a GGUF header; a ModelError naming the file (and key or tensor) when anything is off."""
     path = Path(path)
-    size = _check_regular(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ModelError(f"cannot be opened ({e.strerror})", path=path) from None
+    f, size = open_regular(path, ModelError)
     with f:
-        s = _Stream(f, size, path)
-        if size < _HEAD.size:
-            raise ModelError(f"not a GGUF file ({size} bytes, shorter than a GGUF header)", path=path)
-        magic, version, n_tensors, n_kv = s.unpack(_HEAD, "the header")
-        if magic != MAGIC:
-            raise ModelError(f"not a GGUF file (magic {magic!r}, expected {MAGIC!r})", path=path)
-        if version not in VERSIONS:
-            hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
-            raise ModelError(f"GGUF version {version} is not supported (only 2 and 3){hint}", path=path)
-        if n_kv * _MIN_KV > s.left:
-            raise ModelError(f"kv_count {n_kv} is more than the {s.left} bytes after the header can hold", path=path)
-        if n_tensors * _MIN_TENSOR > s.left:
-            raise ModelError(f"tensor_count {n_tensors} is more than the {s.left} bytes after the header can hold", path=path)
+        return parse_header(f, size, path)
 
-        kv: dict[str, KV] = {}
-        for i in range(n_kv):
-            key = _name(s, f"key #{i}", MAX_KEY, path)
-            if key in kv:
-                raise ModelError(f"duplicate metadata key {key!r}", path=path)
-            (raw_t,) = s.unpack(_U32, f"the value type of key {key!r}")
-            kv[key] = _value(s, _value_type(raw_t, f"metadata key {key!r}", path), f"metadata key {key!r}", path)
 
-        alignment = DEFAULT_ALIGNMENT
-        a = kv.get(keys.ALIGNMENT)
-        if a is not None:
-            if a.type is not GGUFValueType.UINT32:
-                raise ModelError(f"metadata key '{keys.ALIGNMENT}' has type {a.type.name}, must be UINT32", path=path)
-            alignment = int(a.value)
-            if alignment <= 0 or alignment & (alignment - 1):
-                raise ModelError(f"metadata key '{keys.ALIGNMENT}' is {alignment}, not a power of two", path=path)
+def parse_header(f, size: int, path: Path) -> GGUFHeader:
+    """``read_header`` on a file already open (``size`` bytes): a reader that keeps the descriptor maps the very file
+    it validated."""
+    s = _Stream(f, size, path)
+    if size < _HEAD.size:
+        raise ModelError(f"not a GGUF file ({size} bytes, shorter than a GGUF header)", path=path)
+    magic, version, n_tensors, n_kv = s.unpack(_HEAD, "the header")
+    if magic != MAGIC:
+        raise ModelError(f"not a GGUF file (magic {magic!r}, expected {MAGIC!r})", path=path)
+    if version not in VERSIONS:
+        hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
+        raise ModelError(f"GGUF version {version} is not supported (only 2 and 3){hint}", path=path)
+    if n_kv * _MIN_KV > s.left:
+        raise ModelError(f"kv_count {n_kv} is more than the {s.left} bytes after the header can hold", path=path)
+    if n_tensors * _MIN_TENSOR > s.left:
+        raise ModelError(f"tensor_count {n_tensors} is more than the {s.left} bytes after the header can hold", path=path)
 
-        infos = []
-        names: set[str] = set()
-        for i in range(n_tensors):
-            name = _name(s, f"tensor name #{i}", MAX_NAME, path)
-            if name in names:
-                raise ModelError("duplicate tensor name", path=path, tensor=name)
-            names.add(name)
-            (n_dims,) = s.unpack(_U32, f"the dims of tensor {name!r}")
-            if not 1 <= n_dims <= MAX_DIMS:
-                raise ModelError(f"n_dims is {n_dims}, must be 1..{MAX_DIMS}", path=path, tensor=name)
-            ne = s.unpack(struct.Struct(f"<{n_dims}Q"), f"the shape of tensor {name!r}")
-            n_el = 1
-            for d in ne:
-                if d == 0 or d > INT64_MAX:
-                    raise ModelError(f"dimension {d} in ne={list(ne)} (each must be 1..2^63-1)", path=path, tensor=name)
-                n_el *= d
-            if n_el > INT64_MAX:
-                raise ModelError(f"ne={list(ne)} has more than 2^63-1 elements", path=path, tensor=name)
-            raw_type, offset = s.unpack(struct.Struct("<IQ"), f"the type and offset of tensor {name!r}")
-            try:
-                gt = GGMLQuantizationType(raw_type)
-                block, type_size = GGML_QUANT_SIZES[gt]
-            except (ValueError, KeyError):
-                raise ModelError(f"unknown ggml type id {raw_type}", path=path, tensor=name) from None
-            if ne[0] % block:
-                raise ModelError(f"type {gt.name} needs rows that are a multiple of {block}, but ne[0] is {ne[0]}", path=path, tensor=name)
-            if offset % alignment:
-                raise ModelError(f"data offset {offset} is not a multiple of the alignment {alignment}", path=path, tensor=name)
-            infos.append((name, tuple(ne), gt, offset, n_el // block * type_size))
+    kv: dict[str, KV] = {}
+    for i in range(n_kv):
+        key = _name(s, f"key #{i}", MAX_KEY, path)
+        if key in kv:
+            raise ModelError(f"duplicate metadata key {key!r}", path=path)
+        (raw_t,) = s.unpack(_U32, f"the value type of key {key!r}")
+        kv[key] = _value(s, _value_type(raw_t, f"metadata key {key!r}", path), f"metadata key {key!r}", path)
 
-        data_offset = -(-s.pos // alignment) * alignment
+    alignment = DEFAULT_ALIGNMENT
+    a = kv.get(keys.ALIGNMENT)
+    if a is not None:
+        if a.type is not GGUFValueType.UINT32:
+            raise ModelError(f"metadata key '{keys.ALIGNMENT}' has type {a.type.name}, must be UINT32", path=path)
+        alignment = int(a.value)
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ModelError(f"metadata key '{keys.ALIGNMENT}' is {alignment}, not a power of two", path=path)
+
+    infos = []
+    names: set[str] = set()
+    for i in range(n_tensors):
+        name = _name(s, f"tensor name #{i}", MAX_NAME, path)
+        if name in names:
+            raise ModelError("duplicate tensor name", path=path, tensor=name)
+        names.add(name)
+        (n_dims,) = s.unpack(_U32, f"the dims of tensor {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise ModelError(f"n_dims is {n_dims}, must be 1..{MAX_DIMS}", path=path, tensor=name)
+        ne = s.unpack(struct.Struct(f"<{n_dims}Q"), f"the shape of tensor {name!r}")
+        n_el = 1
+        for d in ne:
+            if d == 0 or d > INT64_MAX:
+                raise ModelError(f"dimension {d} in ne={list(ne)} (each must be 1..2^63-1)", path=path, tensor=name)
+            n_el *= d
+        if n_el > INT64_MAX:
+            raise ModelError(f"ne={list(ne)} has more than 2^63-1 elements", path=path, tensor=name)
+        raw_type, offset = s.unpack(struct.Struct("<IQ"), f"the type and offset of tensor {name!r}")
+        try:
+            gt = GGMLQuantizationType(raw_type)
+            block, type_size = GGML_QUANT_SIZES[gt]
+        except (ValueError, KeyError):
+            raise ModelError(f"unknown ggml type id {raw_type}", path=path, tensor=name) from None
+        if ne[0] % block:
+            raise ModelError(f"type {gt.name} needs rows that are a multiple of {block}, but ne[0] is {ne[0]}", path=path, tensor=name)
+        if offset % alignment:
+            raise ModelError(f"data offset {offset} is not a multiple of the alignment {alignment}", path=path, tensor=name)
+        infos.append((name, tuple(ne), gt, offset, n_el // block * type_size))
+
+    data_offset = -(-s.pos // alignment) * alignment
     tensors = {n: TensorInfo(n, ne, gt, data_offset + off, nb) for n, ne, gt, off, nb in infos}
     _check_ranges(path, size, data_offset, alignment, tensors)
     return GGUFHeader(path, version, kv, tensors, alignment, data_offset, size)

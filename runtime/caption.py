@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gguf_dit.arch.text_encoder import MAX_TOKENS as MAX_TEXT_TOKENS  # counting tokens needs the tokenizer: the encoder enforces it
 from gguf_dit.errors import InputError
+from gguf_dit.files import json_type, open_regular, show
 
 __all__ = [
     "Prompt",
@@ -191,23 +190,12 @@ def _decode_at(text: str, pos: int, *, where_prefix: str = "", path: str | None,
 
 
 def _json_type(v: Any) -> str:
-    if isinstance(v, dict):
-        return "an object"
-    if isinstance(v, list):
-        return "an array"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if v is None:
-        return "null"
-    return type(v).__name__
+    t = json_type(v)
+    return t if t == "null" else ("an " if t[0] in "aeiou" else "a ") + t
 
 
 def _show(v: Any) -> str:
-    return json.dumps(v, ensure_ascii=False)
+    return show(v, limit=None)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -498,31 +486,21 @@ def _raw_prompt(text: str, *, line: int | None, where: str, path: str | None) ->
 _JSON_HINT = " (the file starts with '{' or '[', so it is read as JSON captions)"
 
 
+_REFUSALS = {"missing": "prompt file not found", "unreadable": "cannot read prompt file: {why}",
+             "folder": "prompt file is a directory, expected a text file",
+             "special": "prompt file is not a regular file (a FIFO, socket or device); expected a text file"}
+
+
 def _read_text(path: Path) -> str:
-    # stat before open: opening a FIFO blocks until a writer appears, reading /dev/zero never ends.
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InputError("prompt file not found", path=str(path)) from None
-    except OSError as e:
-        raise InputError(f"cannot read prompt file: {e.strerror or e}", path=str(path)) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise InputError("prompt file is a directory, expected a text file", path=str(path))
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError("prompt file is not a regular file (a FIFO, socket or device); expected a text file",
-                         path=str(path))
-    if st.st_size > MAX_PROMPT_FILE_BYTES:
-        raise InputError(f"prompt file is {st.st_size} bytes; at most {MAX_PROMPT_FILE_BYTES} are read "
-                         "(split it into several files)", path=str(path))
-    try:
-        # O_NONBLOCK: should the path have become a FIFO since the stat, open still returns at once.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise InputError("prompt file is not a regular file; expected a text file", path=str(path))
+    f, size = open_regular(path, InputError, _REFUSALS)
+    with f:
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise InputError(f"prompt file is {size} bytes; at most {MAX_PROMPT_FILE_BYTES} are read "
+                             "(split it into several files)", path=str(path))
+        try:
             data = f.read(MAX_PROMPT_FILE_BYTES + 1)
-    except OSError as e:
-        raise InputError(f"cannot read prompt file: {e.strerror or e}", path=str(path)) from None
+        except OSError as e:
+            raise InputError(f"cannot read prompt file: {e.strerror or e}", path=str(path)) from None
     if len(data) > MAX_PROMPT_FILE_BYTES:
         raise InputError(f"prompt file is over {MAX_PROMPT_FILE_BYTES} bytes (split it into several files)",
                          path=str(path))

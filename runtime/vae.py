@@ -25,226 +25,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from gguf_dit import keys
-from gguf_dit.errors import InputError, ModelError
-
 from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
 from gguf_dit.arch.vae import ARCH as VAE_ARCH, NORM_EPS, VAEConfig, decoder_inventory
+from gguf_dit.errors import InputError, ModelError
+from gguf_dit.gguf_header import GGUFHeader, INTEGER_TYPES
 
-# ----------------------------------------------------------------------------------------------- modules
-# Module attribute names follow the stored (diffusers) tensor names so that the file's tensors load by name.
-
-
-class _ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=NORM_EPS)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=NORM_EPS)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+from .gguf_file import GGUFFile
+from .vae_modules import VAEDecoderModule
+from .vae_tiling import tiled_apply
 
 
-class _SelfAttention(nn.Module):
-    """Single-head self-attention over all latent pixels, GroupNorm first, residual added."""
-
-    def __init__(self, c: int, groups: int):
-        super().__init__()
-        self.group_norm = nn.GroupNorm(groups, c, eps=NORM_EPS)
-        self.to_q = nn.Linear(c, c)
-        self.to_k = nn.Linear(c, c)
-        self.to_v = nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (b, h*w, c)
-        q, k, v = (m(t).unsqueeze(1) for m in (self.to_q, self.to_k, self.to_v))
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # scale 1/sqrt(c): one head of width c
-        o = self.to_out[0](o)
-        return x + o.transpose(1, 2).reshape(b, c, h, w)
-
-
-class _MidBlock(nn.Module):
-    def __init__(self, c: int, groups: int, attention: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList([_ResBlock(c, c, groups), _ResBlock(c, c, groups)])
-        self.attentions = nn.ModuleList([_SelfAttention(c, groups)]) if attention else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
-        if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
-
-
-class _Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class _UpBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, n: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList([_ResBlock(cin if j == 0 else cout, cout, groups) for j in range(n)])
-        self.upsamplers = nn.ModuleList([_Upsample(cout)]) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for r in self.resnets:
-            x = r(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
-
-
-class _Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        g = cfg.norm_num_groups
-        chans = list(reversed(cfg.block_out_channels))
-        self.conv_in = nn.Conv2d(cfg.latent_channels, chans[0], 3, padding=1)
-        self.mid_block = _MidBlock(chans[0], g, cfg.mid_block_add_attention)
-        blocks, prev = [], chans[0]
-        for i, c in enumerate(chans):
-            blocks.append(_UpBlock(prev, c, cfg.layers_per_block + 1, g, upsample=i < len(chans) - 1))
-            prev = c
-        self.up_blocks = nn.ModuleList(blocks)
-        self.conv_norm_out = nn.GroupNorm(g, cfg.block_out_channels[0], eps=NORM_EPS)
-        self.conv_out = nn.Conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, padding=1)
-
-    def low(self, z: torch.Tensor) -> torch.Tensor:
-        """conv_in and the mid block: latent resolution, global (self-attention over every latent pixel)."""
-        return self.mid_block(self.conv_in(z))
-
-    def high(self, x: torch.Tensor) -> torch.Tensor:
-        """Up blocks, output norm and conv: all the high-resolution (memory-heavy) work; local apart from GroupNorm."""
-        for b in self.up_blocks:
-            x = b(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.high(self.low(z))
-
-
-class VAEDecoderModule(nn.Module):
-    """``post_quant_conv`` (optional, 1x1) followed by the decoder. Input (B, latent_channels, h, w) -> (B, 3, 8h, 8w)."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
-        self.decoder = _Decoder(cfg)
-
-    def low(self, z: torch.Tensor) -> torch.Tensor:
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder.low(z)
-
-    def high(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder.high(x)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.high(self.low(z))
-
-
-# ----------------------------------------------------------------------------------------------- tiling
-
-
-def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of windows of size ``tile`` covering [0, n): as few as keep every overlap >= ``overlap``,
-    spread evenly (so the last window ends exactly at n)."""
-    if n <= tile:
-        return [0]
-    count = math.ceil((n - overlap) / (tile - overlap))
-    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
-
-
-def _ramp(length: int, ramp: int, at_start: bool, at_end: bool) -> torch.Tensor:
-    """1-D blending weight of one window: rises linearly over ``ramp`` pixels on sides that border another window,
-    flat 1 on sides at the image border. Never zero, so weights can always be normalised."""
-    w = torch.ones(length, dtype=torch.float32)
-    if ramp > 0:
-        r = (torch.arange(length, dtype=torch.float32) + 0.5) / ramp
-        if not at_start:
-            w = torch.minimum(w, r)
-        if not at_end:
-            w = torch.minimum(w, r.flip(0))
-    return w
-
-
-def tiled_apply(fn, z: torch.Tensor, tile: int, overlap: int, scale: int, out_channels: int) -> torch.Tensor:
-    """Apply ``fn`` (latent (1, C, h, w) -> image (1, out_channels, h*scale, w*scale)) window by window.
-
-    Windows are ``tile`` x ``tile`` latent pixels (clipped to the latent), neighbours overlap by at least
-    ``overlap`` latent pixels. Outputs are blended as ``sum(w_i * x_i) / sum(w_i)`` with separable linear ramps
-    ``w_i`` of ``overlap * scale`` output pixels on inner edges, so overlaps cross-fade and a pointwise ``fn``
-    reproduces its untiled result exactly.
-    """
-    _, _, h, w = z.shape
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-    out = torch.zeros(1, out_channels, h * scale, w * scale, dtype=torch.float32, device=z.device)
-    acc = torch.zeros(1, 1, h * scale, w * scale, dtype=torch.float32, device=z.device)
-    rp = overlap * scale
-    for y0 in ys:
-        th = min(tile, h)
-        wy = _ramp(th * scale, rp, y0 == 0, y0 + th == h).to(z.device)
-        for x0 in xs:
-            tw = min(tile, w)
-            wx = _ramp(tw * scale, rp, x0 == 0, x0 + tw == w).to(z.device)
-            piece = fn(z[:, :, y0 : y0 + th, x0 : x0 + tw]).float()
-            wgt = (wy[:, None] * wx[None, :])[None, None]
-            sl = (slice(None), slice(None), slice(y0 * scale, (y0 + th) * scale), slice(x0 * scale, (x0 + tw) * scale))
-            out[sl] += piece * wgt
-            acc[sl] += wgt
-    return out / acc
-
-
-# ----------------------------------------------------------------------------------------------- file + API
-
-
-from .model_file import open_gguf  # noqa: E402
-
-
-def check_inventory(reader, cfg: VAEConfig, path) -> dict[str, tuple[int, ...]]:
+def check_inventory(file: GGUFFile, cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     """Every decoder tensor's type and shape from the validated header, before any data is touched."""
     inv = decoder_inventory(cfg)
-    infos = reader.header.tensors
     for name, shape in inv.items():
-        t = infos.get(name)
+        t = file.tensors.get(name)
         if t is None:
-            raise ModelError("tensor missing", path=path, tensor=name)
-        if t.type.name not in ("F32", "F16"):
-            raise ModelError(f"tensor type {t.type.name} unsupported (F32 or F16 only)", path=path, tensor=name)
+            raise ModelError("tensor missing", path=file.path, tensor=name)
+        if t.type_name not in ("F32", "F16"):
+            raise ModelError(f"tensor type {t.type_name} unsupported (F32 or F16 only)", path=file.path, tensor=name)
         if t.shape != shape:
-            raise ModelError(f"shape {list(t.shape)}, expected {list(shape)}", path=path, tensor=name)
+            raise ModelError(f"shape {list(t.shape)}, expected {list(shape)}", path=file.path, tensor=name)
     return inv
 
 
 def check_file(path) -> VAEConfig:
     """Header, config and tensor inventory of a VAE GGUF, without reading its weights (milliseconds)."""
-    reader = open_gguf(path)
-    cfg = read_config(reader, path)
-    check_inventory(reader, cfg, path)
+    file = GGUFFile(path)
+    cfg = read_config(file.header)
+    check_inventory(file, cfg)
     return cfg
 
 
-def read_config(reader, path) -> VAEConfig:
-    """The config from the typed metadata of ``open_gguf``'s validated header; bad types or values name the key."""
-    from gguf_dit.gguf_header import INTEGER_TYPES
-
-    h = reader.header
+def read_config(h: GGUFHeader) -> VAEConfig:
+    """The config from the header's typed metadata; bad types or values name the key."""
+    path = h.path
     arch = h.value(keys.ARCHITECTURE, ("STRING",), required=True)
     if arch != VAE_ARCH:
         raise ModelError(f"{keys.ARCHITECTURE} is {arch!r}, not {VAE_ARCH!r} (not a gguf-dit VAE file)", path=path)
@@ -256,9 +73,7 @@ def read_config(reader, path) -> VAEConfig:
         elif f.name in ("mid_block_add_attention", "use_post_quant_conv"):
             v = bool(h.value(key, ("BOOL",), required=True))
         elif f.name == "batch_norm_eps":
-            v = float(h.value(key, ("FLOAT32", "FLOAT64"), required=True))
-            if not (math.isfinite(v) and v > 0):
-                raise ModelError(f"metadata key {key} is {v:.7g}, must be a positive finite number", path=path)
+            v = float(h.number(key, ("FLOAT32", "FLOAT64"), required=True))
         else:
             v = int(h.value(key, INTEGER_TYPES, required=True))
         vals[f.name] = v
@@ -280,8 +95,9 @@ def read_config(reader, path) -> VAEConfig:
     return cfg
 
 
-def _norm_array(reader, key: str, n: int, path) -> np.ndarray | None:
-    v = reader.header.value(key, ("ARRAY",), item=("FLOAT32", "FLOAT64"))
+def _norm_array(h: GGUFHeader, key: str, n: int) -> np.ndarray | None:
+    path = h.path
+    v = h.value(key, ("ARRAY",), item=("FLOAT32", "FLOAT64"))
     if v is None:
         return None
     a = np.asarray(v, dtype=np.float32)
@@ -310,23 +126,22 @@ class VAEDecoder:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", *, latent_norm: str = "official") -> "VAEDecoder":
         path = Path(path)
-        if not path.exists():
-            raise ModelError("does not exist", path=path)
         if latent_norm not in ("official", "checkpoint"):
             raise ModelError(f"unknown latent_norm {latent_norm!r}; use 'official' or 'checkpoint'", path=path)
-        reader = open_gguf(path)
-        cfg = read_config(reader, path)
+        file = GGUFFile(path)
+        h = file.header
+        cfg = read_config(h)
         n = cfg.token_dim
         if latent_norm == "official":
-            shift = _norm_array(reader, keys.VAE_LATENT_SHIFT, n, path)
-            scale = _norm_array(reader, keys.VAE_LATENT_SCALE, n, path)
+            shift = _norm_array(h, keys.VAE_LATENT_SHIFT, n)
+            scale = _norm_array(h, keys.VAE_LATENT_SCALE, n)
             if shift is None or scale is None:
                 if n != LATENT_SHIFT.shape[0]:
                     raise ModelError(f"no {keys.VAE_LATENT_SHIFT}/latent_scale and token dim {n} != 128", path=path)
                 shift, scale = LATENT_SHIFT.copy(), LATENT_SCALE.copy()
         else:
-            mean = _norm_array(reader, keys.VAE_BN_MEAN, n, path)
-            var = _norm_array(reader, keys.VAE_BN_VAR, n, path)
+            mean = _norm_array(h, keys.VAE_BN_MEAN, n)
+            var = _norm_array(h, keys.VAE_BN_VAR, n)
             if mean is None or var is None:
                 raise ModelError("latent_norm='checkpoint' but the file has no checkpoint BatchNorm statistics", path=path)
             if var.min() < 0:
@@ -334,11 +149,10 @@ class VAEDecoder:
             shift = mean
             scale = np.sqrt(var.astype(np.float64) + cfg.batch_norm_eps).astype(np.float32)
 
-        inv = check_inventory(reader, cfg, path)
-        stored = {t.name: t for t in reader.tensors}
+        inv = check_inventory(file, cfg)
         state = {}
-        for name in inv:
-            arr = np.asarray(stored[name].data).astype(np.float32)
+        for name, shape in inv.items():
+            arr = file.tensors[name].data.astype(np.float32).reshape(shape)
             if not np.isfinite(arr).all():
                 raise ModelError(f"{int(arr.size - np.isfinite(arr).sum())} non-finite values (NaN/Inf)", path=path, tensor=name)
             state[name] = torch.from_numpy(arr)

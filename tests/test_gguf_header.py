@@ -146,7 +146,7 @@ def test_demo_files_pass_and_match_gguf_py(name):
 
 
 def test_open_gguf_validates_first_and_keeps_the_header(tmp_path):
-    from gguf_dit.runtime.model_file import open_gguf
+    from gguf_dit.runtime.gguf_file import GGUFFile as open_gguf
 
     r = open_gguf(DEMO / "vae.gguf")
     assert r.header.get("general.architecture") == "flux2_vae"
