@@ -1,8 +1,8 @@
 """The Ideogram 4 DiT forward as one ggml graph, on whichever ggml backend is present.
 
-The graph builder mirrors the official module tree: ``layers.N.attention.qkv`` in the GGUF is
-``attention.qkv`` in :meth:`_block`, looked up by its official name; weight types come from the
-file. A graph is built once per (text length, grid) and reused every step; only the latents, the
+The graph builder mirrors the official module tree (diffusers' ``transformer_ideogram4.py``): one builder
+per module, so ``layers.N.feed_forward.w2`` is consumed in :meth:`_Modules.feed_forward`; weight types come
+from the file. A graph is built once per (text length, grid) and reused every step; only the latents, the
 text features and the timestep embedding are uploaded per call (RoPE tables once per shape).
 
 Spec: ../shared/docs/ideogram4-model.md §5-§10.
@@ -17,18 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_dit.arch.dit import HEAD_DIM, IMAGE_POSITION_OFFSET, MAX_TEXT_TOKENS, QK_NORM_EPS, Ideogram4Config
+from gguf_dit.arch.dit import IMAGE_POSITION_OFFSET, MAX_TEXT_TOKENS, QK_NORM_EPS, Ideogram4Config
 from gguf_dit.errors import InputError, ModelError
 from gguf_dit.ggml_ops import Backend, Builder, Context, GGMLType, Graph, Tensor, TensorStore, upload
 
-from .model_file import BackboneFile, all_finite
+from .gguf_file import all_finite
+from .model_file import BackboneFile
 
 log = logging.getLogger("gguf_dit.runtime")
-
-# Q8_0 token matmuls run on the direct quantized kernel by default: measured at DiT shapes on this
-# project's CPU it beat ggml_cast(W, F32) + F32 mul_mat by 1.39x per step (docs/benchmarks.md), the
-# opposite of the Intel AVX-512 micro-benchmark in gguf-and-ggml.md §8. "dequant" stays available
-# for exact (no 8-bit activation rounding) results.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +39,9 @@ class RuntimeOptions:
     #: K and V are multiplied by this before attention and the output divided by it (exact in real
     #: arithmetic). None: 1 on CPU, 1/128 elsewhere, where flash attention stores K/V in F16.
     kv_scale: float | None = None
-    #: "auto" (= "direct", the measured faster path), "direct" (quantized kernel) or "dequant"
-    #: (cast to F32 in the graph: exact activations, slower).
+    #: "auto" (= "direct"), "direct" (quantized kernel) or "dequant" (cast to F32 in the graph: exact
+    #: activations, slower). Direct beat the cast by 1.39x per step at DiT shapes on this project's CPU
+    #: (docs/benchmarks.md), the opposite of the Intel micro-benchmark in gguf-and-ggml.md §8.
     q8_0_matmul: str = "auto"
     #: Run the per-sample GEMVs (timestep MLP, adaLN) on F32-cast weights: exact activations, so
     #: the conditioning path gets no 8-bit activation rounding; costs a few ms per step.
@@ -61,19 +58,14 @@ class RuntimeOptions:
             raise InputError(f"kv_scale must be a positive number, got {self.kv_scale}")
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 def timestep_embedding(t: float, dim: int, rounding: str = "bf16") -> np.ndarray:
     """The official EmbedScalar sinusoid: u = 1e4·t, freq_k = exp(−k·ln(1e4)/(half−1)), [sin, cos].
 
     Computed with torch float32 ops in the reference's order, so the high-frequency phases
     (|u·freq| up to 1e4 rad, where one float32 ulp is ~1e-3 rad) match bit for bit.
     """
-    torch = _torch()
+    import torch
+
     tt = torch.tensor([float(t)], dtype=torch.float32)
     if rounding == "bf16":
         tt = tt.to(torch.bfloat16)
@@ -107,7 +99,8 @@ def rope_tables(pos: np.ndarray, cfg: Ideogram4Config) -> tuple[np.ndarray, np.n
     j ≡ 2 (mod 3) and j < 3·sections[2], the T axis otherwise; the 128 frequencies are duplicated
     [f, f] for rotate-half (NeoX) pairing of dims d and d + 128.
     """
-    torch = _torch()
+    import torch
+
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     p = torch.from_numpy(pos.T.astype(np.float32))  # (3, L)
@@ -125,12 +118,8 @@ class Ideogram4DiT:
     biases and the image-indicator embedding in F32."""
 
     def __init__(self, file: BackboneFile, backend: Backend, options: RuntimeOptions | None = None) -> None:
-        self.file = file
-        self.path = file.path
-        self.config = file.config
-        self.role = file.role
-        self.backend = backend
-        self.options = options or RuntimeOptions()
+        self.file, self.path, self.config, self.role = file, file.path, file.config, file.role
+        self.backend, self.options = backend, options or RuntimeOptions()
         for w in file.warnings:
             log.warning("%s: %s", self.path, w)
         # Linears stay in their stored type (mul_mat takes any); every other tensor is an F32 operand
@@ -200,113 +189,6 @@ class Ideogram4DiT:
         self.weights.close()
 
     # -- graph -------------------------------------------------------------------------
-    def _w(self, name: str) -> Tensor:
-        return self.weights[name]
-
-    def _cast_ok(self, b: Builder, w: Tensor) -> Tensor | None:
-        c = b.cast(w, GGMLType.F32)
-        return c if self.backend.supports(c) else None
-
-    def _linear(self, b: Builder, prefix: str, x: Tensor, *, per_sample: bool = False) -> Tensor:
-        w = self._w(prefix + ".weight")
-        wt = w
-        if w.type.is_quantized:
-            dequant = False
-            if per_sample and self.options.exact_conditioning:
-                dequant = True
-            elif w.type is GGMLType.Q8_0:
-                dequant = self.options.q8_0_matmul == "dequant"
-            if dequant:
-                wt = self._cast_ok(b, w) or w
-        y = b.mul_mat(wt, x, f32_acc=w.type in (GGMLType.F16, GGMLType.BF16))
-        bias = prefix + ".bias"
-        if bias in self.weights:
-            y = b.add(y, self._w(bias))
-        return y
-
-    def _rms(self, b: Builder, x: Tensor, weight: str, eps: float) -> Tensor:
-        return b.mul(b.rms_norm(x, eps), self._w(weight))
-
-    def _rope(self, b: Builder, x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-        # x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = swap_halves(x)·[−sin, sin].
-        hd, H, L = x.ne[0], x.ne[1], x.ne[2]
-        half = hd // 2
-        es = 4
-        lo = b.view(x, (half, H, L), (x.nb[1], x.nb[2]), 0)
-        hi = b.view(x, (half, H, L), (x.nb[1], x.nb[2]), half * es)
-        swapped = b.concat(hi, lo, 0)
-        return b.add(b.mul(x, cos), b.mul(swapped, sin_signed))
-
-    def _attention(self, b: Builder, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q, k, v ne=[hd, H, L] -> ne=[H·hd, L]."""
-        hd, H, L = q.ne[0], q.ne[1], q.ne[2]
-        scale = 1.0 / math.sqrt(hd)
-        s = self.options.kv_scale
-        if s is None:
-            s = 1.0 if self.backend.is_cpu else 1.0 / 128.0
-        if s != 1.0:
-            k = b.scale(k, s)
-            v = b.scale(v, s)
-        qp = b.permute(q, 0, 2, 1, 3)  # [hd, L, H]
-        kp = b.permute(k, 0, 2, 1, 3)
-        vp = b.permute(v, 0, 2, 1, 3)
-        out = None
-        if self.options.attention == "flash":
-            fa = b.flash_attn(qp, kp, vp, scale / s)  # [hd, H, L]
-            if self.backend.supports(fa):
-                out = b.reshape(fa, hd * H, L)
-        if out is None:
-            kq = b.soft_max(b.mul_mat(kp, qp), scale / s)  # [Lk, Lq, H]
-            vt = b.cont(b.permute(v, 1, 2, 0, 3))  # [L, hd, H]
-            o = b.mul_mat(vt, kq)  # [hd, Lq, H]
-            out = b.reshape(b.cont(b.permute(o, 0, 2, 1, 3)), hd * H, L)
-        if s != 1.0:
-            out = b.scale(out, 1.0 / s)
-        return out
-
-    def _block(self, b: Builder, n: int, h: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        cfg = self.config
-        D, hd, H = cfg.emb_dim, cfg.head_dim, cfg.num_heads
-        L = h.ne[1]
-        p = f"layers.{n}."
-        mod = self._linear(b, p + "adaln_modulation", c, per_sample=True)  # [4D, 1]: scale_msa|gate_msa|scale_mlp|gate_mlp
-        chunk = lambda i: b.view(mod, (D, 1), (mod.nb[1],), i * D * 4)  # noqa: E731
-        scale_msa, gate_msa = b.scale_bias(chunk(0), 1.0, 1.0), b.tanh(chunk(1))
-        scale_mlp, gate_mlp = b.scale_bias(chunk(2), 1.0, 1.0), b.tanh(chunk(3))
-
-        x = b.mul(self._rms(b, h, p + "attention_norm1.weight", cfg.norm_eps), scale_msa)
-        qkv = self._linear(b, p + "attention.qkv", x)  # [3D, L]: q rows, then k, then v
-        heads = lambda i: b.view(qkv, (hd, H, L), (hd * 4, qkv.nb[1]), i * D * 4)  # noqa: E731
-        q = self._rope(b, self._rms(b, heads(0), p + "attention.norm_q.weight", QK_NORM_EPS), cos, sin)
-        k = self._rope(b, self._rms(b, heads(1), p + "attention.norm_k.weight", QK_NORM_EPS), cos, sin)
-        v = heads(2)
-        attn = self._linear(b, p + "attention.o", self._attention(b, q, k, v))
-        h = b.add(h, b.mul(self._rms(b, attn, p + "attention_norm2.weight", cfg.norm_eps), gate_msa))
-
-        x = b.mul(self._rms(b, h, p + "ffn_norm1.weight", cfg.norm_eps), scale_mlp)
-        ff = b.swiglu(self._linear(b, p + "feed_forward.w1", x), self._linear(b, p + "feed_forward.w3", x))
-        ff = self._linear(b, p + "feed_forward.w2", ff)
-        return b.add(h, b.mul(self._rms(b, ff, p + "ffn_norm2.weight", cfg.norm_eps), gate_mlp))
-
-    def _build(self, b: Builder, inp: dict[str, Tensor], n_text: int) -> dict[str, Tensor]:
-        cfg = self.config
-        D = cfg.emb_dim
-        emb = self._w("embed_image_indicator.weight")  # ne [D, 2]: row 0 text/pad, row 1 image
-        h = b.add(self._linear(b, "input_proj", inp["x"]), b.view(emb, (D,), (), D * 4))
-        if n_text:
-            f = self._rms(b, inp["text"], "llm_cond_norm.weight", cfg.llm_cond_norm_eps)
-            ht = b.add(self._linear(b, "llm_cond_proj", f), b.view(emb, (D,), (), 0))
-            h = b.concat(ht, h, 1)
-        temb = self._linear(b, "t_embedding.mlp_out", b.silu(self._linear(b, "t_embedding.mlp_in", inp["temb"], per_sample=True)), per_sample=True)
-        c = b.silu(self._linear(b, "adaln_proj", temb, per_sample=True))  # modulation input of every block
-        for n in range(cfg.num_layers):
-            h = self._block(b, n, h, c, inp["cos"], inp["sin"])
-        scale = b.scale_bias(self._linear(b, "final_layer.adaln_modulation", b.silu(c), per_sample=True), 1.0, 1.0)
-        out = self._linear(b, "final_layer.linear", b.mul(b.norm(h, cfg.final_norm_eps), scale))  # [C, L]
-        n_img = inp["x"].ne[1]
-        img = b.cont(b.view(out, (cfg.in_channels, n_img), (out.nb[1],), n_text * out.nb[1]))
-        return {"v": img}
-
     def _graph(self, n_text: int, grid_h: int, grid_w: int) -> Graph:
         key = (n_text, grid_h, grid_w)
         if key in self._graphs:
@@ -322,10 +204,9 @@ class Ideogram4DiT:
         ]
         if n_text:
             inputs.append(("text", GGMLType.F32, (cfg.llm_features_dim, n_text)))
-        g = Graph(self.backend, inputs, lambda b, i: self._build(b, i, n_text), graph_size=512 + 160 * cfg.num_layers)
+        g = Graph(self.backend, inputs, lambda b, i: _Modules(self, b).transformer(i, n_text), graph_size=512 + 160 * cfg.num_layers)
         cos, sin = rope_tables(positions(n_text, grid_h, grid_w), cfg)
-        half = cfg.head_dim // 2
-        sin[:, :half] *= -1.0
+        sin[:, : cfg.head_dim // 2] *= -1.0  # rotate_half's sign, see _Modules.rope
         g.set("cos", cos)
         g.set("sin", sin)
         self._graphs[key] = g
@@ -382,6 +263,120 @@ class Ideogram4DiT:
         return g.get("v")
 
 
+class _Modules:
+    """One graph's builders, one per module of diffusers' ``transformer_ideogram4.py``; each consumes its own
+    tensors by their GGUF (= official) names. ``p`` is a block's path, ``layers.N``."""
+
+    def __init__(self, dit: Ideogram4DiT, b: Builder) -> None:
+        self.b, self.cfg, self.options, self.backend, self.weights = b, dit.config, dit.options, dit.backend, dit.weights
+
+    # -- leaves ------------------------------------------------------------------------
+    def linear(self, name: str, x: Tensor, *, per_sample: bool = False) -> Tensor:
+        """nn.Linear on any stored type. A quantized weight is cast to F32 in the graph (exact activations, no
+        8-bit rounding) for the per-sample conditioning GEMVs, or for Q8_0 when asked; never where the backend
+        cannot cast it."""
+        b, opts = self.b, self.options
+        w = wt = self.weights[name + ".weight"]
+        traits = w.type.traits
+        exact = (per_sample and opts.exact_conditioning) or (w.type is GGMLType.Q8_0 and opts.q8_0_matmul == "dequant")
+        if traits.quantized and exact:
+            cast = b.cast(w, GGMLType.F32)
+            wt = cast if self.backend.supports(cast) else w
+        y = b.mul_mat(wt, x, f32_acc=traits.f32_acc)
+        return b.add(y, self.weights[name + ".bias"]) if name + ".bias" in self.weights else y
+
+    def rms_norm(self, name: str, x: Tensor, eps: float) -> Tensor:
+        return self.b.mul(self.b.rms_norm(x, eps), self.weights[name + ".weight"])
+
+    def rope(self, x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+        # x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = swap_halves(x)·[−sin, sin].
+        b = self.b
+        half, H, L = x.ne[0] // 2, x.ne[1], x.ne[2]
+        lo = b.view(x, (half, H, L), (x.nb[1], x.nb[2]), 0)
+        hi = b.view(x, (half, H, L), (x.nb[1], x.nb[2]), half * 4)
+        return b.add(b.mul(x, cos), b.mul(b.concat(hi, lo, 0), sin_signed))
+
+    def sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Scaled dot-product attention, q, k, v ne=[hd, H, L] -> ne=[H·hd, L]."""
+        b = self.b
+        hd, H, L = q.ne[:3]
+        scale = 1.0 / math.sqrt(hd)
+        s = self.options.kv_scale
+        if s is None:
+            s = 1.0 if self.backend.is_cpu else 1.0 / 128.0
+        if s != 1.0:
+            k, v = b.scale(k, s), b.scale(v, s)
+        qp, kp, vp = (b.permute(t, 0, 2, 1, 3) for t in (q, k, v))  # [hd, L, H]
+        out = None
+        if self.options.attention == "flash":
+            fa = b.flash_attn(qp, kp, vp, scale / s)  # [hd, H, L]
+            if self.backend.supports(fa):
+                out = b.reshape(fa, hd * H, L)
+        if out is None:
+            kq = b.soft_max(b.mul_mat(kp, qp), scale / s)  # [Lk, Lq, H]
+            vt = b.cont(b.permute(v, 1, 2, 0, 3))  # [L, hd, H]
+            o = b.mul_mat(vt, kq)  # [hd, Lq, H]
+            out = b.reshape(b.cont(b.permute(o, 0, 2, 1, 3)), hd * H, L)
+        return b.scale(out, 1.0 / s) if s != 1.0 else out
+
+    # -- official modules --------------------------------------------------------------
+    def attention(self, p: str, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Ideogram4Attention: fused qkv, per-head RMSNorm on q and k, MRoPE, SDPA, o."""
+        b, cfg = self.b, self.cfg
+        D, hd, H, L = cfg.emb_dim, cfg.head_dim, cfg.num_heads, x.ne[1]
+        qkv = self.linear(f"{p}.attention.qkv", x)  # [3D, L]: q rows, then k, then v
+        heads = lambda i: b.view(qkv, (hd, H, L), (hd * 4, qkv.nb[1]), i * D * 4)  # noqa: E731
+        q = self.rope(self.rms_norm(f"{p}.attention.norm_q", heads(0), QK_NORM_EPS), cos, sin)
+        k = self.rope(self.rms_norm(f"{p}.attention.norm_k", heads(1), QK_NORM_EPS), cos, sin)
+        return self.linear(f"{p}.attention.o", self.sdpa(q, k, heads(2)))
+
+    def feed_forward(self, p: str, x: Tensor) -> Tensor:
+        """Ideogram4MLP (SwiGLU): w2(silu(w1 x) · w3 x)."""
+        gated = self.b.swiglu(self.linear(f"{p}.feed_forward.w1", x), self.linear(f"{p}.feed_forward.w3", x))
+        return self.linear(f"{p}.feed_forward.w2", gated)
+
+    def adaln_modulation(self, p: str, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The block's modulation, each [D, 1]: 1 + scale_msa, tanh(gate_msa), 1 + scale_mlp, tanh(gate_mlp)."""
+        b, D = self.b, self.cfg.emb_dim
+        mod = self.linear(f"{p}.adaln_modulation", c, per_sample=True)
+        chunk = lambda i: b.view(mod, (D, 1), (mod.nb[1],), i * D * 4)  # noqa: E731
+        return b.scale_bias(chunk(0), 1.0, 1.0), b.tanh(chunk(1)), b.scale_bias(chunk(2), 1.0, 1.0), b.tanh(chunk(3))
+
+    def block(self, p: str, h: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Ideogram4TransformerBlock: sandwich RMSNorms around attention and feed-forward, scaled and gated by c."""
+        b, cfg = self.b, self.cfg
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaln_modulation(p, c)
+        attn = self.attention(p, b.mul(self.rms_norm(f"{p}.attention_norm1", h, cfg.norm_eps), scale_msa), cos, sin)
+        h = b.add(h, b.mul(self.rms_norm(f"{p}.attention_norm2", attn, cfg.norm_eps), gate_msa))
+        ff = self.feed_forward(p, b.mul(self.rms_norm(f"{p}.ffn_norm1", h, cfg.norm_eps), scale_mlp))
+        return b.add(h, b.mul(self.rms_norm(f"{p}.ffn_norm2", ff, cfg.norm_eps), gate_mlp))
+
+    def t_embedding(self, sinusoid: Tensor) -> Tensor:
+        """Ideogram4EmbedScalar's MLP, on the sinusoid computed on the host (:func:`timestep_embedding`)."""
+        return self.linear("t_embedding.mlp_out", self.b.silu(self.linear("t_embedding.mlp_in", sinusoid, per_sample=True)), per_sample=True)
+
+    def final_layer(self, h: Tensor, c: Tensor) -> Tensor:
+        """Ideogram4FinalLayer: LayerNorm without affine, times 1 + adaln_modulation(silu(c)), then linear."""
+        b, cfg = self.b, self.cfg
+        scale = b.scale_bias(self.linear("final_layer.adaln_modulation", b.silu(c), per_sample=True), 1.0, 1.0)
+        return self.linear("final_layer.linear", b.mul(b.norm(h, cfg.final_norm_eps), scale))
+
+    def transformer(self, inp: dict[str, Tensor], n_text: int) -> dict[str, Tensor]:
+        """Ideogram4Transformer2DModel on [text tokens, image tokens]; the velocity of the image tokens."""
+        b, cfg = self.b, self.cfg
+        D = cfg.emb_dim
+        indicator = self.weights["embed_image_indicator.weight"]  # ne [D, 2]: row 0 text/pad, row 1 image
+        h = b.add(self.linear("input_proj", inp["x"]), b.view(indicator, (D,), (), D * 4))
+        if n_text:
+            text = self.linear("llm_cond_proj", self.rms_norm("llm_cond_norm", inp["text"], cfg.llm_cond_norm_eps))
+            h = b.concat(b.add(text, b.view(indicator, (D,), (), 0)), h, 1)
+        c = b.silu(self.linear("adaln_proj", self.t_embedding(inp["temb"]), per_sample=True))  # every block's modulation input
+        for n in range(cfg.num_layers):
+            h = self.block(f"layers.{n}", h, c, inp["cos"], inp["sin"])
+        out = self.final_layer(h, c)  # [C, L]
+        return {"v": b.cont(b.view(out, (cfg.in_channels, inp["x"].ne[1]), (out.nb[1],), n_text * out.nb[1]))}
+
+
 def check_pair(cond: Ideogram4DiT, uncond: Ideogram4DiT) -> None:
     """A CFG pair must share one architecture; roles, when recorded, must be cond and uncond."""
     if cond.config != uncond.config:
@@ -398,4 +393,4 @@ def check_pair(cond: Ideogram4DiT, uncond: Ideogram4DiT) -> None:
         raise ModelError("the two backbones live on different backends")
 
 
-__all__ = ["Ideogram4DiT", "RuntimeOptions", "check_pair", "positions", "rope_tables", "timestep_embedding", "HEAD_DIM"]
+__all__ = ["Ideogram4DiT", "RuntimeOptions", "check_pair", "positions", "rope_tables", "timestep_embedding"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -46,20 +46,17 @@ def sample(
     height: int,
     width: int,
     *,
-    preset: str | None = "default-20",
-    steps: int | None = None,
-    guidance: float | str | Sequence[float] | None = None,
-    mu: float | None = None,
-    std: float | None = None,
     settings: SamplerSettings | None = None,
     seed: int = 0,
     noise: np.ndarray | None = None,
     ts: np.ndarray | None = None,
     callback: Callable[[StepInfo, np.ndarray], None] | None = None,
+    **choice,
 ) -> np.ndarray:
     """Sample final latent tokens (1, N, 128) float32 for one prompt's text features.
 
-    ``settings`` (or preset + overrides) chooses steps, per-step guidance (run order), mu and std.
+    ``settings``, or else :func:`resolve_settings`'s keywords (preset, steps, guidance, mu, std; by default
+    the default-20 preset), chooses steps, per-step guidance (run order), mu and std.
     ``noise`` replaces the seeded initial noise; ``ts`` replaces the official timestep grid
     (run order, steps + 1 values), e.g. to reproduce another pipeline's schedule.
     """
@@ -68,7 +65,9 @@ def sample(
     n_tokens = grid[0] * grid[1]
     channels = cond.config.in_channels
     if settings is None:
-        settings = resolve_settings(preset, steps=steps, guidance=guidance, mu=mu, std=std)
+        settings = resolve_settings(**choice)
+    elif choice:
+        raise InputError(f"give either settings or {', '.join(choice)}, not both")
     if ts is None:
         ts = timesteps(settings.steps, height, width, settings.mu, settings.std)
     ts = np.asarray(ts, dtype=np.float32)

@@ -233,11 +233,14 @@ def step_grid(steps: int) -> np.ndarray:
     return u.astype(np.float32)
 
 
-def _t_of_u(u: np.ndarray, mean: float, std: float) -> np.ndarray:
-    # float64 warp for precision at the tails; ndtri(0) = -inf and ndtri(1) = +inf land on the clamps.
+def _t_of_u(u: np.ndarray, height: int, width: int, mu: float, std: float) -> np.ndarray:
+    """The clamped logit-normal warp, float64 for precision at the tails (each caller rounds it its own way);
+    ndtri(0) = -inf and ndtri(1) = +inf land on the clamps."""
+    _check_mu_std(mu, std)
+    mean = resolution_mean(mu, height, width)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        t = 1.0 - expit(mean + std * ndtri(u.astype(np.float64)))
-    return np.clip(t, T_MIN, T_MAX).astype(np.float32)
+        t = 1.0 - expit(mean + std * ndtri(np.asarray(u, dtype=np.float64)))
+    return np.clip(t, T_MIN, T_MAX)
 
 
 def timesteps(steps: int, height: int, width: int, mu: float, std: float) -> np.ndarray:
@@ -246,10 +249,7 @@ def timesteps(steps: int, height: int, width: int, mu: float, std: float) -> np.
     The official loop runs i = n−1 … 0 with t = sched(u[i+1]), s = sched(u[i]); sched decreases in u,
     so run step k = n−1−i goes sched(u[n−k]) → sched(u[n−k−1]), i.e. ts = sched(u)[::-1].
     """
-    n = _check_steps(steps)
-    _check_mu_std(mu, std)
-    mean = resolution_mean(mu, height, width)
-    return np.ascontiguousarray(_t_of_u(step_grid(n), mean, std)[::-1])
+    return np.ascontiguousarray(_t_of_u(step_grid(steps), height, width, mu, std).astype(np.float32)[::-1])
 
 
 def euler_step(
@@ -291,13 +291,7 @@ def diffusers_timesteps(steps: int, height: int, width: int, mu: float, std: flo
     the last step lands on t = 1 instead of T_MAX. Used by ``gguf-dit run --reference diffusers`` to
     reproduce that pipeline; the official loop is :func:`timesteps`.
     """
-    steps = _check_steps(steps)
-    _check_mu_std(mu, std)
-    mean = resolution_mean(mu, height, width)
-    u = np.linspace(0.0, 1.0, steps + 1, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        t = 1.0 - expit(mean + std * ndtri(u))
-    t = np.clip(t, T_MIN, T_MAX)
-    sigmas = (1.0 - t)[::-1][:-1].astype(np.float32)
+    u = np.linspace(0.0, 1.0, _check_steps(steps) + 1, dtype=np.float64)
+    sigmas = (1.0 - _t_of_u(u, height, width, mu, std))[::-1][:-1].astype(np.float32)
     sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
     return (np.float32(1.0) - sigmas).astype(np.float32)

@@ -89,7 +89,7 @@ MUTATIONS = [
     _m("llm_cond_norm_eps", "gguf_dit.runtime.dit", "llm_cond_norm eps 1e-6 -> 1e-5", DIT_TESTS,
        ("cfg.llm_cond_norm_eps)", "cfg.llm_cond_norm_eps * 10)", 1)),
     _m("drop_attention_norm2_weight", "gguf_dit.runtime.dit", "attention_norm2 weight not multiplied", DIT_TESTS,
-       ('self._rms(b, attn, p + "attention_norm2.weight", cfg.norm_eps)', "b.rms_norm(attn, cfg.norm_eps)", 1)),
+       ('self.rms_norm(f"{p}.attention_norm2", attn, cfg.norm_eps)', "self.b.rms_norm(attn, cfg.norm_eps)", 1)),
     _m("rope_axes_swapped", "gguf_dit.runtime.dit", "RoPE H and W axes swapped in rope_tables", DIT_TESTS,
        ("for axis, offset in ((1, 1), (2, 2)):", "for axis, offset in ((2, 1), (1, 2)):", 1)),
     _m("t_not_rounded", "gguf_dit.runtime.dit", "official bf16 rounding of t skipped", DIT_TESTS,
