@@ -113,12 +113,12 @@ def child_write(report: str, root: str, layers: int) -> int:
 
 def child_baseline(report: str, root: str) -> int:
     """Imports and an opened checkpoint, nothing converted: the floor under every conversion."""
-    import safetensors  # noqa: F401
-    import torch  # noqa: F401
+    import importlib
 
-    import gguf_dit.cli  # noqa: F401
-    from gguf_dit.converter import convert  # noqa: F401
     from gguf_dit.converter.source import open_checkpoint
+
+    for m in ("safetensors", "torch", "gguf_dit.cli", "gguf_dit.converter.convert"):
+        importlib.import_module(m)
 
     bbs = open_checkpoint(root, "cond")
     _child_report(report, {"rc": 0, "tensors": len(bbs[0].tensors)})

@@ -31,21 +31,6 @@ def _rss_mib() -> float:
     raise SystemExit("no VmHWM in /proc/self/status (Linux only)")
 
 
-def _config(a) -> dict:
-    return {
-        "in_channels": 128,
-        "num_layers": a.layers,
-        "attention_head_dim": 256,
-        "num_attention_heads": a.heads,
-        "intermediate_size": a.intermediate,
-        "adaln_dim": 512,
-        "llm_features_dim": a.text_dim,
-        "rope_theta": 5_000_000,
-        "mrope_section": (24, 20, 20),
-        "norm_eps": 1e-5,
-    }
-
-
 def _inputs(a):
     import numpy as np
 
@@ -153,13 +138,19 @@ def main() -> None:
         import torch
         from diffusers import Ideogram4Transformer2DModel
 
-        for i, sub in enumerate(("transformer", "unconditional_transformer")):
+        from gguf_dit.arch.dit import BACKBONE_DIRS, HEAD_DIM, Ideogram4Config
+        from gguf_dit.converter.tiny import dit_config, save_folder
+
+        # diffusers layout in float32, which the diffusers worker loads as it is
+        config = dit_config(Ideogram4Config(emb_dim=a.heads * HEAD_DIM, num_layers=a.layers, num_heads=a.heads, intermediate_size=a.intermediate,
+                                            adaln_dim=512, llm_features_dim=a.text_dim))
+        for i, sub in enumerate(BACKBONE_DIRS):
             torch.manual_seed(i)
-            m = Ideogram4Transformer2DModel(**_config(a))
+            m = Ideogram4Transformer2DModel.from_config(config)
             with torch.no_grad():
                 for n, prm in m.named_parameters():  # default init leaves many zeros; fill all
                     prm.copy_(torch.randn_like(prm) * (prm.shape[-1] ** -0.5 if prm.ndim == 2 else 0.1) + (1.0 if "norm" in n else 0.0))
-            m.save_pretrained(a.ckpt / sub)
+            save_folder(a.ckpt / sub, m.state_dict(), config)
     ggufs = {}
     for r in a.recipes.split(","):
         out = work / f"gguf-{r}"

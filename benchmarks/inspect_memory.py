@@ -18,6 +18,7 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,9 @@ CASES = {
 
 
 def main() -> None:
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/gguf-dit-inspect-bench.gguf")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("file", nargs="?", type=Path, default=Path("/tmp/gguf-dit-inspect-bench.gguf"), help="the backbone GGUF (written once if missing)")
+    path = ap.parse_args().file
     if not path.exists():
         write(path)
     print(f"{path}: {path.stat().st_size / 2**20:.0f} MiB")

@@ -4,18 +4,16 @@
     python scripts/evaluate_demo.py /tmp/demo_f32 --combos train --save grid.png
 
 Generates one 64×64 image per (combination, seed) from its plain-text prompt through the real pipeline and
-reads colour, position and shape back with ``demo_data.analyse``.
+reads colour, position and shape back with ``gguf_dit.demo.score.analyse``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import demo_data as D  # noqa: E402
+from gguf_dit.demo import data as D, score as S
 
 
 def main(argv=None) -> None:
@@ -33,7 +31,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     for i, g in enumerate(a.guidance):
         t0 = time.time()
-        r = D.evaluate(a.model, combos, seeds=tuple(a.seeds), guidance=None if g == "preset" else g, preset=a.preset,
+        r = S.evaluate(a.model, combos, seeds=tuple(a.seeds), guidance=None if g == "preset" else g, preset=a.preset,
                        save=a.save if i == 0 else None)
         print(f"| {g} | {r['colour']:.0%} | {r['position']:.0%} | {r['shape']:.0%} | {r['all_attributes']:.1%} | {r['n']} | {time.time() - t0:.0f} |")
         wrong = [(D.plain_caption(*k), {x: res.get(x) for x in ("colour", "position", "shape")}) for k, res in r["results"]

@@ -29,7 +29,6 @@ Deterministic: fixed seeds, ``torch.use_deterministic_algorithms``, single proce
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -39,8 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import demo_data as D  # noqa: E402
+from gguf_dit.demo import data as D
 
 DIT_CONFIG = dict(
     in_channels=128, num_layers=3, attention_head_dim=256, num_attention_heads=1, intermediate_size=512,
@@ -98,6 +96,7 @@ def stage_vae(root: Path, work: Path, steps: int, seed: int, per_combo: int = 24
     from diffusers import AutoencoderKLFlux2
 
     from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
+    from gguf_dit.converter.tiny import latent_bn
 
     path = work / "vae.pt"
     torch.manual_seed(seed)
@@ -143,8 +142,8 @@ def stage_vae(root: Path, work: Path, steps: int, seed: int, per_combo: int = 24
         pw, pb = vae.post_quant_conv.weight, vae.post_quant_conv.bias
         pb -= (pw[:, :, 0, 0] * (b / a)[None]).sum(1)
         pw /= a[None, :, None, None]
-        vae.bn.running_mean.copy_(torch.from_numpy(LATENT_SHIFT.copy()))
-        vae.bn.running_var.copy_(torch.from_numpy((LATENT_SCALE.astype(np.float64) ** 2 - 1e-4).astype(np.float32)))
+        for k, v in latent_bn(VAE_CONFIG["batch_norm_eps"]).items():
+            vae.get_buffer(k).copy_(v)
         rec = vae.decode(vae.encode(x_all[:256]).latent_dist.mean).sample
         log(f"vae reconstruction mse {F.mse_loss(rec, x_all[:256]).item():.5f} (after fold)")
     torch.save(vae.state_dict(), path)
@@ -345,40 +344,19 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
 
 
 # -- 4. save ------------------------------------------------------------------------------------
-def diffusers_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fuse attention.to_q/to_k/to_v -> attention.qkv (rows) and to_out.0 -> o, as the official checkpoint stores them."""
-    import re
-
-    out = {}
-    for k, v in sd.items():
-        m = re.match(r"^(.*)\.(to_q|to_k|to_v|to_out\.0)\.weight$", k)
-        if m is None:
-            out[k] = v
-        elif m.group(2) == "to_q":
-            out[f"{m.group(1)}.qkv.weight"] = torch.cat([sd[f"{m.group(1)}.{x}.weight"] for x in ("to_q", "to_k", "to_v")], 0)
-        elif m.group(2) == "to_out.0":
-            out[f"{m.group(1)}.o.weight"] = v
-    return out
-
-
 def save(root: Path, vae, cond, unc) -> None:
-    from safetensors.torch import save_file
+    """The official layout (fused attention names), through the same writer as ``gguf-dit tiny-checkpoint``."""
+    from gguf_dit.converter.tiny import DIT_CLASS, VAE_CLASS, official_names, save_folder
 
-    for sub, model in (("transformer", cond), ("unconditional_transformer", unc)):
-        d = root / sub
+    def fresh(d: Path, sd: dict, config: dict) -> None:
         d.mkdir(parents=True, exist_ok=True)
         for f in d.iterdir():
             f.unlink()
-        sd = diffusers_to_official({k: v.detach().float().contiguous() for k, v in model.state_dict().items()})
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        (d / "config.json").write_text(json.dumps({"_class_name": "Ideogram4Transformer2DModel", **DIT_CONFIG}, indent=2) + "\n")
-    d = root / "vae"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in d.iterdir():
-        f.unlink()
-    sd = {k: v.detach().float().contiguous() for k, v in vae.state_dict().items() if not k.endswith("num_batches_tracked")}
-    save_file(sd, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    (d / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLFlux2", **VAE_CONFIG}, indent=2) + "\n")
+        save_folder(d, {k: v.detach().float() for k, v in sd.items() if not k.endswith("num_batches_tracked")}, config)
+
+    for sub, model in (("transformer", cond), ("unconditional_transformer", unc)):
+        fresh(root / sub, official_names(model.state_dict()), {"_class_name": DIT_CLASS, **DIT_CONFIG})
+    fresh(root / "vae", vae.state_dict(), {"_class_name": VAE_CLASS, **VAE_CONFIG})
     log(f"checkpoint written to {root}")
 
 

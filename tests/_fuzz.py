@@ -937,12 +937,14 @@ def snapshot(d: Path) -> dict[str, str]:
 def worker_main(fd: int) -> None:
     import ctypes
     import gc
+    import importlib
     import logging
     import traceback
 
     from gguf_dit.cli import app
-    from gguf_dit.converter import convert  # noqa: F401 - imported here so that no case's timeout pays for it
-    from gguf_dit.runtime import pipeline, text_encoder, vae  # noqa: F401
+    # imported here so that no case's timeout pays for it
+    for m in ("converter.convert", "runtime.pipeline", "runtime.text_encoder", "runtime.vae"):
+        importlib.import_module("gguf_dit." + m)
 
     libc = ctypes.CDLL(None)
     own: list[str] = []

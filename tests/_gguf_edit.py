@@ -171,6 +171,18 @@ class GGUFFile:
         raise KeyError(name)
 
 
+def write_sdcpp_style(src: str | Path, dst: str | Path, drop: str | None = None, extra: str | None = None) -> Path:
+    """``src``'s tensors in a file with no KV metadata at all, as stable-diffusion.cpp writes; ``drop`` leaves one
+    tensor out, ``extra`` adds a 4-float one."""
+    f = GGUFFile.from_file(src)
+    f.kvs = []
+    if drop:
+        f.drop_tensor(drop)
+    if extra:
+        f.tensors.append(Tensor(extra, (4,), int(T.F32), bytes(16)))
+    return f.write(dst)
+
+
 def patch(data: bytes, offset: int, fmt: str, *values) -> bytes:
     b = bytearray(data)
     struct.pack_into(fmt, b, offset, *values)

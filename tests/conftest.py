@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random Ideogram 4 checkpoints (built with diffusers) and a CLI runner."""
+"""Shared fixtures: tiny random checkpoints (the oracle's, built with diffusers; the product's tiny-checkpoint) and a
+CLI runner. Plain helper functions live in ``_helpers.py``."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _checkpoints import make_checkpoint, official_state_dict  # noqa: E402
+from _helpers import make_checkpoint, official_state_dict  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +31,28 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Full checkpoints as ``gguf-dit tiny-checkpoint`` writes them (converter/tiny.py), one per DiT format (``fp8``:
+    the official FP8, else BF16), each built once per session. Shared: use ``tiny_copy`` to change one."""
+    cache: dict = {}
+
+    def get(fp8: bool = True) -> Path:
+        if fp8 not in cache:
+            from gguf_dit.converter.tiny import write_tiny_checkpoint
+
+            cache[fp8] = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ck", fp8=fp8)
+        return cache[fp8]
+
+    return get
+
+
+@pytest.fixture
+def tiny_copy(tiny_checkpoints, tmp_path):
+    """``tiny_copy(name, fp8=True)``: a private copy of a full tiny checkpoint at ``tmp_path / name``."""
+    return lambda name, fp8=True: Path(shutil.copytree(tiny_checkpoints(fp8), tmp_path / name))
+
+
+@pytest.fixture(scope="session")
 def f32_gguf(tmp_path_factory, checkpoints):
     """The f32 checkpoint converted with the f32 recipe: (folder with both backbone GGUFs, diffusers models)."""
     from typer.testing import CliRunner
@@ -40,6 +64,19 @@ def f32_gguf(tmp_path_factory, checkpoints):
     r = CliRunner().invoke(app, ["convert", str(root), "-o", str(out), "--recipe", "f32", "-q"])
     assert r.exit_code == 0, r.stderr
     return out, models
+
+
+@pytest.fixture
+def forbid(monkeypatch):
+    """``forbid(target, name, why)``: calling ``target.name`` during the test fails it with ``why``."""
+
+    def patch(target, name: str, why: str) -> None:
+        def boom(*a, **k):
+            raise AssertionError(why)
+
+        monkeypatch.setattr(target, name, boom)
+
+    return patch
 
 
 @pytest.fixture
@@ -55,8 +92,3 @@ def cli():
 
     return run
 
-
-def backend_names():
-    from gguf_dit import ggml_ops
-
-    return ggml_ops.available()

@@ -1,14 +1,13 @@
-"""Quick checks of the tiny-checkpoint builder in tests/_checkpoints.py."""
+"""Quick checks of the tiny DiT checkpoints in tests/_helpers.py (and of converter/tiny.py's FP8 format they use)."""
 
 import json
 
 import pytest
 import torch
+from diffusers.utils.constants import SAFE_WEIGHTS_INDEX_NAME as DIFFUSERS_INDEX, SAFETENSORS_WEIGHTS_NAME as DIFFUSERS_WEIGHTS
 
-from _checkpoints import (
+from _helpers import (
     BACKBONES,
-    DIFFUSERS_INDEX,
-    DIFFUSERS_WEIGHTS,
     TINY_CONFIG,
     dequantized_official,
     diffusers_state_dict,
@@ -18,8 +17,8 @@ from _checkpoints import (
     make_model,
     official_state_dict,
     official_to_diffusers,
-    to_fp8,
 )
+from gguf_dit.converter.tiny import official_fp8 as to_fp8
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _gguf_edit import write_sdcpp_style
 from gguf_dit.arch.dit import tensor_inventory
 from gguf_dit.runtime.model_file import BackboneFile
 
@@ -283,28 +284,11 @@ def test_inspect_agrees_with_the_file(cli, checkpoints, tmp_path):
     assert code == 0 and "Q4_K" in text and "uncond" in text
 
 
-def _write_sdcpp_style(src_gguf, dst, drop=None, extra=None):
-    """Copy our GGUF's tensors into a file with no KV metadata at all, as stable-diffusion.cpp writes."""
-    r = gguf.GGUFReader(str(src_gguf))
-    w = gguf.GGUFWriter(str(dst), "ideogram4")
-    w.kv_data[0].pop("general.architecture")
-    for t in r.tensors:
-        if t.name == drop:
-            continue
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    if extra:
-        w.add_tensor(extra, np.zeros(4, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_inspect_reads_sdcpp_style_files_without_metadata(cli, checkpoints, tmp_path):
     root, _, _ = checkpoints("f32")
     _convert(cli, root, tmp_path, "--recipe", "q8_0", "--role", "cond")
     plain = tmp_path / "sdcpp.gguf"
-    _write_sdcpp_style(tmp_path / "transformer.gguf", plain)
+    write_sdcpp_style(tmp_path / "transformer.gguf", plain)
     assert "general.architecture" not in gguf.GGUFReader(str(plain)).fields
     code, out, err = cli("inspect", plain, "--json")
     assert code == 0, err
@@ -318,7 +302,7 @@ def test_inspect_warns_about_missing_and_unexpected_tensors(cli, checkpoints, tm
     root, _, _ = checkpoints("f32")
     _convert(cli, root, tmp_path, "--recipe", "f32", "--role", "cond")
     odd = tmp_path / "odd.gguf"
-    _write_sdcpp_style(tmp_path / "transformer.gguf", odd, drop="layers.1.ffn_norm2.weight", extra="lora_extra.weight")
+    write_sdcpp_style(tmp_path / "transformer.gguf", odd, drop="layers.1.ffn_norm2.weight", extra="lora_extra.weight")
     code, out, _ = cli("inspect", odd, "--json")
     rep = json.loads(out)
     assert "missing tensor layers.1.ffn_norm2.weight" in rep["warnings"]

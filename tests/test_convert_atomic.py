@@ -23,30 +23,21 @@ NAMES = ["text_encoder.gguf", "transformer.gguf", "unconditional_transformer.ggu
 
 
 @pytest.fixture(scope="module")
-def full_ck(tmp_path_factory):
-    from gguf_dit.converter.tiny import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("atomic") / "ck")
-
-
-@pytest.fixture(scope="module")
-def old_set(full_ck, tmp_path_factory):
+def old_set(tiny_checkpoints, tmp_path_factory):
     """A finished f16 conversion: the 'old state' that failing --force reruns must leave intact."""
     from typer.testing import CliRunner
 
     from gguf_dit.cli import app
 
     out = tmp_path_factory.mktemp("old") / "out"
-    r = CliRunner().invoke(app, ["convert", str(full_ck), "-o", str(out), "-q", "--recipe", "f16"])
+    r = CliRunner().invoke(app, ["convert", str(tiny_checkpoints()), "-o", str(out), "-q", "--recipe", "f16"])
     assert r.exit_code == 0, r.stderr
     return out
 
 
 @pytest.fixture
-def ck(full_ck, tmp_path):
-    dst = tmp_path / "ck"
-    shutil.copytree(full_ck, dst)
-    return dst
+def ck(tiny_copy):
+    return tiny_copy("ck")
 
 
 @pytest.fixture
@@ -128,11 +119,11 @@ def test_ctrl_c_in_any_part_leaves_the_old_set(cli, ck, out, monkeypatch, where)
     from gguf_dit.converter import vae
 
     if where == "dit":
-        monkeypatch.setattr(conv, "_encode", _interrupt_on_call(60, conv._encode))  # in the second backbone (42 tensors each)
+        monkeypatch.setattr(conv, "encode_rows", _interrupt_on_call(60, conv.encode_rows))  # in the second backbone (42 tensors each)
     elif where == "text_encoder":
-        monkeypatch.setattr(te, "_encode", _interrupt_on_call(200, te._encode))
+        monkeypatch.setattr(te, "encode_rows", _interrupt_on_call(200, te.encode_rows))
     else:
-        monkeypatch.setattr(vae._Weights, "get", _interrupt_on_call(50, vae._Weights.get))
+        monkeypatch.setattr(vae, "encode_rows", _interrupt_on_call(50, vae.encode_rows))
     before = snapshot(out)
     code, _, err = cli("convert", ck, "-o", out, "-q", "--recipe", "q8_0", "--force")
     assert code == 130 and "interrupted" in err, err
@@ -142,7 +133,7 @@ def test_ctrl_c_in_any_part_leaves_the_old_set(cli, ck, out, monkeypatch, where)
 def test_ctrl_c_into_a_new_folder_leaves_no_folder(cli, ck, tmp_path, monkeypatch):
     from gguf_dit.converter import text_encoder as te
 
-    monkeypatch.setattr(te, "_encode", _interrupt_on_call(5, te._encode))
+    monkeypatch.setattr(te, "encode_rows", _interrupt_on_call(5, te.encode_rows))
     code, _, err = cli("convert", ck, "-o", tmp_path / "fresh", "-q")
     assert code == 130 and "interrupted" in err, err
     assert not (tmp_path / "fresh").exists()
@@ -319,14 +310,11 @@ def test_a_kill_at_any_point_of_the_commit_leaves_one_whole_set(tmp_path, monkey
 
 
 @pytest.fixture
-def no_work(monkeypatch):
+def no_work(forbid):
     """Fail the test if a single tensor gets converted."""
     from gguf_dit.converter import convert as conv
 
-    def boom(*a, **k):
-        raise AssertionError("conversion started before the output location was refused")
-
-    monkeypatch.setattr(conv, "write_backbone", boom)
+    forbid(conv, "write_backbone", "conversion started before the output location was refused")
 
 
 def test_output_path_that_is_a_file(cli, ck, tmp_path, no_work):
@@ -397,8 +385,7 @@ def test_disk_full_while_writing(cli, ck, out, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(writer, *a, **k)
 
-    for mod in ("convert", "text_encoder"):
-        monkeypatch.setattr(f"gguf_dit.converter.{mod}.stream_tensor", full)
+    monkeypatch.setattr(gguf_out, "stream_tensor", full)
     before = snapshot(out)
     code, _, err = cli("convert", ck, "-o", out, "-q", "--force")
     one_line_error(code, err, "No space left on device", str(out))

@@ -153,7 +153,7 @@ def test_interrupted_write_leaves_no_partial_or_overwritten_file(cli, ck, tmp_pa
     assert code == 0, err
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = {"n": 0}
-    real = conv._encode
+    real = conv.encode_rows
 
     def interrupt_midway(*a, **k):
         calls["n"] += 1
@@ -161,7 +161,7 @@ def test_interrupted_write_leaves_no_partial_or_overwritten_file(cli, ck, tmp_pa
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(conv, "_encode", interrupt_midway)
+    monkeypatch.setattr(conv, "encode_rows", interrupt_midway)
     code, _, err = cli("convert", ck, "-o", out, "-q", "--recipe", "q8_0", "--force")
     assert code == 130 and "interrupted" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old files intact, no temp file
@@ -185,19 +185,10 @@ def test_not_an_ideogram_checkpoint(cli, tmp_path):
 # -- hostile inputs (issue 10 §3): one line naming the file and key or tensor, exit 2, nothing left behind -----
 
 
-@pytest.fixture(scope="module")
-def _full(tmp_path_factory):
-    from gguf_dit.converter.tiny import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("hostile") / "ck", fp8=False)
-
-
 @pytest.fixture
-def full(_full, tmp_path):
-    """A private copy of the full tiny checkpoint (DiTs, text encoder + tokenizer, VAE)."""
-    dst = tmp_path / "full"
-    shutil.copytree(_full, dst)
-    return dst
+def full(tiny_copy):
+    """A private copy of the full tiny checkpoint (BF16 DiTs, text encoder + tokenizer, VAE)."""
+    return tiny_copy("full", fp8=False)
 
 
 @pytest.fixture
@@ -389,7 +380,7 @@ def test_block_index_far_beyond_the_block_count(cli, full, tmp_path):
     """layers.99999999999.* must be one line at once, not a range of 1e11 indices."""
     name = "layers.99999999999.ffn_norm2.weight"
     _edit(full / "transformer" / WEIGHTS, lambda sd: sd.__setitem__(name, sd.pop("layers.1.ffn_norm2.weight")))
-    _refused(cli, full, tmp_path, str(full / "transformer" / WEIGHTS), name, "not numbered 0..N-1")
+    _refused(cli, full, tmp_path, str(full / "transformer" / WEIGHTS), "up to 99999999999", "not contiguous")
 
 
 def test_text_encoder_layer_index_far_beyond_the_layer_count(cli, full, tmp_path):

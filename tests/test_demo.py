@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gguf_dit.demo import data as D, score as S
+from gguf_dit.runtime.demo import DEMO_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import demo_data as D  # noqa: E402
-
-from gguf_dit.runtime.demo import DEMO_DIR  # noqa: E402
 
 # Held out, seeds 0 and 1 (30 images), measured on the shipped files (docs/demo.md):
 MIN_ACCURACY = 0.90  # issue 5's bar, with the default-20 preset; measured 0.933
@@ -40,14 +38,14 @@ def test_held_out_combinations_are_not_trained():
 
 def test_analysis_reads_the_renders():
     imgs, idx = D.make_images(D.COMBOS, 2, seed=123)
-    acc = D.score([(D.COMBOS[i], D.analyse(im)) for i, im in zip(idx, imgs)])
+    acc = S.score([(D.COMBOS[i], S.analyse(im)) for i, im in zip(idx, imgs)])
     assert acc["all_attributes"] >= 0.99, acc
 
 
 def test_analysis_cannot_be_passed_by_ignoring_the_prompt():
     """One fixed picture for every held-out prompt scores far below the bar."""
     img = D.render("circle", "red", "centre")
-    acc = D.score([(k, D.analyse(img)) for k in D.HELD_OUT])
+    acc = S.score([(k, S.analyse(img)) for k in D.HELD_OUT])
     assert acc["all_attributes"] < 0.5, acc
 
 
@@ -67,12 +65,12 @@ def test_shipped_files_are_small_and_show_the_quantization_recipes():
 
 @pytest.fixture(scope="module")
 def default_preset():
-    return D.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1))
+    return S.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1))
 
 
 @pytest.fixture(scope="module")
 def unguided():
-    return D.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1), guidance=1.0)
+    return S.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1), guidance=1.0)
 
 
 def _every_value_drawn_right(r) -> None:
@@ -109,7 +107,7 @@ def test_unconditional_backbone_ignores_the_prompt():
     """The other half of CFG: guidance 0 samples the image-only backbone alone, which was never shown a
     caption, so its pictures cannot follow the held-out prompts (it still draws shapes: the analysis finds an
     object in most of them)."""
-    r = D.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1), guidance=0.0)
+    r = S.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1), guidance=0.0)
     assert r["all_attributes"] < 0.6, {k: r[k] for k in ("colour", "position", "shape", "all_attributes")}
     assert sum("fill" in res for _, res in r["results"]) >= 0.8 * r["n"]
 
@@ -126,7 +124,7 @@ def test_run_without_model_uses_the_demo_and_says_so(cli, tmp_path):
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape == (D.SIZE, D.SIZE, 3)
     words = (ROOT / "examples" / "demo.txt").read_text().strip()
-    got = D.analyse(img)
+    got = S.analyse(img)
     assert D.plain_caption(got["shape"], got["colour"], got["position"]) == words, got
 
 

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from _checkpoints import TINY_CONFIG, make_model, official_to_diffusers
-from conftest import backend_names
+from _helpers import TINY_CONFIG, backend_names, make_model, official_to_diffusers, reference_velocity, rel_err
 from gguf_dit.errors import GgufDitError, InputError, ModelError
 from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions, check_pair
 from gguf_dit.runtime.model_file import BackboneFile
@@ -34,37 +33,6 @@ F32_TOL = 3e-6
 #: rounding and the quantized dot products are CPU-kernel dependent (AVX2 / AVX-512 VNNI / AMX tiles), hence more
 #: margin than for F32.
 QUANT_EXCESS = 1.5
-
-
-def reference_velocity(model, x: np.ndarray, t: float, feats: np.ndarray | None, grid) -> np.ndarray:
-    """diffusers forward on the packed sequence diffusers' own pipeline builds (``Ideogram4Pipeline._prepare_ids``:
-    text tokens first, then the image grid at its IMAGE_POSITION_OFFSET), so positions come from the oracle."""
-    from diffusers import Ideogram4Pipeline
-
-    gh, gw = grid
-    n_img = gh * gw
-    n_text = 0 if feats is None else feats.shape[0]
-    L = n_text + n_img
-    pos, seg, ind = Ideogram4Pipeline._prepare_ids([n_text], gh, gw, n_text, torch.device("cpu"))
-    hs = torch.zeros(1, L, 128)
-    hs[0, n_text:] = torch.from_numpy(x)
-    enc = torch.zeros(1, L, model.config.llm_features_dim)
-    if n_text:
-        enc[0, :n_text] = torch.from_numpy(feats)
-    with torch.no_grad():
-        out = model(
-            hidden_states=hs,
-            timestep=torch.tensor([t], dtype=torch.float32),
-            encoder_hidden_states=enc,
-            position_ids=pos,
-            segment_ids=seg,
-            indicator=ind,
-        ).sample
-    return out[0, n_text:].numpy()
-
-
-def rel_err(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def inputs(grid, n_text, seed=0):
@@ -224,11 +192,11 @@ def test_constant_text_features_are_uploaded_once_per_graph(f32_files, monkeypat
 
 
 def test_sdcpp_style_file_without_metadata_computes_the_same(f32_files, tmp_path):
-    from test_convert import _write_sdcpp_style
+    from _gguf_edit import write_sdcpp_style
 
     out, _ = f32_files
     plain = tmp_path / "plain.gguf"
-    _write_sdcpp_style(out / "transformer.gguf", plain)
+    write_sdcpp_style(out / "transformer.gguf", plain)
     a = Ideogram4DiT.load(out / "transformer.gguf", "cpu", options=EXACT)
     b = Ideogram4DiT.load(plain, "cpu", options=EXACT)
     assert b.role is None and b.config == a.config
@@ -353,17 +321,17 @@ def test_not_an_ideogram_backbone_is_refused(tmp_path):
 
 
 def test_incomplete_backbone_is_refused(f32_files, tmp_path):
-    from test_convert import _write_sdcpp_style
+    from _gguf_edit import write_sdcpp_style
 
     out, _ = f32_files
     broken = tmp_path / "broken.gguf"
-    _write_sdcpp_style(out / "transformer.gguf", broken, drop="layers.1.attention.norm_k.weight")
+    write_sdcpp_style(out / "transformer.gguf", broken, drop="layers.1.attention.norm_k.weight")
     with pytest.raises(ModelError, match="layers.1.attention.norm_k.weight"):
         Ideogram4DiT.load(broken, "cpu")
 
 
 def test_cond_uncond_pair_with_different_configs_is_refused(f32_files, tmp_path):
-    from _checkpoints import make_checkpoint
+    from _helpers import make_checkpoint
     from typer.testing import CliRunner
 
     from gguf_dit.cli import app

@@ -13,7 +13,7 @@ import pytest
 from gguf_dit import ggml_ops as g
 from gguf_dit.errors import GGMLError
 
-from conftest import backend_names
+from _helpers import backend_names
 
 
 def test_import_checks_the_pinned_ggml_version():

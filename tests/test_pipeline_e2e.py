@@ -11,9 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _checkpoints import make_checkpoint
-from _text_encoder_fixture import make_text_encoder_checkpoint
-from test_vae import make_tiny_vae
+from _helpers import make_checkpoint, make_text_encoder_checkpoint, make_tiny_vae
 
 CAPTION = {
     "high_level_description": "A red fox standing in the snow.",

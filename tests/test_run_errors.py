@@ -53,14 +53,11 @@ def _sub(args, *, timeout: float = 120, preexec_fn=None, env=None):
 
 
 @pytest.fixture
-def no_encode(monkeypatch):
+def no_encode(forbid):
     """Fail the test if encoding starts: output errors must come before the work."""
     from gguf_dit.runtime.pipeline import Pipeline
 
-    def boom(*a, **k):
-        raise AssertionError("encoding started before the output location was checked")
-
-    monkeypatch.setattr(Pipeline, "encode", boom)
+    forbid(Pipeline, "encode", "encoding started before the output location was checked")
 
 
 def test_output_folder_under_a_file(cli, prompt, tmp_path, no_encode):

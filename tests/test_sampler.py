@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import backend_names
+from _helpers import backend_names
 from gguf_dit.errors import InputError
 from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions
 from gguf_dit.runtime.sampler import sample, token_grid

@@ -28,8 +28,7 @@ import pytest
 import torch
 
 from _actquant import roundtrip
-from _checkpoints import make_model, official_to_diffusers
-from test_dit import reference_velocity, rel_err
+from _helpers import make_model, official_to_diffusers, reference_velocity, rel_err
 from gguf_dit.errors import ModelError
 from gguf_dit.ggml_ops import GGMLType, quantize
 from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions

@@ -14,7 +14,7 @@ from diffusers.pipelines.ideogram4.pipeline_ideogram4 import QWEN3_VL_ACTIVATION
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _text_encoder_fixture import make_text_encoder_checkpoint, reference_taps  # noqa: E402
+from _helpers import make_text_encoder_checkpoint, reference_taps  # noqa: E402
 
 from gguf_dit.converter.text_encoder import convert_text_encoder  # noqa: E402
 from gguf_dit.errors import InputError, ModelError, OutputError, SourceError  # noqa: E402

@@ -1,7 +1,7 @@
 """VAE: converter (diffusers AutoencoderKLFlux2 folder -> vae.gguf) and runtime decoder, against diffusers 0.42.1.
 
-``make_tiny_vae(path, seed)`` is importable (``from test_vae import make_tiny_vae``; ``tests/`` is on sys.path via
-conftest) to build the ``vae/`` folder of a tiny end-to-end checkpoint.
+The tiny VAE is ``make_tiny_vae(path, seed)`` in ``tests/_helpers.py`` (it also builds the ``vae/`` folder of the
+tiny end-to-end checkpoint).
 
 Measured on the tiny model below (float32, AMD EPYC Zen 4, torch 2.13): decode_latents vs diffusers ``vae.decode``:
 F32 file max |diff| 0 (the runtime runs the same torch ops), F16 file 3.9e-3 (output std 0.76, |max| 3.9);
@@ -25,45 +25,9 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import make_tiny_vae
 from gguf_dit.errors import InputError, ModelError, OutputError, SourceError
 from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT, token_dim
-
-TINY_VAE_CONFIG = dict(
-    block_out_channels=(16, 32, 32, 48),  # reversed in the decoder: 48 -> 32 -> 32 -> 16 (two conv_shortcuts)
-    layers_per_block=1,  # decoder: 2 ResNets per up block
-    norm_num_groups=8,  # not 32, so a hard-coded group count would show
-    latent_channels=32,
-)
-
-
-def make_tiny_vae(path, seed: int = 0, **overrides):
-    """Write a tiny random ``AutoencoderKLFlux2`` in diffusers layout (config.json +
-    diffusion_pytorch_model.safetensors) to ``path`` (the ``vae/`` folder itself) and return the model (eval, f32).
-
-    Every parameter is drawn from a seeded generator (norm weights around 1, not 1; biases non-zero; conv and
-    linear weights ~ N(0, 1/fan_in)). ``bn.running_mean = LATENT_SHIFT`` and ``bn.running_var = LATENT_SCALE**2 -
-    batch_norm_eps``, so diffusers' pipeline de-normalisation equals the official constants.
-    """
-    from diffusers import AutoencoderKLFlux2
-
-    cfg = {**TINY_VAE_CONFIG, **overrides}
-    torch.manual_seed(seed)
-    model = AutoencoderKLFlux2(**cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                base = 1.0 if ("norm" in name and name.endswith(".weight")) else 0.0
-                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / float(p[0].numel()) ** 0.5)
-        model.bn.running_mean.copy_(torch.from_numpy(LATENT_SHIFT.copy()))
-        model.bn.running_var.copy_(torch.from_numpy(LATENT_SCALE.copy()) ** 2 - model.config.batch_norm_eps)
-    model.eval()
-    Path(path).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    return model
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
