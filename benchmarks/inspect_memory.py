@@ -65,10 +65,10 @@ def write(path: Path) -> None:
 
 PEAK = "import re; print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
 CASES = {
-    "open": "from gguf_dit.runtime.model_file import BackboneFile; BackboneFile(P, strict=False)",
+    "open": "from gguf_dit.runtime.backbone_file import BackboneFile; BackboneFile(P, strict=False)",
     "inspect": "from gguf_dit.cli import app; app(['inspect', P], standalone_mode=False)",
     "memmap decode (before)": (
-        "import numpy as np; from gguf_dit.ggml_ops import GGMLType, dequantize; from gguf_dit.runtime.model_file import BackboneFile\n"
+        "import numpy as np; from gguf_dit.ggml_ops import GGMLType, dequantize; from gguf_dit.runtime.backbone_file import BackboneFile\n"
         "f = BackboneFile(P, strict=False)\n"
         "for t in f.tensors.values():\n"
         "    a = np.asarray(t.data, np.float32).reshape(t.shape) if t.type is GGMLType.F32 else dequantize(np.asarray(t.data), t.type, t.shape[-1])\n"

@@ -20,7 +20,9 @@ from typing import Callable
 import numpy as np
 
 from gguf_dit import __version__
-from gguf_dit.arch.dit import ARCH, BACKBONE_DIRS, tensor_inventory
+from gguf_dit.arch import MODEL_FILES
+from gguf_dit.arch.dit import ARCH, BACKBONE_DIRS, default_size_problem, size_range_problem, tensor_inventory
+from gguf_dit.arch.latent import PIXELS_PER_TOKEN
 from gguf_dit import keys
 from gguf_dit.errors import OptionError, OutputError, SourceError
 from gguf_dit.ggml_ops import GGMLType
@@ -32,7 +34,7 @@ from .recipe import Recipe
 from .reader import CHUNK_BYTES
 from .source import Backbone, open_checkpoint
 
-OUTPUT_NAMES = {role: f"{d}.gguf" for d, role in BACKBONE_DIRS.items()}
+OUTPUT_NAMES = {role: MODEL_FILES[d] for d, role in BACKBONE_DIRS.items()}
 _HASH_PLACEHOLDER = "sha256:" + "?" * 64
 
 
@@ -73,14 +75,12 @@ class SizeHints:
 
     def __post_init__(self) -> None:
         if self.size_range is not None:
-            lo, hi = self.size_range
-            if lo < 16 or hi < lo or lo % 16 or hi % 16:
-                raise OptionError(f"size range {lo}..{hi} must be multiples of 16 with 16 <= low <= high")
+            if problem := size_range_problem(*self.size_range):
+                raise OptionError(f"size range {self.size_range[0]}..{self.size_range[1]} {problem}")
         if self.default_size is not None:
             d = self.default_size
-            lo, hi = self.size_range or (16, 1 << 30)
-            if d % 16 or not lo <= d <= hi:
-                raise OptionError(f"default size {d} must be a multiple of 16 within {lo}..{hi}")
+            if problem := default_size_problem(d, *(self.size_range or (PIXELS_PER_TOKEN, 1 << 30))):
+                raise OptionError(f"default size {d} {problem}")
 
     @classmethod
     def parse(cls, size_range: str | None, default_size: int | None) -> "SizeHints":
@@ -234,17 +234,17 @@ def convert_checkpoint(
             for bb in open_checkpoint(src, role):
                 jobs.append(_dit_job(bb, recipe, q4k_path, threads, progress_factory, sizes))
         # Output names are known now: refuse an unusable folder or an existing output before reading more.
-        check_location(out_dir, [j.name for j in jobs] + [f"{p}.gguf" for p in ("text_encoder", "vae") if p in chosen], force=force)
+        check_location(out_dir, [j.name for j in jobs] + [MODEL_FILES[p] for p in ("text_encoder", "vae") if p in chosen], force=force)
         if "text_encoder" in chosen:
             from .text_encoder import prepare_text_encoder, write_text_encoder
 
             te = prepare_text_encoder(src / "text_encoder", src / "tokenizer", linear_type=te_type, down_proj_type=te_down_proj_type)
-            jobs.append(_Job("text_encoder", "text_encoder.gguf", te.nbytes, lambda path, te=te: write_text_encoder(te, path, threads=threads), te.close))
+            jobs.append(_Job("text_encoder", MODEL_FILES["text_encoder"], te.nbytes, lambda path, te=te: write_text_encoder(te, path, threads=threads), te.close))
         if "vae" in chosen:
             from .vae import prepare_vae, write_vae
 
             vae = prepare_vae(src / "vae", dtype=vae_type)
-            jobs.append(_Job("vae", "vae.gguf", vae.nbytes, lambda path, vae=vae: write_vae(vae, path), vae.close))
+            jobs.append(_Job("vae", MODEL_FILES["vae"], vae.nbytes, lambda path, vae=vae: write_vae(vae, path), vae.close))
         results: list[PartResult] = []
         with OutputSet(out_dir, [j.name for j in jobs], force=force, need_bytes=sum(j.nbytes for j in jobs)) as outs:
             for j in jobs:

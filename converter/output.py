@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gguf_dit.errors import OutputError
+from gguf_dit.files import free_bytes, make_folders, remove_folders
 
 LOCK_NAME = ".gguf-dit-convert.lock"
 TMP_PREFIX = ".gguf-dit-tmp-"
@@ -53,8 +54,7 @@ def check_location(out_dir: Path, names: list[str], *, force: bool, need_bytes: 
             if dst.is_dir() != folders:
                 raise OutputError(f"is {'not ' if folders else ''}a folder; not replacing it", path=dst)
     if need_bytes:
-        st = os.statvfs(base)
-        free = st.f_bavail * st.f_frsize
+        free = free_bytes(base)
         if need_bytes > free:
             raise OutputError(f"not enough free space: the output needs about {_mb(need_bytes)}, {_mb(free)} is free", path=out_dir)
 
@@ -120,17 +120,7 @@ class OutputSet:
 
     # -- steps -------------------------------------------------------------------------
     def _setup(self) -> None:
-        missing = []
-        d = self.out_dir
-        while not os.path.lexists(d):
-            missing.append(d)
-            d = d.parent
-        for d in reversed(missing):
-            try:
-                os.mkdir(d)
-            except FileExistsError:
-                continue  # made by someone else meanwhile: not ours to remove
-            self._created.append(d)
+        make_folders(self.out_dir, self._created)
         self._lock()
         # Under the lock: leftovers of a killed conversion are resolved to one whole set, and removed.
         for stale in self.out_dir.glob(TMP_PREFIX + "*"):
@@ -193,12 +183,7 @@ class OutputSet:
             os.close(self._lock_fd)
             self._lock_fd = None
         if failed:
-            for d in reversed(self._created):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    break
-            self._created = []
+            remove_folders(self._created)
 
 
 def write_one(out_path: Path, force: bool, prepare: Callable[[], object], write: Callable[[object, Path], dict]) -> dict:

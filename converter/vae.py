@@ -200,7 +200,7 @@ def write_vae(vae: VAEPlan, out_path: Path) -> dict:
         add_config(writer, cfg, keys.vae)
         writer.add_float32(keys.VAE_NORM_EPS, NORM_EPS)
         writer.add_uint32(keys.VAE_SCALE_FACTOR, cfg.scale_factor)
-        writer.add_string(keys.vae("latent_norm_source"), "official")
+        writer.add_string(keys.VAE_LATENT_NORM_SOURCE, "official")
         writer.add_array(keys.VAE_LATENT_SHIFT, [float(x) for x in LATENT_SHIFT])
         writer.add_array(keys.VAE_LATENT_SCALE, [float(x) for x in LATENT_SCALE])
         if len(bn) == 2:

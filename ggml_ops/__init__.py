@@ -5,7 +5,7 @@ Knows nothing about Ideogram. Importing this package loads ``libggml-base``, ``l
 and routes ggml's log into the ``gguf_dit.ggml`` logger.
 """
 
-from ._lib import EXPECTED_GGML_VERSION, lib
+from ._lib import EXPECTED_GGML_VERSION, Native, lib
 from .backend import Backend, available, devices
 from .graph import Builder, Context, Graph, Tensor, TensorStore, download, upload
 from .quant import default_threads, dequantize, quantize
@@ -13,7 +13,7 @@ from .types import STORAGE_TYPES, TRAITS, GGMLType, TypeTraits, check_row, fits,
 from .system import check_cpu
 
 __all__ = [
-    "EXPECTED_GGML_VERSION", "lib", "Backend", "available", "devices", "Builder", "Context", "Graph",
+    "EXPECTED_GGML_VERSION", "Native", "lib", "Backend", "available", "devices", "Builder", "Context", "Graph",
     "Tensor", "TensorStore", "download", "upload", "default_threads", "dequantize", "quantize",
     "STORAGE_TYPES", "TRAITS", "GGMLType", "TypeTraits", "check_row", "fits", "fitting_type", "check_cpu",
 ]

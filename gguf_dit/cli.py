@@ -143,7 +143,7 @@ def inspect(
 ) -> None:
     """Describe a backbone GGUF: architecture, role, config, types, bytes, recipe and warnings."""
     from gguf_dit import keys
-    from gguf_dit.runtime.model_file import BackboneFile
+    from gguf_dit.runtime.backbone_file import BackboneFile
 
     f = BackboneFile(file, strict=False)
     warnings = list(f.warnings)

@@ -1,4 +1,5 @@
-"""Opening what a user names as an input file, and how errors show a JSON value. Both sides use it.
+"""Opening what a user names as an input file, making output folders, and how errors show a JSON value. Both sides
+use it.
 
 Only regular files are read: a FIFO blocks the first read forever, ``/dev/zero`` never ends. The check is made on
 the open descriptor, not on the path before opening, so a path swapped for a FIFO after a check cannot slip
@@ -58,3 +59,29 @@ def show(v, limit: int | None = 40) -> str:
     """A JSON value as written (non-ASCII literal), cut to ``limit`` characters."""
     s = json.dumps(v, ensure_ascii=False) if not isinstance(v, float) or math.isfinite(v) else repr(v)
     return s if limit is None or len(s) <= limit else s[: limit - 3] + "..."
+
+
+def make_folders(folder: Path, created: list[Path]) -> None:
+    """mkdir -p, appending each folder it creates to ``created`` as it goes (so a failure midway still knows them);
+    one made by someone else meanwhile is not ours to remove and is not listed."""
+    for p in [p for p in (folder, *folder.parents) if not os.path.lexists(p)][::-1]:
+        try:
+            os.mkdir(p)
+        except FileExistsError:
+            continue
+        created.append(p)
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Undo ``make_folders``: remove them deepest first, stopping at the first that is not empty."""
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+    created.clear()
+
+
+def free_bytes(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize

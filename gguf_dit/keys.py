@@ -62,5 +62,6 @@ VAE_NORM_EPS = vae("norm_eps")
 VAE_SCALE_FACTOR = vae("scale_factor")
 VAE_LATENT_SHIFT = vae("latent_shift")
 VAE_LATENT_SCALE = vae("latent_scale")
+VAE_LATENT_NORM_SOURCE = vae("latent_norm_source")  # informational: where latent_shift/latent_scale came from
 VAE_BN_MEAN = vae("checkpoint_bn_mean")
 VAE_BN_VAR = vae("checkpoint_bn_var")

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from gguf_dit.arch.dit import IMAGE_POSITION_OFFSET, MAX_TEXT_TOKENS, QK_NORM_EPS, Ideogram4Config
+from gguf_dit.arch.latent import PIXELS_PER_TOKEN
 from gguf_dit.errors import InputError, ModelError
 from gguf_dit.ggml_ops import Backend, Builder, Context, GGMLType, Graph, Tensor, TensorStore, upload
 
 from .gguf_file import all_finite
-from .model_file import BackboneFile
+from .backbone_file import BackboneFile
 
 log = logging.getLogger("gguf_dit.runtime")
 
@@ -127,7 +128,7 @@ class Ideogram4DiT:
         specs = [(n, t.type if file.kinds[n] == "linear" else GGMLType.F32, t.ne) for n, t in file.tensors.items()]
         self._check_backend(specs)
         self.weights = TensorStore(backend, specs)
-        with open(file.path, "rb") as f:
+        with file.open() as f:
             for n, type_, _ in specs:
                 t = file.tensors[n]
                 data = file.read_bytes(n, f) if t.type is type_ else file.read_f32(n, f)
@@ -233,7 +234,7 @@ class Ideogram4DiT:
         if x.ndim != 2 or x.shape != (grid_h * grid_w, cfg.in_channels):
             raise InputError(
                 f"latent tokens have shape {tuple(np.shape(latent_tokens))}, expected ({grid_h * grid_w}, {cfg.in_channels}) "
-                f"for a {grid_h}x{grid_w} token grid ({grid_h * 16}x{grid_w * 16} px)"
+                f"for a {grid_h}x{grid_w} token grid ({grid_h * PIXELS_PER_TOKEN}x{grid_w * PIXELS_PER_TOKEN} px)"
             )
         if not np.isfinite(x).all():
             raise InputError("latent tokens contain NaN or Inf")

@@ -7,14 +7,9 @@ import hashlib
 import os
 from pathlib import Path
 
+from gguf_dit.arch import MODEL_FILES
 from gguf_dit.errors import ModelError
 
-FILES = {
-    "transformer": "transformer.gguf",
-    "unconditional_transformer": "unconditional_transformer.gguf",
-    "text_encoder": "text_encoder.gguf",
-    "vae": "vae.gguf",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +24,7 @@ class ModelFiles:
         d = Path(model_dir)
         if not d.is_dir():
             raise ModelError("model folder does not exist", path=d)
-        paths = {k: d / v for k, v in FILES.items()}
+        paths = {k: d / v for k, v in MODEL_FILES.items()}
         if text_encoder is not None:
             paths["text_encoder"] = Path(text_encoder)
         for k, p in paths.items():

@@ -56,14 +56,14 @@ class Pipeline:
     @functools.cached_property
     def header(self):
         """The conditional backbone's GGUF header (config, metadata, size hints) without its weights."""
-        from .model_file import BackboneFile
+        from .backbone_file import BackboneFile
 
         return BackboneFile(self.files.transformer)
 
     def check_files(self) -> None:
         """Every file's header, metadata and tensor inventory, before any work: a broken vae.gguf must not
         be found only after sampling. Reads no weights (milliseconds; the encoder's vocabulary ~0.3 s)."""
-        from .model_file import BackboneFile
+        from .backbone_file import BackboneFile
         from .text_encoder import _read_meta
         from .vae import check_file
 

@@ -7,7 +7,6 @@ interrupted run leaves neither a partial PNG nor a folder it created.
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import os
 import tempfile
@@ -17,8 +16,9 @@ import numpy as np
 
 from gguf_dit import __version__
 from gguf_dit.errors import OutputError
+from gguf_dit.files import free_bytes, make_folders, remove_folders
 
-from .schedule import SamplerSettings
+from .schedule import SamplerSettings, guidance_text
 
 
 def output_paths(out: str | Path, seeds: list[int]) -> list[Path]:
@@ -27,11 +27,6 @@ def output_paths(out: str | Path, seeds: list[int]) -> list[Path]:
     if out.suffix.lower() != ".png":
         return [out / f"{i:05d}-{s}.png" for i, s in enumerate(seeds)]
     return [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{i:03d}.png") for i in range(len(seeds))]
-
-
-def guidance_text(g: tuple[float, ...]) -> str:
-    """Run-length form of a per-step guidance schedule, e.g. 7x18+3x2."""
-    return "+".join(f"{v:g}x{len(list(run))}" for v, run in itertools.groupby(g))
 
 
 def png_metadata(prompt_text: str, settings: SamplerSettings, seed: int, height: int, width: int, models: dict, extra: dict | None = None) -> dict[str, str]:
@@ -84,21 +79,10 @@ def check_output(paths: list[Path], height: int, width: int, *, force: bool) -> 
             os.unlink(probe)
         except OSError as e:
             raise OutputError(f"cannot write here: {e.strerror or e}", path=existing) from None
-        st = os.statvfs(existing)
-        free = st.f_bavail * st.f_frsize
+        free = free_bytes(existing)
         need = (3 * height * width + (1 << 16)) * sum(1 for p in paths if p.parent == folder)
         if free < need:
             raise OutputError(f"{free / 1e6:.1f} MB free, the images need up to {need / 1e6:.1f} MB", path=existing)
-
-
-def _make_folders(folder: Path, created: list[Path]) -> None:
-    """mkdir -p, appending each folder it creates to ``created`` (deepest last) as it goes."""
-    for p in [p for p in (folder, *folder.parents) if not p.exists()][::-1]:
-        try:
-            p.mkdir()
-        except FileExistsError:
-            continue
-        created.append(p)
 
 
 def write_png(path: Path, image: np.ndarray, text: dict[str, str], *, force: bool = False) -> None:
@@ -114,16 +98,12 @@ def write_png(path: Path, image: np.ndarray, text: dict[str, str], *, force: boo
     created: list[Path] = []
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        _make_folders(path.parent, created)
+        make_folders(path.parent, created)
         Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        for p in reversed(created):
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        remove_folders(created)
         if isinstance(e, OSError):
             full = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
             raise OutputError(f"cannot write the PNG: {e.strerror or e}{full}", path=path) from None

@@ -13,13 +13,13 @@ from typing import Callable
 
 import numpy as np
 
+from gguf_dit.arch.latent import PIXELS_PER_TOKEN
 from gguf_dit.errors import InputError, ModelError
 
 from .dit import Ideogram4DiT, check_pair
 from .interrupt import native_call
 from .schedule import SamplerSettings, euler_step, initial_noise, resolve_settings, timesteps
 
-PIXELS_PER_TOKEN = 16
 
 
 @dataclasses.dataclass(frozen=True)

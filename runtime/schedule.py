@@ -17,6 +17,7 @@ Conventions that differ between implementations and are pinned here:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -105,6 +106,11 @@ def _normalise_preset_name(name: str) -> str:
 
 
 _TERM = re.compile(r"^(?P<value>[^x×*]+?)\s*(?:[x×*]\s*(?P<count>\d+))?$")
+
+
+def guidance_text(g: tuple[float, ...]) -> str:
+    """Run-length form of a per-step guidance schedule, e.g. 7x18+3x2 (what ``parse_guidance`` reads)."""
+    return "+".join(f"{v:g}x{len(list(run))}" for v, run in itertools.groupby(g))
 
 
 def parse_guidance(spec: str) -> tuple[float, ...]:

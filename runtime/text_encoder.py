@@ -29,7 +29,7 @@ import numpy as np
 
 from gguf_dit.arch.text_encoder import MAX_TOKENS, TEMPLATE, default_taps
 from gguf_dit.errors import InputError, ModelError
-from gguf_dit.ggml_ops import GGMLType
+from gguf_dit.ggml_ops import GGMLType, Native
 
 from . import interrupt, llama, native_log
 from .caption import MAX_CAPTION_CHARS
@@ -41,7 +41,7 @@ __all__ = ["TextEncoder", "llama_system_info"]
 _CTX_STEP = 256  # contexts are sized in steps of this many tokens (llama.cpp pads n_ctx to 256)
 
 
-class TextEncoder:
+class TextEncoder(Native):
     """A loaded Qwen3-VL language model that turns captions into Ideogram 4 text features."""
 
     def __init__(self, path: Path, meta: dict, model, n_threads: int) -> None:
@@ -286,9 +286,3 @@ class TextEncoder:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -1,4 +1,4 @@
-"""FLUX.2 VAE decoder for Ideogram 4: reads ``vae.gguf`` (written by ``gguf_dit.converter.vae``), decodes latents.
+"""FLUX.2 VAE decoder for Ideogram 4: reads ``vae.gguf`` (written by ``gguf-dit convert``), decodes latents.
 
 The decoder runs in PyTorch, not ggml: see ``docs/vae.md`` ("Why torch"). Weights stored as F16 are widened to
 float32 on load; all arithmetic is float32.

@@ -15,7 +15,7 @@ from gguf_dit.errors import ModelError
 from gguf_dit.runtime.demo import DEMO_DIR
 from gguf_dit.runtime.dit import Ideogram4DiT
 from gguf_dit.ggml_ops import STORAGE_TYPES
-from gguf_dit.runtime.model_file import BackboneFile, all_finite
+from gguf_dit.runtime.backbone_file import BackboneFile, all_finite
 
 V = gguf.GGUFValueType
 

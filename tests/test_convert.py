@@ -11,7 +11,7 @@ import torch
 
 from _gguf_edit import write_sdcpp_style
 from gguf_dit.arch.dit import tensor_inventory
-from gguf_dit.runtime.model_file import BackboneFile
+from gguf_dit.runtime.backbone_file import BackboneFile
 
 OUT = ("transformer.gguf", "unconditional_transformer.gguf")
 SRC = {"transformer.gguf": "transformer", "unconditional_transformer.gguf": "unconditional_transformer"}
@@ -305,8 +305,8 @@ def test_inspect_warns_about_missing_and_unexpected_tensors(cli, checkpoints, tm
     write_sdcpp_style(tmp_path / "transformer.gguf", odd, drop="layers.1.ffn_norm2.weight", extra="lora_extra.weight")
     code, out, _ = cli("inspect", odd, "--json")
     rep = json.loads(out)
-    assert "missing tensor layers.1.ffn_norm2.weight" in rep["warnings"]
-    assert "unexpected tensor lora_extra.weight" in rep["warnings"]
+    assert "tensor layers.1.ffn_norm2.weight: missing tensor" in rep["warnings"]
+    assert "tensor lora_extra.weight: unexpected tensor for an Ideogram 4 backbone" in rep["warnings"]
 
 
 def test_inspect_check_reports_non_finite_values(cli, checkpoints, tmp_path):

@@ -17,7 +17,7 @@ import torch
 from _helpers import TINY_CONFIG, backend_names, make_model, official_to_diffusers, reference_velocity, rel_err
 from gguf_dit.errors import GgufDitError, InputError, ModelError
 from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions, check_pair
-from gguf_dit.runtime.model_file import BackboneFile
+from gguf_dit.runtime.backbone_file import BackboneFile
 
 BACKENDS = backend_names()
 F = TINY_CONFIG["llm_features_dim"]

@@ -204,7 +204,7 @@ def test_dit_velocity_does_not_depend_on_the_thread_count():
 
     from gguf_dit.runtime.dit import Ideogram4DiT
 
-    from gguf_dit.runtime.model_file import BackboneFile
+    from gguf_dit.runtime.backbone_file import BackboneFile
 
     cfg = BackboneFile(_demo("transformer.gguf")).config
     rng = np.random.default_rng(0)

@@ -32,7 +32,7 @@ from _helpers import make_model, official_to_diffusers, reference_velocity, rel_
 from gguf_dit.errors import ModelError
 from gguf_dit.ggml_ops import GGMLType, quantize
 from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions
-from gguf_dit.runtime.model_file import BackboneFile
+from gguf_dit.runtime.backbone_file import BackboneFile
 
 Q = gguf.GGMLQuantizationType
 EXACT = RuntimeOptions(t_rounding="none")

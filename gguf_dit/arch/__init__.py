@@ -5,3 +5,12 @@ as the caption encoder (taps, chat template, tensor names). ``vae``: the FLUX.2 
 ``latent``: the latent token layout and the official de-normalisation constants. Nothing here reads files or
 builds graphs.
 """
+
+#: The files of a converted model folder (what `convert` writes and `run` reads), named after the components'
+#: folders in the Hugging Face layout.
+MODEL_FILES = {
+    "transformer": "transformer.gguf",
+    "unconditional_transformer": "unconditional_transformer.gguf",
+    "text_encoder": "text_encoder.gguf",
+    "vae": "vae.gguf",
+}

@@ -12,6 +12,7 @@ import re
 from typing import Iterable, Mapping
 
 from ..errors import GgufDitError
+from .latent import PIXELS_PER_TOKEN
 
 ARCH = "ideogram4"
 ROLES = ("cond", "uncond")
@@ -21,6 +22,9 @@ BACKBONE_DIRS = {"transformer": "cond", "unconditional_transformer": "uncond"}
 # head_dim is fixed by the architecture: RoPE slot map and attention scale 1/16 assume 256.
 HEAD_DIM = 256
 IMAGE_POSITION_OFFSET = 65536
+#: Image sides the real model was trained for; a file without size hints is assumed to be it, default 1024.
+REAL_SIZE_RANGE = (256, 2048)
+REAL_DEFAULT_SIZE = 1024
 #: Text tokens per caption, chat template included: the official pipeline refuses longer ones (§11.2).
 MAX_TEXT_TOKENS = 2048
 #: eps of the per-head q/k RMSNorm inside attention; unlike norm_eps it is not a config field (diffusers hard-codes it).
@@ -132,6 +136,18 @@ class TensorSpec:
         return self.shape[-1]
 
 
+def size_range_problem(lo: int, hi: int) -> str | None:
+    """Why ``lo..hi`` cannot be a model's range of image sides (None if it can)."""
+    if lo < PIXELS_PER_TOKEN or hi < lo or lo % PIXELS_PER_TOKEN or hi % PIXELS_PER_TOKEN:
+        return f"must be multiples of {PIXELS_PER_TOKEN} with {PIXELS_PER_TOKEN} <= low <= high"
+    return None
+
+
+def default_size_problem(d: int, lo: int, hi: int) -> str | None:
+    """Why ``d`` cannot be the default image side of a model with range ``lo..hi`` (None if it can)."""
+    return f"must be a multiple of {PIXELS_PER_TOKEN} within the size range {lo}..{hi}" if d % PIXELS_PER_TOKEN or not lo <= d <= hi else None
+
+
 def tensor_inventory(cfg: Ideogram4Config) -> list[TensorSpec]:
     """Every tensor of one backbone, official names, in a stable order (non-block first, then blocks)."""
     D, A, C, F, I = cfg.emb_dim, cfg.adaln_dim, cfg.in_channels, cfg.llm_features_dim, cfg.intermediate_size
@@ -216,16 +232,22 @@ def detect_config(shapes: Mapping[str, tuple[int, ...]], where: str, *, error: t
     return cfg
 
 
-def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: Ideogram4Config, where: str, *, error: type[GgufDitError]) -> None:
-    """Raise ``error`` on the first missing, unexpected or wrongly shaped tensor, naming ``where`` and the tensor."""
+def tensor_problems(shapes: Mapping[str, tuple[int, ...]], cfg: Ideogram4Config) -> list[tuple[str, str]]:
+    """(tensor, problem) for every missing, wrongly shaped or unexpected tensor, in inventory order."""
     specs = tensor_inventory(cfg)
-    expected = {s.name: s.shape for s in specs}
+    out = []
     for s in specs:
-        if s.name not in shapes:
-            raise error("missing tensor", path=where, tensor=s.name)
-        got = tuple(shapes[s.name])
-        if got != s.shape:
-            raise error(f"shape {list(got)} does not match the architecture's {list(s.shape)}", path=where, tensor=s.name)
-    for name in shapes:
-        if name not in expected:
-            raise error("unexpected tensor for an Ideogram 4 backbone", path=where, tensor=name)
+        got = shapes.get(s.name)
+        if got is None:
+            out.append((s.name, "missing tensor"))
+        elif tuple(got) != s.shape:
+            out.append((s.name, f"shape {list(got)} does not match the architecture's {list(s.shape)}"))
+    expected = {s.name for s in specs}
+    out += [(name, "unexpected tensor for an Ideogram 4 backbone") for name in shapes if name not in expected]
+    return out
+
+
+def check_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: Ideogram4Config, where: str, *, error: type[GgufDitError]) -> None:
+    """Raise ``error`` on the first of ``tensor_problems``, naming ``where`` and the tensor."""
+    for name, problem in tensor_problems(shapes, cfg)[:1]:
+        raise error(problem, path=where, tensor=name)

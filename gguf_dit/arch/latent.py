@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 PATCH = 2
+#: Image pixels per token side: the FLUX.2 VAE's 8x downscale times the 2x2 patch.
+PIXELS_PER_TOKEN = 8 * PATCH
 LATENT_CHANNELS = 32
 TOKEN_DIM = PATCH * PATCH * LATENT_CHANNELS  # 128
 

@@ -57,7 +57,8 @@ def evaluate(model_dir, combos=None, seeds=(0, 1), guidance=None, preset="defaul
     """Generate one 64×64 image per (combo, seed) from its plain-text prompt through the real pipeline and
     score it. ``guidance`` overrides the preset's guidance (e.g. 1.0 = no CFG)."""
     from gguf_dit.runtime.caption import prepare_caption, wrap_plain_text
-    from gguf_dit.runtime.pipeline import ModelFiles, Pipeline
+    from gguf_dit.runtime.model_files import ModelFiles
+    from gguf_dit.runtime.pipeline import Pipeline
     from gguf_dit.runtime.schedule import resolve_settings
 
     combos = list(combos or HELD_OUT)

@@ -8,7 +8,21 @@ import json
 from pathlib import Path
 
 from gguf_dit import keys
-from gguf_dit.arch.dit import ARCH, ROLES, Ideogram4Config, check_tensors, detect_config, is_ideogram4, tensor_inventory
+from gguf_dit.arch.dit import (
+    ARCH,
+    REAL_DEFAULT_SIZE,
+    REAL_SIZE_RANGE,
+    ROLES,
+    Ideogram4Config,
+    check_tensors,
+    default_size_problem,
+    detect_config,
+    is_ideogram4,
+    size_range_problem,
+    tensor_inventory,
+    tensor_problems,
+)
+from gguf_dit.arch.latent import PIXELS_PER_TOKEN
 from gguf_dit.errors import ModelError
 from gguf_dit.ggml_ops import STORAGE_TYPES
 from gguf_dit.gguf_header import INTEGER_TYPES
@@ -26,10 +40,6 @@ __all__ = ["BackboneFile", "all_finite"]  # all_finite: where the DiT loader imp
 _ALLOWED = ", ".join(t.name for t in sorted(STORAGE_TYPES)[:-1]) + " or " + sorted(STORAGE_TYPES)[-1].name
 _KIND_NAMES = {"linear": "a linear weight", "bias": "a bias", "norm": "a norm weight", "embedding": "the image-indicator embedding"}
 
-#: Image sides `run` allows when a file carries no gguf_dit.size_range: the real model's (emb_dim
-#: 4608) training range, and anything up to 2048 for smaller test models.
-REAL_SIZE_RANGE = (256, 2048)
-PIXELS_PER_TOKEN = 16
 
 
 class BackboneFile(GGUFFile):
@@ -112,17 +122,18 @@ class BackboneFile(GGUFFile):
         rng = self._ints(key, 2)
         if rng is not None:
             lo, hi = rng
-            if lo < PIXELS_PER_TOKEN or hi < lo or lo % PIXELS_PER_TOKEN or hi % PIXELS_PER_TOKEN:
-                raise ModelError(f"metadata key {key} {lo}..{hi} must be multiples of {PIXELS_PER_TOKEN} with {PIXELS_PER_TOKEN} <= low <= high", path=self.path)
+            if problem := size_range_problem(lo, hi):
+                raise ModelError(f"metadata key {key} {lo}..{hi} {problem}", path=self.path)
         else:
-            rng = REAL_SIZE_RANGE if self.config.emb_dim == 4608 else (PIXELS_PER_TOKEN, REAL_SIZE_RANGE[1])
+            # The real model's width gets its training range; smaller (test) models anything up to its top.
+            rng = REAL_SIZE_RANGE if self.config.emb_dim == Ideogram4Config().emb_dim else (PIXELS_PER_TOKEN, REAL_SIZE_RANGE[1])
         lo, hi = rng
         key = keys.DEFAULT_SIZE
         d = self.header.value(key, INTEGER_TYPES)
         if d is None:
-            d = 1024 if lo <= 1024 <= hi else lo
-        elif d % PIXELS_PER_TOKEN or not lo <= d <= hi:
-            raise ModelError(f"metadata key {key} {d} must be a multiple of {PIXELS_PER_TOKEN} within the size range {lo}..{hi}", path=self.path)
+            d = REAL_DEFAULT_SIZE if lo <= REAL_DEFAULT_SIZE <= hi else lo
+        elif problem := default_size_problem(d, lo, hi):
+            raise ModelError(f"metadata key {key} {d} {problem}", path=self.path)
         return (lo, hi), d
 
     def _check_tensors(self, shapes: dict[str, tuple[int, ...]], strict: bool) -> None:
@@ -131,15 +142,7 @@ class BackboneFile(GGUFFile):
         if strict:
             check_tensors(shapes, self.config, str(self.path), error=ModelError)
         else:
-            expected = {s.name: s.shape for s in specs}
-            for n, s in expected.items():
-                if n not in shapes:
-                    self.warnings.append(f"missing tensor {n}")
-                elif shapes[n] != s:
-                    self.warnings.append(f"tensor {n} has shape {list(shapes[n])}, expected {list(s)}")
-            for n in shapes:
-                if n not in expected:
-                    self.warnings.append(f"unexpected tensor {n}")
+            self.warnings += [f"tensor {n}: {problem}" for n, problem in tensor_problems(shapes, self.config)]
         self.kinds = {s.name: s.kind for s in specs if s.name in self.tensors}
         for name, kind in self.kinds.items():
             t = self.tensors[name]
