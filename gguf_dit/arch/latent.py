@@ -24,6 +24,7 @@ PIXELS_PER_TOKEN = 8 * PATCH
 LATENT_CHANNELS = 32
 TOKEN_DIM = PATCH * PATCH * LATENT_CHANNELS  # 128
 
+# Two tables of four rows of 32 floats: `duplicates` pairs their shape; they are data, as published.
 LATENT_SHIFT = np.array(
     [
         # p0: (ph, pw) = (0, 0), channels 0..31
