@@ -46,23 +46,8 @@ class Plan:
     why: str
 
 
-@dataclasses.dataclass
-class ConvertResult:
-    role: str
-    path: Path
-    tensors: int
-    bytes_in: int
-    bytes_out: int
-    seconds: float
-    types: dict[str, int]
-
-
 def plan_backbone(bb: Backbone, recipe: Recipe) -> list[Plan]:
-    plans = []
-    for spec in tensor_inventory(bb.config):
-        t, why = recipe.choose(spec, bb.directory)
-        plans.append(Plan(spec.name, spec.shape, t, why))
-    return plans
+    return [Plan(spec.name, spec.shape, *recipe.choose(spec, bb.directory)) for spec in tensor_inventory(bb.config)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,24 +59,21 @@ class SizeHints:
     default_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.size_range is not None:
-            if problem := size_range_problem(*self.size_range):
-                raise OptionError(f"size range {self.size_range[0]}..{self.size_range[1]} {problem}")
-        if self.default_size is not None:
-            d = self.default_size
-            if problem := default_size_problem(d, *(self.size_range or (PIXELS_PER_TOKEN, 1 << 30))):
-                raise OptionError(f"default size {d} {problem}")
+        if self.size_range is not None and (problem := size_range_problem(*self.size_range)):
+            raise OptionError(f"size range {self.size_range[0]}..{self.size_range[1]} {problem}")
+        d = self.default_size
+        if d is not None and (problem := default_size_problem(d, *(self.size_range or (PIXELS_PER_TOKEN, 1 << 30)))):
+            raise OptionError(f"default size {d} {problem}")
 
     @classmethod
     def parse(cls, size_range: str | None, default_size: int | None) -> "SizeHints":
-        rng = None
-        if size_range:
-            try:
-                lo, hi = (int(x) for x in size_range.replace(" ", "").split(".."))
-            except ValueError:
-                raise OptionError(f"--size-range {size_range!r} is not LOW..HIGH (e.g. 256..2048)") from None
-            rng = (lo, hi)
-        return cls(rng, default_size)
+        if not size_range:
+            return cls(None, default_size)
+        try:
+            lo, hi = (int(x) for x in size_range.replace(" ", "").split(".."))
+        except ValueError:
+            raise OptionError(f"--size-range {size_range!r} is not LOW..HIGH (e.g. 256..2048)") from None
+        return cls((lo, hi), default_size)
 
 
 def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path: str, sizes: SizeHints | None = None) -> None:
@@ -140,7 +122,8 @@ def write_backbone(
     threads: int | None = None,
     progress: Callable[[str, int], None] | None = None,
     sizes: SizeHints | None = None,
-) -> ConvertResult:
+) -> dict:
+    """Write one backbone to ``out_path``; returns a summary dict (role, path, tensors, types, bytes, seconds)."""
     plans = plan_backbone(bb, recipe)
     t0 = time.perf_counter()
     hasher = hashlib.sha256()
@@ -156,12 +139,11 @@ def write_backbone(
         progress=progress,
         before_rename=lambda tmp: _patch_hash(tmp, hasher.hexdigest()),
     )
-    types = dict(Counter(p.type.name for p in plans))
-    return ConvertResult(bb.role, out_path, len(plans), bytes_in, out_path.stat().st_size, time.perf_counter() - t0, types)
+    return {"role": bb.role, "path": out_path, "tensors": len(plans), "types": dict(Counter(p.type.name for p in plans)), "bytes_in": bytes_in,
+            "bytes_out": out_path.stat().st_size, "seconds": time.perf_counter() - t0}
 
 
 PARTS = ("dit", "text_encoder", "vae")
-_TE_DEFAULT = {"f32": "f32", "f16": "f16", "bf16": "bf16"}
 
 
 @dataclasses.dataclass
@@ -172,16 +154,10 @@ class PartResult:
 
 
 def _detect_parts(src: Path) -> list[str]:
-    if not src.is_dir() or not any((src / d).is_dir() for d in ("transformer", "unconditional_transformer", "text_encoder", "vae")):
+    if not src.is_dir() or not any((src / d).is_dir() for d in (*BACKBONE_DIRS, "text_encoder", "vae")):
         return ["dit"]
-    found = []
-    if any((src / d).exists() for d in BACKBONE_DIRS):
-        found.append("dit")
-    if (src / "text_encoder").is_dir():
-        found.append("text_encoder")
-    if (src / "vae").is_dir():
-        found.append("vae")
-    return found
+    found = [p for p in ("text_encoder", "vae") if (src / p).is_dir()]
+    return (["dit"] if any((src / d).exists() for d in BACKBONE_DIRS) else []) + found
 
 
 def convert_checkpoint(
@@ -220,7 +196,7 @@ def convert_checkpoint(
     for p in chosen:
         if p not in PARTS:
             raise OptionError(f"unknown part {p!r}; choose from {', '.join(PARTS)}")
-    te_type = te_type or _TE_DEFAULT.get(recipe.name, "q8_0")
+    te_type = te_type or (recipe.name if recipe.name in ("f32", "f16", "bf16") else "q8_0")
     vae_type = vae_type or ("f32" if recipe.name == "f32" else "f16")
     if "text_encoder" in chosen:
         for d in (src / "text_encoder", src / "tokenizer"):
@@ -269,7 +245,7 @@ class _Job:
     part: str
     name: str
     nbytes: int  # expected output size, for the free-space check
-    write: Callable[[Path], object]
+    write: Callable[[Path], dict]
     close: Callable[[], None]
 
 
@@ -282,7 +258,7 @@ def _dit_job(bb: Backbone, recipe: Recipe, q4k_path: str, threads: int | None, p
     name = OUTPUT_NAMES[bb.role]
     nbytes = sum(stored_nbytes(p.shape, p.type) + 512 for p in plans) + HEADER_ALLOWANCE
 
-    def write(path: Path) -> ConvertResult:
+    def write(path: Path) -> dict:
         total = sum(int(np.prod(t.shape)) * 4 for t in bb.tensors.values())
         progress = progress_factory(f"{bb.role}: {name}", total, len(bb.tensors)) if progress_factory else None
         try:
@@ -294,12 +270,10 @@ def _dit_job(bb: Backbone, recipe: Recipe, q4k_path: str, threads: int | None, p
     return _Job(bb.role, name, nbytes, write, bb.close)
 
 
-def _summary(s: object, written: Path, seconds: float) -> str:
+def _summary(s: dict, written: Path, seconds: float) -> str:
     size = written.stat().st_size
-    if isinstance(s, ConvertResult):
-        types = ", ".join(f"{k} {v}" for k, v in sorted(s.types.items()))
-        mbps = s.bytes_in / 1e6 / max(s.seconds, 1e-9)
-        return f"{s.tensors} tensors ({types}), {size / 1e6:.1f} MB, {s.seconds:.1f} s, {mbps:.0f} MB/s of f32 input"
-    types = s.get("types") if isinstance(s, dict) else None
-    tdesc = ", ".join(f"{k} {v}" for k, v in sorted(types.items())) if isinstance(types, dict) else ""
-    return f"{tdesc + ', ' if tdesc else ''}{size / 1e6:.1f} MB, {seconds:.1f} s"
+    types = ", ".join(f"{k} {v}" for k, v in sorted(s["types"].items()))
+    if "role" in s:  # a backbone
+        mbps = s["bytes_in"] / 1e6 / max(s["seconds"], 1e-9)
+        return f"{s['tensors']} tensors ({types}), {size / 1e6:.1f} MB, {s['seconds']:.1f} s, {mbps:.0f} MB/s of f32 input"
+    return f"{types + ', ' if types else ''}{size / 1e6:.1f} MB, {seconds:.1f} s"

@@ -106,10 +106,9 @@ class OutputSet:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         with _sigint_deferred():
-            failed = exc_type is not None
+            failed = True
             try:
-                if not failed:
-                    failed = True
+                if exc_type is None:
                     self._commit()
                     failed = False
             except OSError as e:

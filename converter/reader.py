@@ -34,18 +34,12 @@ def weight_files(src: Path, weights_name: str, what: str) -> list[Path]:
             raise SourceError(f"expected a .safetensors file or {what}", path=src)
         return [src]
     index = src / (weights_name + ".index.json")
-    if index.exists():
-        return index_files(index)
-    if (src / weights_name).exists():
-        return [src / weights_name]
-    found = sorted(src.glob("*.safetensors"))
-    if found:
+    if not index.exists():
+        found = [src / weights_name] if (src / weights_name).exists() else sorted(src.glob("*.safetensors"))
+        if not found:
+            raise SourceError(f"missing (nor is there a {index.name} or any other .safetensors file)", path=src / weights_name)
         return found
-    raise SourceError(f"missing (nor is there a {index.name} or any other .safetensors file)", path=src / weights_name)
-
-
-def index_files(index: Path) -> list[Path]:
-    """The shards a ``*.safetensors.index.json`` lists (plain file names next to it)."""
+    # The shards the index lists: plain file names next to it.
     wm = read_json(index, what="index").get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise SourceError("index has no weight_map object", path=index)
@@ -57,20 +51,6 @@ def index_files(index: Path) -> list[Path]:
         if not f.exists():
             raise SourceError("shard listed in the index is missing", path=f)
     return files
-
-
-def open_safetensors(f: Path):
-    """A memory-mapped ``safe_open`` handle (torch tensors, so float8 works), or a SourceError naming the file.
-    Only regular files: safetensors would block on a FIFO and map a device."""
-    from safetensors import safe_open
-
-    regular_file(f)
-    try:
-        return safe_open(str(f), framework="pt")
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # several exception types for a bad header, and pyo3's PanicException is a BaseException
-        raise SourceError(f"cannot read safetensors file ({_one_line(e)})", path=f) from None
 
 
 @dataclasses.dataclass
@@ -107,10 +87,19 @@ class SafetensorsFiles:
         self._handles: dict[Path, object] = {}
 
     def _open(self, f: Path):
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = open_safetensors(f)
-        return h
+        """A memory-mapped ``safe_open`` handle (torch tensors, so float8 works), or a SourceError naming the file.
+        Only regular files: safetensors would block on a FIFO and map a device."""
+        from safetensors import safe_open
+
+        if f not in self._handles:
+            regular_file(f)
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # several exception types for a bad header, and pyo3's PanicException is a BaseException
+                raise SourceError(f"cannot read safetensors file ({_one_line(e)})", path=f) from None
+        return self._handles[f]
 
     def headers(self) -> Header:
         """key -> (file, safetensors dtype, shape) over all files, without reading tensor data."""
@@ -198,9 +187,7 @@ class SafetensorsFiles:
 
 
 def _check_scale(s: Stored, dtype: str) -> None:
-    sc = s.scale
-    assert sc is not None
-    rows = s.shape[0]
+    sc, rows = s.scale, s.shape[0]
     if sc.kind == "weight_scale":
         ok = sc.shape in ((rows,), (rows, 1), (), (1,))
         want = f"({rows},), ({rows}, 1) or a scalar"

@@ -50,15 +50,11 @@ class Recipe:
         """The type and reason for one tensor; an impossible explicit rule is an error naming ``path`` and it."""
         for r in self.rules:
             if r.matches(spec.name):
-                if spec.kind != "linear" and spec.kind != "embedding" and r.type.is_quantized:
+                if spec.kind not in ("linear", "embedding") and r.type.is_quantized:
                     raise RecipeError(f"rule {r.pattern}={r.type.name.lower()} asks for a quantized type on a 1-D tensor", path=path, tensor=spec.name)
                 if not fits(r.type, spec.in_features):
-                    raise RecipeError(
-                        f"rule {r.pattern}={r.type.name.lower()}: {r.type.name} needs the input dimension divisible by "
-                        f"{r.type.block_size}, this tensor has {spec.in_features}",
-                        path=path,
-                        tensor=spec.name,
-                    )
+                    raise RecipeError(f"rule {r.pattern}={r.type.name.lower()}: {r.type.name} needs the input dimension divisible by "
+                                      f"{r.type.block_size}, this tensor has {spec.in_features}", path=path, tensor=spec.name)
                 return r.type, r.why
         if spec.kind in ("bias", "norm"):
             return GGMLType.F32, "1-D tensor kept F32"
@@ -70,12 +66,10 @@ class Recipe:
         return fallback(self.linear_type, spec.in_features, f"recipe {self.name}: linear", spec.name)
 
     def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "linear_type": self.linear_type.name,
-            "rules": [{"pattern": r.pattern, "type": r.type.name, "why": r.why} for r in self.rules],
-            "builtin_rules": [{"pattern": r.pattern, "type": r.type.name, "why": r.why} for r in self.builtin_rules],
-        }
+        def rules(rs: tuple[Rule, ...]) -> list[dict]:
+            return [{"pattern": r.pattern, "type": r.type.name, "why": r.why} for r in rs]
+
+        return {"name": self.name, "linear_type": self.linear_type.name, "rules": rules(self.rules), "builtin_rules": rules(self.builtin_rules)}
 
 
 def fallback(t: GGMLType, n_in: int, why: str, tensor: str | None = None) -> tuple[GGMLType, str]:
@@ -137,9 +131,7 @@ def _from_file(path: Path) -> Recipe:
     base = BUILTIN.get(str(d.get("base", "f32")))
     if base is None:
         raise RecipeError(f"unknown base recipe {d.get('base')!r}; known: {', '.join(BUILTIN)}", path=path)
-    linear = base.linear_type
-    if "linear_type" in d:
-        linear = parse_type(str(d["linear_type"]), "linear_type", path)
+    linear = parse_type(str(d["linear_type"]), "linear_type", path) if "linear_type" in d else base.linear_type
     rules = []
     for i, r in enumerate(d.get("rules", [])):
         if isinstance(r, str):
@@ -162,8 +154,7 @@ def resolve(recipe: str, type_override: str | None = None, rules: Sequence[str] 
         r = _from_file(Path(recipe))
     else:
         raise RecipeError(f"unknown recipe {recipe!r}; built-in recipes: {', '.join(BUILTIN)}, or a path to a recipe .json")
-    linear = r.linear_type
-    name = r.name
+    linear, name = r.linear_type, r.name
     if type_override:
         linear = parse_type(type_override, f"--type {type_override}")
         name = f"{name}+type={linear.name.lower()}"

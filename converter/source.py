@@ -34,9 +34,7 @@ class SourceTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         first = self.parts[0].shape
-        if len(first) == 1:
-            return first
-        return (sum(p.shape[0] for p in self.parts),) + tuple(first[1:])
+        return first if len(first) == 1 else (sum(p.shape[0] for p in self.parts),) + tuple(first[1:])
 
     @property
     def dtype(self) -> str:
@@ -46,11 +44,14 @@ class SourceTensor:
 class Backbone(SafetensorsFiles):
     """One DiT backbone of a checkpoint: its role, files, config and official-name tensors."""
 
-    def __init__(self, role: str, directory: Path, files: list[Path], config_json: dict | None) -> None:
+    def __init__(self, role: str, directory: Path, weights: Path) -> None:
+        """``weights``: the backbone's folder or its one .safetensors file; ``directory`` may hold its config.json."""
+        files = weight_files(weights, WEIGHTS_NAME, "a checkpoint directory")
         super().__init__(files, str(files[0] if len(files) == 1 else directory))
         self.role = role
         self.directory = directory
-        self.config_json = config_json
+        cfg = directory / "config.json"
+        self.config_json = read_json(cfg, what="config.json") if cfg.exists() else None
         self.tensors: dict[str, SourceTensor] = {}
         self.layout = "official"
         self._scan()
@@ -92,8 +93,7 @@ class Backbone(SafetensorsFiles):
             raise SourceError("not an Ideogram 4 backbone (no embed_image_indicator.weight)", path=where)
         detected = detect_config(shapes, where, error=SourceError)
         if self.config_json is not None:
-            cfg_path = self.directory / "config.json"
-            declared = config_from_json(self.config_json, str(cfg_path), error=SourceError)
+            declared = config_from_json(self.config_json, str(self.directory / "config.json"), error=SourceError)
             # Values no tensor shape can show come from the config; the rest must agree with the shapes.
             merged = dataclasses.replace(detected, **{k: v for k, v in declared.items() if k in ("rope_theta", "mrope_section", "norm_eps")})
             for k, v in declared.items():
@@ -115,24 +115,13 @@ class Backbone(SafetensorsFiles):
         return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
 
 
-def _backbone_files(d: Path) -> list[Path]:
-    return weight_files(d, WEIGHTS_NAME, "a checkpoint directory")
-
-
-def _load_config(d: Path) -> dict | None:
-    cfg = d / "config.json"
-    if not cfg.exists():
-        return None
-    return read_json(cfg, what="config.json")
-
-
 def open_checkpoint(src: str | Path, role: str | None = None) -> list[Backbone]:
     """Resolve SRC to its backbones: a checkpoint root (both backbones), a backbone directory, or a file."""
     src = Path(src)
     if not src.exists():
         raise SourceError("does not exist", path=src)
     if src.is_file():
-        return [Backbone(role or "cond", src.parent, _backbone_files(src), _load_config(src.parent))]
+        return [Backbone(role or "cond", src.parent, src)]
     subdirs = [n for n in BACKBONE_DIRS if (src / n).exists()]
     if subdirs:
         missing = [n for n in BACKBONE_DIRS if n not in subdirs]
@@ -149,7 +138,6 @@ def open_checkpoint(src: str | Path, role: str | None = None) -> list[Backbone]:
             d = src / n
             if not d.is_dir():
                 raise SourceError("is not a directory", path=d)
-            out.append(Backbone(BACKBONE_DIRS[n], d, _backbone_files(d), _load_config(d)))
+            out.append(Backbone(BACKBONE_DIRS[n], d, d))
         return out
-    r = role or BACKBONE_DIRS.get(src.name, "cond")
-    return [Backbone(r, src, _backbone_files(src), _load_config(src))]
+    return [Backbone(role or BACKBONE_DIRS.get(src.name, "cond"), src, src)]

@@ -69,25 +69,17 @@ class TextEncoderSource(SafetensorsFiles):
         self.directory = te_dir if te_dir.is_dir() else te_dir.parent
         super().__init__(files, files[0] if len(files) == 1 else self.directory)
         self.config_path = self.directory / "config.json"
-        self.tensors: dict[str, Stored] = {}
-        self.prefix = ""
         self._scan()
         self.config = self._config()
 
     # -- discovery ---------------------------------------------------------------------
     def _scan(self) -> None:
         raw = self.headers()
-        prefix = next((p for p in LM_PREFIXES if p + "embed_tokens.weight" in raw), None)
+        prefix = next((p for p in (*LM_PREFIXES, "") if p + "embed_tokens.weight" in raw), None)
         if prefix is None:
-            if "embed_tokens.weight" in raw:
-                prefix = ""
-            else:
-                raise SourceError(
-                    "no language model found (expected model.language_model.embed_tokens.weight, "
-                    "language_model.embed_tokens.weight or model.embed_tokens.weight)",
-                    path=self.where,
-                )
-        self.prefix = prefix
+            raise SourceError("no language model found (expected model.language_model.embed_tokens.weight, "
+                              "language_model.embed_tokens.weight or model.embed_tokens.weight)", path=self.where)
+        self.prefix: str = prefix
         lm = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
         if prefix == "model.":
             # A Qwen3-VL checkpoint never reaches here (its embedding is under model.language_model.),
@@ -97,20 +89,21 @@ class TextEncoderSource(SafetensorsFiles):
         for name, (f, _, _) in lm.items():
             m = LAYER_RE.match(name)
             if name.rsplit(".", 1)[-1] not in SCALE_KINDS and name not in ("embed_tokens.weight", "norm.weight") and not (m and m.group(2) in LAYER_MAP):
-                raise SourceError(
-                    "unexpected language-model tensor (not a Qwen3 decoder weight; attention biases are not supported)",
-                    path=f,
-                    tensor=prefix + name,
-                )
-        self.tensors = self.weights(lm, prefix, max_ndim=2)
+                raise SourceError("unexpected language-model tensor (not a Qwen3 decoder weight; attention biases are not supported)",
+                                  path=f, tensor=prefix + name)
+        self.tensors: dict[str, Stored] = self.weights(lm, prefix, max_ndim=2)
+
+    def _need(self, name: str) -> Stored:
+        if name not in self.tensors:
+            raise SourceError("missing tensor", path=self.where, tensor=self.prefix + name)
+        return self.tensors[name]
 
     def _config(self) -> dict:
-        shapes = {n: t.shape for n, t in self.tensors.items()}
-        emb = shapes["embed_tokens.weight"]
-        if len(emb) != 2:
-            raise SourceError(f"embedding has shape {list(emb)}, expected [vocab, hidden]", path=self.tensors["embed_tokens.weight"].file, tensor=self.tensors["embed_tokens.weight"].key)
-        vocab, hidden = emb
-        layer_of = {int(m.group(1)): n for n in shapes if (m := LAYER_RE.match(n))}
+        emb = self.tensors["embed_tokens.weight"]
+        if len(emb.shape) != 2:
+            raise SourceError(f"embedding has shape {list(emb.shape)}, expected [vocab, hidden]", path=emb.file, tensor=emb.key)
+        vocab, hidden = emb.shape
+        layer_of = {int(m.group(1)): n for n in self.tensors if (m := LAYER_RE.match(n))}
         layers = sorted(layer_of)
         n_layers = len(layers)
         if n_layers == 0:
@@ -118,16 +111,8 @@ class TextEncoderSource(SafetensorsFiles):
         if layers[-1] != n_layers - 1:
             gap = next(i for i in range(n_layers) if i not in layer_of)
             raise SourceError(f"decoder layers are not numbered 0..N-1: layer {gap} is missing, {layers[-1]} is the highest", path=self.where, tensor=self.prefix + layer_of[layers[-1]])
-
-        def need(name: str) -> tuple[int, ...]:
-            if name not in shapes:
-                raise SourceError("missing tensor", path=self.where, tensor=self.prefix + name)
-            return shapes[name]
-
-        head_dim = need("layers.0.self_attn.q_norm.weight")[0]
-        q_rows = need("layers.0.self_attn.q_proj.weight")[0]
-        kv_rows = need("layers.0.self_attn.k_proj.weight")[0]
-        ffn = need("layers.0.mlp.gate_proj.weight")[0]
+        head_dim, q_rows, kv_rows, ffn = (self._need(f"layers.0.{k}.weight").shape[0]
+                                          for k in ("self_attn.q_norm", "self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"))
         if head_dim <= 0 or q_rows % head_dim or kv_rows % head_dim:
             raise SourceError(f"q/k projections ({q_rows}, {kv_rows} rows) are not multiples of head_dim {head_dim}", path=self.where)
         cfg = {
@@ -167,11 +152,9 @@ class TextEncoderSource(SafetensorsFiles):
             for k, s in per.items():
                 want[f"layers.{i}.{k}"] = s
         for name, shape in want.items():
-            if name not in self.tensors:
-                raise SourceError("missing tensor", path=self.where, tensor=self.prefix + name)
-            got = self.tensors[name].shape
-            if tuple(got) != shape:
-                raise SourceError(f"shape {list(got)}, expected {list(shape)}", path=self.tensors[name].file, tensor=self.tensors[name].key)
+            got = self._need(name)
+            if tuple(got.shape) != shape:
+                raise SourceError(f"shape {list(got.shape)}, expected {list(shape)}", path=got.file, tensor=got.key)
         return cfg
 
 
@@ -191,15 +174,8 @@ def _merge_config(cfg: dict, js: dict, where: Path) -> None:
     nested = isinstance(js.get("text_config"), dict)
     tc = js["text_config"] if nested else js
     pre = "text_config." if nested else ""
-    declared = {
-        "hidden": "hidden_size",
-        "n_layers": "num_hidden_layers",
-        "n_heads": "num_attention_heads",
-        "n_kv_heads": "num_key_value_heads",
-        "head_dim": "head_dim",
-        "ffn": "intermediate_size",
-        "vocab": "vocab_size",
-    }
+    declared = {"hidden": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+                "head_dim": "head_dim", "ffn": "intermediate_size", "vocab": "vocab_size"}
     for k, key in declared.items():
         if tc.get(key) is not None and json_int(tc[key], pre + key, where) != cfg[k]:
             raise SourceError(f"config.json says {pre + key}={tc[key]} but the tensors say {cfg[k]}", path=where)
@@ -249,17 +225,12 @@ def plan_types(src: TextEncoderSource, linear_type: GGMLType, down_proj_type: GG
             continue
         k = t.shape[1]
         if name == "embed_tokens.weight":
-            if fits(linear_type, k):
-                plans[name] = (linear_type, "token embedding at the linear type")
-            else:
-                plans[name] = (GGMLType.F16, f"token embedding: {linear_type.name} needs rows divisible by {linear_type.block_size} (row = {k}), F16")
+            plans[name] = (linear_type, "token embedding at the linear type") if fits(linear_type, k) else (
+                GGMLType.F16, f"token embedding: {linear_type.name} needs rows divisible by {linear_type.block_size} (row = {k}), F16")
         elif down_proj_type is not None and name.endswith("mlp.down_proj.weight"):
             if not fits(down_proj_type, k):
-                raise RecipeError(
-                    f"down_proj_type {down_proj_type.name} needs the input dimension divisible by {down_proj_type.block_size}, this tensor has {k}",
-                    path=t.file,
-                    tensor=t.key,
-                )
+                raise RecipeError(f"down_proj_type {down_proj_type.name} needs the input dimension divisible by {down_proj_type.block_size}, "
+                                  f"this tensor has {k}", path=t.file, tensor=t.key)
             plans[name] = (down_proj_type, "down_proj_type (massive activations)")
         else:
             plans[name] = fallback(linear_type, k, "linear", t.key)

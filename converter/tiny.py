@@ -127,39 +127,21 @@ def train_bpe(corpus: list[str], vocab_size: int, split: str = QWEN2_SPLIT):
 
 def _byte_chars() -> list[str]:
     # GPT-2's reversible byte -> printable character map, which byte-level BPE vocabularies use.
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def _learn_merges(corpus: list[str]) -> tuple[dict[str, int], list[str]]:
-    """``train_bpe``'s merges, with the vocabulary renumbered bytes first (in GPT-2's byte order)."""
-    model = json.loads(train_bpe(corpus, 4096).to_str())["model"]
-    vocab = {c: i for i, c in enumerate(_byte_chars())}
-    merges = []
-    for m in model["merges"]:
-        left, right = m if isinstance(m, list) else m.split(" ")
-        merges.append(f"{left} {right}")
-        vocab.setdefault(left + right, len(vocab))
-    return vocab, merges
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    moved = [b for b in range(256) if b not in keep]  # each to the next character from 256 on
+    return [chr(b) if b in keep else chr(256 + moved.index(b)) for b in range(256)]
 
 
 def _write_tokenizer(d: Path, corpus: list[str] | None = None) -> int:
-    if corpus:
-        vocab, merges = _learn_merges(corpus)
+    if corpus:  # ``train_bpe``'s merges, with the vocabulary renumbered bytes first (in GPT-2's byte order)
+        pairs = [m if isinstance(m, list) else m.split(" ") for m in json.loads(train_bpe(corpus, 4096).to_str())["model"]["merges"]]
     else:
-        vocab = {c: i for i, c in enumerate(_byte_chars())}
-        merges = []
-        for m in _BIGRAMS:
-            left, right = (m[:-1], m[-1]) if m != "Ġthe" else ("Ġt", "he")
-            merges.append(f"{left} {right}")
-            vocab.setdefault(m, len(vocab))
+        pairs = [(m[:-1], m[-1]) if m != "Ġthe" else ("Ġt", "he") for m in _BIGRAMS]
+    vocab = {c: i for i, c in enumerate(_byte_chars())}
+    merges = []
+    for left, right in pairs:
+        merges.append(f"{left} {right}")
+        vocab.setdefault(left + right, len(vocab))
     added = [{"id": len(vocab) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True} for i, t in enumerate(SPECIALS)]
     tj = {
         "version": "1.0",

@@ -49,14 +49,8 @@ def read_tokenizer(tok_dir: str | Path, n_rows: int) -> dict:
     n_tok = max(tokens) + 1
     if n_tok > n_rows:
         raise SourceError(f"tokenizer has ids up to {n_tok - 1} but the embedding has only {n_rows} rows", path=path)
-    token_list, type_list = [], []
-    for i in range(n_rows):
-        if i in tokens:
-            token_list.append(tokens[i])
-            type_list.append(types[i])
-        else:
-            token_list.append(f"[PAD{i}]")
-            type_list.append(TOKEN_UNUSED)
+    token_list = [tokens.get(i, f"[PAD{i}]") for i in range(n_rows)]
+    type_list = [types.get(i, TOKEN_UNUSED) for i in range(n_rows)]
     # llama.cpp aborts the process on a vocabulary with a repeated token.
     seen: dict[str, int] = {}
     for i, t in enumerate(token_list):
@@ -79,21 +73,18 @@ def read_tokenizer(tok_dir: str | Path, n_rows: int) -> dict:
         return by_content.get(fallback) if fallback else None
 
     eos = special_id("eos_token", "<|im_end|>")
-    if eos is None:
-        eos = by_content.get("<|endoftext|>")
     template = conf.get("chat_template")
-    out = {
+    return {
         "tokens": token_list,
         "types": type_list,
         "merges": merges,
         "n_tokenizer": n_tok,
-        "eos": eos,
+        "eos": by_content.get("<|endoftext|>") if eos is None else eos,
         "bos": special_id("bos_token", "<|endoftext|>"),
         "pad": special_id("pad_token", "<|endoftext|>"),
         "chat_template": _utf8(template, "chat_template", conf_path) if isinstance(template, str) else None,
         "files": [p.name for p in (path, conf_path) if p.exists()],
     }
-    return out
 
 
 def _typed(value, kind: type, key: str, path: Path):
