@@ -266,14 +266,9 @@ def _check(libs: _Libs) -> None:
         raise GGMLError(f"{libs.dir}: ggml_tensor layout does not match ggml {EXPECTED_GGML_VERSION}; reinstall llama-cpp-python==0.3.36")
 
 
-def _init() -> _Libs:
-    libs = _Libs()
-    libs.ggml_log_set(_log_cb, None)
-    _check(libs)
-    return libs
-
-
-lib = _init()
+lib = _Libs()
+lib.ggml_log_set(_log_cb, None)
+_check(lib)
 
 
 def tensor_struct(t: int) -> ggml_tensor_struct:

@@ -37,24 +37,14 @@ def devices() -> list[DeviceInfo]:
         d = lib.ggml_backend_dev_get(i)
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         lib.ggml_backend_dev_memory(d, ctypes.byref(free), ctypes.byref(total))
-        out.append(
-            DeviceInfo(
-                name=lib.ggml_backend_dev_name(d).decode(),
-                description=(lib.ggml_backend_dev_description(d) or b"").decode(),
-                kind=kinds.get(lib.ggml_backend_dev_type(d), "other"),
-                memory_free=free.value,
-                memory_total=total.value,
-            )
-        )
+        out.append(DeviceInfo(lib.ggml_backend_dev_name(d).decode(), (lib.ggml_backend_dev_description(d) or b"").decode(),
+                              kinds.get(lib.ggml_backend_dev_type(d), "other"), free.value, total.value))
     return out
 
 
 def available() -> list[str]:
     """Backend choices a user may name: always ``cpu``; ``cuda`` when a GPU device is registered."""
-    names = ["cpu"]
-    if any(d.kind == "gpu" for d in devices()):
-        names.append("cuda")
-    return names
+    return ["cpu"] + (["cuda"] if any(d.kind == "gpu" for d in devices()) else [])
 
 
 class Backend(Native):

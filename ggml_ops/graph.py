@@ -192,10 +192,6 @@ def download(t: Tensor) -> np.ndarray:
     return out
 
 
-def _can_repeat(b: Tensor, a: Tensor) -> bool:
-    return all(x % y == 0 for x, y in zip(a.ne, b.ne))
-
-
 class Builder:
     """Op constructors over one graph context; every op validates before calling ggml."""
 
@@ -213,7 +209,7 @@ class Builder:
     # -- elementwise -------------------------------------------------------------------
     def _binary(self, fn, a: Tensor, b: Tensor, op: str) -> Tensor:
         self._f32(a, b, op=op)
-        if not _can_repeat(b, a):
+        if any(x % y for x, y in zip(a.ne, b.ne)):  # ggml_can_repeat
             raise GGMLError(f"{op}: cannot broadcast ne={b.ne} onto ne={a.ne}")
         if not (a.rows_contiguous() and b.rows_contiguous()):
             raise GGMLError(f"{op}: operands must be contiguous along dim 0")
@@ -311,22 +307,16 @@ class Builder:
         nb = [int(x) for x in nb]
         if len(nb) != len(ne) - 1:
             raise GGMLError(f"view: {len(ne)} dims need {len(ne) - 1} strides")
-        esize = a.type.type_size // a.type.block_size if a.type.block_size == 1 else None
-        if esize is None:
+        if not 1 <= len(ne) <= 4:
+            raise GGMLError("view: 1-4 dims")
+        if a.type.block_size != 1:
             raise GGMLError("view: only unquantized tensors")
+        esize = a.type.type_size
         last = offset + (ne[0] - 1) * esize + sum((n - 1) * s for n, s in zip(ne[1:], nb)) + esize
         if offset < 0 or last > a.nbytes:
             raise GGMLError(f"view: ne={ne} nb={nb} offset={offset} exceeds {a.nbytes} bytes of {a!r}")
-        c = self.ctx.ptr
-        if len(ne) == 1:
-            p = lib.ggml_view_1d(c, a.ptr, ne[0], offset)
-        elif len(ne) == 2:
-            p = lib.ggml_view_2d(c, a.ptr, ne[0], ne[1], nb[0], offset)
-        elif len(ne) == 3:
-            p = lib.ggml_view_3d(c, a.ptr, ne[0], ne[1], ne[2], nb[0], nb[1], offset)
-        else:
-            p = lib.ggml_view_4d(c, a.ptr, ne[0], ne[1], ne[2], ne[3], nb[0], nb[1], nb[2], offset)
-        return self._t(p)
+        fn = (lib.ggml_view_1d, lib.ggml_view_2d, lib.ggml_view_3d, lib.ggml_view_4d)[len(ne) - 1]
+        return self._t(fn(self.ctx.ptr, a.ptr, *ne, *nb, offset))  # ne0.., nb1.., offset: ggml's argument order
 
     def permute(self, a: Tensor, *axes: int) -> Tensor:
         if sorted(axes) != [0, 1, 2, 3]:
@@ -362,14 +352,8 @@ class Graph(Native):
     """A compute graph built once and reused: its own context, a graph allocator reserved for it,
     and named inputs in a separate persistent buffer so values that do not change are uploaded once."""
 
-    def __init__(
-        self,
-        backend: Backend,
-        inputs: Sequence[tuple[str, GGMLType, Sequence[int]]],
-        build: Callable[[Builder, dict[str, Tensor]], dict[str, Tensor]],
-        *,
-        graph_size: int = 8192,
-    ) -> None:
+    def __init__(self, backend: Backend, inputs: Sequence[tuple[str, GGMLType, Sequence[int]]],
+                 build: Callable[[Builder, dict[str, Tensor]], dict[str, Tensor]], *, graph_size: int = 8192) -> None:
         self.backend = backend
         self.inputs = TensorStore(backend, inputs, usage_weights=False)
         self.ctx = Context(n_tensors=0, graph_size=graph_size)

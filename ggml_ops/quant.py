@@ -21,13 +21,7 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def quantize(
-    x: np.ndarray,
-    qtype: GGMLType,
-    *,
-    importance: np.ndarray | None = None,
-    threads: int | None = None,
-) -> np.ndarray:
+def quantize(x: np.ndarray, qtype: GGMLType, *, importance: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
     """Quantize a 2-D float32 array (rows of ``n_per_row``) to ``qtype``; returns uint8 [rows, row_bytes].
 
     ``importance`` (one weight per column) selects ggml's importance-weighted path for K-quants; ``None``

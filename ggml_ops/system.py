@@ -21,21 +21,9 @@ _GET_FEATURES = ctypes.CFUNCTYPE(ctypes.POINTER(_FEATURE), ctypes.c_void_p)
 _GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
 
 #: ggml's x86 feature names -> the flag /proc/cpuinfo shows when the CPU has it.
-X86_FLAGS = {
-    "SSE3": "pni",
-    "SSSE3": "ssse3",
-    "AVX": "avx",
-    "AVX_VNNI": "avx_vnni",
-    "AVX2": "avx2",
-    "F16C": "f16c",
-    "FMA": "fma",
-    "BMI2": "bmi2",
-    "AVX512": "avx512f",
-    "AVX512_VBMI": "avx512vbmi",
-    "AVX512_VNNI": "avx512_vnni",
-    "AVX512_BF16": "avx512_bf16",
-    "AMX_INT8": "amx_int8",
-}
+X86_FLAGS = {"SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX_VNNI": "avx_vnni", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma",
+             "BMI2": "bmi2", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
+             "AMX_INT8": "amx_int8"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,28 +87,25 @@ def buffer_type_name(buffer) -> str:
     return lib.ggml_backend_buft_name(lib.ggml_backend_buffer_get_type(buffer)).decode()
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The value on /proc/cpuinfo's first ``field`` line (None without one, or without /proc/cpuinfo)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1] for line in lines if line.startswith(field)), None)
+
+
 def cpu_flags() -> set[str]:
     """The running CPU's flags as the kernel reports them (empty where /proc/cpuinfo is absent)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine()
+    model = _cpuinfo("model name")
+    return model.strip() if model is not None else platform.processor() or platform.machine()
 
 
 def cpu_mismatch(features: dict[str, str], flags: set[str]) -> list[str]:

@@ -36,19 +36,8 @@ NUMBER_TYPES = INTEGER_TYPES + ("FLOAT32", "FLOAT64")
 _WANT = {INTEGER_TYPES: "an integer", NUMBER_TYPES: "a number"}  # how a type check names a group of types
 
 # struct format of each scalar value type (little-endian); NumPy reads arrays with the same codes
-_FORMAT = {
-    GGUFValueType.UINT8: "B",
-    GGUFValueType.INT8: "b",
-    GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h",
-    GGUFValueType.UINT32: "I",
-    GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f",
-    GGUFValueType.BOOL: "B",
-    GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q",
-    GGUFValueType.FLOAT64: "d",
-}
+_FORMAT = {GGUFValueType[n]: c for n, c in (("UINT8", "B"), ("INT8", "b"), ("UINT16", "H"), ("INT16", "h"), ("UINT32", "I"), ("INT32", "i"),
+                                              ("FLOAT32", "f"), ("BOOL", "B"), ("UINT64", "Q"), ("INT64", "q"), ("FLOAT64", "d"))}
 _SCALAR = {t: struct.Struct("<" + c) for t, c in _FORMAT.items()}
 _NUMPY = {t: np.dtype("<" + c) for t, c in _FORMAT.items()}
 # Fewest bytes one value of a type takes: a string is at least its u64 length, an array its item type and count.
@@ -161,17 +150,13 @@ class _Stream:
     def unpack(self, fmt: struct.Struct, what: str):
         if fmt.size > self.left:
             raise ModelError(f"truncated header: file ends inside {what} (byte {self.pos} of {self.size})", path=self.path)
-        if self.pos + fmt.size > self.base + len(self.buf):
-            self._fill(fmt.size)
-        v = fmt.unpack_from(self.buf, self.pos - self.base)
-        self.pos += fmt.size
-        return v
+        return fmt.unpack(self.take(fmt.size))
 
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _HEAD = struct.Struct("<4sIQQ")
-_TYPE_COUNT = struct.Struct("<IQ")
+_TYPE_COUNT = struct.Struct("<IQ")  # an array's item type and count; a tensor's type and offset
 
 
 def _string(s: _Stream, what: str, limit: int, path: Path) -> bytes:
@@ -323,7 +308,7 @@ def parse_header(f, size: int, path: Path) -> GGUFHeader:
             n_el *= d
         if n_el > INT64_MAX:
             raise ModelError(f"ne={list(ne)} has more than 2^63-1 elements", path=path, tensor=name)
-        raw_type, offset = s.unpack(struct.Struct("<IQ"), f"the type and offset of tensor {name!r}")
+        raw_type, offset = s.unpack(_TYPE_COUNT, f"the type and offset of tensor {name!r}")
         try:
             gt = GGMLQuantizationType(raw_type)
             block, type_size = GGML_QUANT_SIZES[gt]
@@ -345,11 +330,8 @@ def _check_ranges(path: Path, size: int, data_offset: int, alignment: int, tenso
     by_offset = sorted(tensors.values(), key=lambda t: t.offset)
     for t in by_offset:
         if t.offset + t.nbytes > size:
-            raise ModelError(
-                f"file is truncated: the tensor's data ends at byte {t.offset + t.nbytes}, but the file has {size} bytes",
-                path=path,
-                tensor=t.name,
-            )
+            raise ModelError(f"file is truncated: the tensor's data ends at byte {t.offset + t.nbytes}, but the file has {size} bytes",
+                             path=path, tensor=t.name)
     for a, b in zip(by_offset, by_offset[1:]):
         if a.offset + a.nbytes > b.offset:
             raise ModelError(f"data overlaps tensor {b.name!r} (bytes {a.offset}..{a.offset + a.nbytes} vs {b.offset})", path=path, tensor=a.name)

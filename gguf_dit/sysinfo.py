@@ -43,13 +43,10 @@ def collect() -> dict:
         "build_features_missing_on_this_cpu": system.cpu_mismatch(cpu_reg.features if cpu_reg else {}, flags),
     }
     info["backends"] = [{"name": r.name, "devices": list(r.devices), "features": r.features} for r in regs]
-    devs = []
-    for i, d in enumerate(devices()):
-        devs.append({
-            "name": d.name, "description": d.description, "kind": d.kind, "memory_total": d.memory_total, "memory_free": d.memory_free,
-            "extra_buffer_types": system.extra_buffer_types(lib.ggml_backend_dev_get(i)),
-        })
-    info["devices"] = devs
+    info["devices"] = [{
+        "name": d.name, "description": d.description, "kind": d.kind, "memory_total": d.memory_total, "memory_free": d.memory_free,
+        "extra_buffer_types": system.extra_buffer_types(lib.ggml_backend_dev_get(i)),
+    } for i, d in enumerate(devices())]
     info["cuda"] = any(r.name == "CUDA" for r in regs)
     import inspect
 

@@ -41,7 +41,6 @@ _ALLOWED = ", ".join(t.name for t in sorted(STORAGE_TYPES)[:-1]) + " or " + sort
 _KIND_NAMES = {"linear": "a linear weight", "bias": "a bias", "norm": "a norm weight", "embedding": "the image-indicator embedding"}
 
 
-
 class BackboneFile(GGUFFile):
     """A parsed backbone GGUF. ``warnings`` lists deviations that do not stop loading.
 

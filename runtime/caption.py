@@ -21,6 +21,7 @@ messages, are in docs/captions.md. In short:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ __all__ = [
     "validate_caption",
     "prepare_caption",
     "wrap_plain_text",
+    "check_encodable",
     "serialise",
     "caption_summary",
     "MAX_TEXT_TOKENS",
@@ -194,19 +196,13 @@ def _json_type(v: Any) -> str:
     return t if t == "null" else ("an " if t[0] in "aeiou" else "a ") + t
 
 
-def _show(v: Any) -> str:
-    return show(v, limit=None)
-
+_show = functools.partial(show, limit=None)  # a caption's values are quoted whole in its messages
 
 # --- validation ----------------------------------------------------------------------------------
 
 
 def _p(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def _where(path: str) -> str:
-    return path or "(root)"
 
 
 class _Checker:
@@ -216,10 +212,10 @@ class _Checker:
         self.check_bboxes = check_bboxes
 
     def err(self, path: str, msg: str) -> None:
-        self.errors.append(f"{_where(path)}: {msg}")
+        self.errors.append(f"{path or '(root)'}: {msg}")
 
     def warn(self, path: str, msg: str) -> None:
-        self.warnings.append(f"{_where(path)}: {msg}")
+        self.warnings.append(f"{path or '(root)'}: {msg}")
 
     # generic pieces
 
@@ -300,17 +296,11 @@ class _Checker:
         if not isinstance(sd, dict):
             self.err(path, f"expected an object, got {_json_type(sd)}")
             return
-        has_photo, has_art = "photo" in sd, "art_style" in sd
-        if has_photo and has_art:
-            self.err(path, "has both \"photo\" and \"art_style\"; expected exactly one "
-                           "(\"photo\" for photographs, \"art_style\" otherwise)")
-            order = None
-        elif not has_photo and not has_art:
-            self.err(path, "has neither \"photo\" nor \"art_style\"; expected exactly one "
-                           "(\"photo\" for photographs, \"art_style\" otherwise)")
-            order = None
-        else:
-            order = STYLE_KEYS_PHOTO if has_photo else STYLE_KEYS_ART
+        has_photo = "photo" in sd
+        order = (STYLE_KEYS_PHOTO if has_photo else STYLE_KEYS_ART) if has_photo != ("art_style" in sd) else None
+        if order is None:
+            both = "both \"photo\" and" if has_photo else "neither \"photo\" nor"
+            self.err(path, f"has {both} \"art_style\"; expected exactly one (\"photo\" for photographs, \"art_style\" otherwise)")
         self.object_keys(obj=sd, path=path, allowed=STYLE_KEYS_ALL, order=order)
         for k in ("aesthetics", "lighting", "photo", "medium", "art_style"):
             self.string(sd, k, path)
@@ -339,13 +329,12 @@ class _Checker:
         if not isinstance(el, dict):
             self.err(path, f"expected an element object, got {_json_type(el)}")
             return
-        if "type" not in el:
-            self.err(path, "missing required key \"type\" (\"obj\" or \"text\")")
-            self.object_keys(el, path, ELEMENT_KEYS_TEXT, None)
-            return
-        kind = el["type"]
+        kind = el.get("type")
         if kind not in ELEMENT_TYPES:
-            self.err(_p(path, "type"), f"expected \"obj\" or \"text\", got {_show(kind)}")
+            if "type" not in el:
+                self.err(path, "missing required key \"type\" (\"obj\" or \"text\")")
+            else:
+                self.err(_p(path, "type"), f"expected \"obj\" or \"text\", got {_show(kind)}")
             self.object_keys(el, path, ELEMENT_KEYS_TEXT, None)
             return
         keys = ELEMENT_KEYS_TEXT if kind == "text" else ELEMENT_KEYS_OBJ
@@ -449,7 +438,8 @@ def wrap_plain_text(text: str) -> dict:
     }
 
 
-def _check_encodable(text: str, where: str, path: str | None) -> None:
+def check_encodable(text: str, where: str = "", path: str | None = None) -> None:
+    """Refuse a caption too long to tokenize quickly, or one that is not valid Unicode."""
     if len(text) > MAX_CAPTION_CHARS:
         raise InputError(f"{where}caption is {len(text)} characters; at most {MAX_CAPTION_CHARS} are tokenized "
                          f"(the text encoder takes {MAX_TEXT_TOKENS} tokens)", path=path)
@@ -466,26 +456,24 @@ def _caption_prompt(obj: Any, *, line: int | None, original: str, keep_bboxes: b
     if errors:
         raise CaptionError(errors, warnings=warnings, where=where.rstrip(": ") or None, path=path)
     text = prepare_caption(obj, keep_bboxes=keep_bboxes)
-    _check_encodable(text, where, path)
+    check_encodable(text, where, path)
     return Prompt(text=text, source="json", line=line, warnings=warnings, original=original)
 
 
 def _text_prompt(text: str, *, line: int | None, where: str, path: str | None) -> Prompt:
     out = serialise(wrap_plain_text(text))
-    _check_encodable(out, where, path)
+    check_encodable(out, where, path)
     return Prompt(text=out, source="text", line=line, warnings=[], original=text.strip())
 
 
 def _raw_prompt(text: str, *, line: int | None, where: str, path: str | None) -> Prompt:
-    _check_encodable(text, where, path)
+    check_encodable(text, where, path)
     return Prompt(text=text, source="raw", line=line, warnings=[], original=text)
 
 
 # --- prompt files --------------------------------------------------------------------------------
 
 _JSON_HINT = " (the file starts with '{' or '[', so it is read as JSON captions)"
-
-
 _REFUSALS = {"missing": "prompt file not found", "unreadable": "cannot read prompt file: {why}",
              "folder": "prompt file is a directory, expected a text file",
              "special": "prompt file is not a regular file (a FIFO, socket or device); expected a text file"}
@@ -509,10 +497,6 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise InputError(f"prompt file is not UTF-8 text (bad byte at offset {e.start})", path=str(path)) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _is_comment(line: str) -> bool:
-    return line.lstrip().startswith("#")
 
 
 def _skip_blank_and_comments(text: str, pos: int) -> int:
@@ -577,22 +561,18 @@ def read_prompt_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool =
     but each prompt is its exact source text (the JSON value as written, or the line without its
     newline), with no validation, wrapping or stripping.
     """
-    p = Path(path)
     where_path = str(path)
-    text = _read_text(p)
+    text = _read_text(Path(path))
     start = _skip_blank_and_comments(text, 0)
     prompts: list[Prompt] = []
     if start < len(text) and text[start] in "{[":
         for value, line, src in _json_entries(text, start, where_path):
-            if raw:
-                prompts.append(_raw_prompt(src, line=line, where=f"line {line}: ", path=where_path))
-            else:
-                prompts.append(_caption_prompt(value, line=line, original=src, keep_bboxes=keep_bboxes,
-                                               where=f"line {line}: ", path=where_path))
+            at = dict(line=line, where=f"line {line}: ", path=where_path)
+            prompts.append(_raw_prompt(src, **at) if raw else _caption_prompt(value, original=src, keep_bboxes=keep_bboxes, **at))
     else:
         first_line: int | None = None
         for i, line_text in enumerate(text.split("\n"), start=1):
-            if not line_text.strip() or _is_comment(line_text):
+            if not line_text.strip() or line_text.lstrip().startswith("#"):
                 continue
             if first_line is None:
                 first_line = i
@@ -611,9 +591,7 @@ def read_prompt_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool =
     return prompts
 
 
-def prompts_from_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool = False) -> list[Prompt]:
-    """Alias of `read_prompt_file` (JSON → validate → strip → serialise; text → wrap; raw → as is)."""
-    return read_prompt_file(path, raw=raw, keep_bboxes=keep_bboxes)
+prompts_from_file = read_prompt_file  # the same function under its older name
 
 
 def prompt_from_string(text: str, *, raw: bool = False, keep_bboxes: bool = False) -> Prompt:

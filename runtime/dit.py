@@ -172,15 +172,8 @@ class Ideogram4DiT:
             d = types.setdefault(t.type.name, {"count": 0, "bytes": 0})
             d["count"] += 1
             d["bytes"] += t.nbytes
-        return {
-            "file": str(self.path),
-            "role": self.role,
-            "backend": self.backend.name,
-            "device": self.backend.device_name,
-            "weight_bytes": self.weights.nbytes,
-            "types": types,
-            "config": self.config.to_metadata(),
-        }
+        return {"file": str(self.path), "role": self.role, "backend": self.backend.name, "device": self.backend.device_name,
+                "weight_bytes": self.weights.nbytes, "types": types, "config": self.config.to_metadata()}
 
     def close(self) -> None:
         for g in self._graphs.values():
@@ -197,14 +190,10 @@ class Ideogram4DiT:
         cfg = self.config
         n_img = grid_h * grid_w
         L = n_text + n_img
-        inputs = [
-            ("x", GGMLType.F32, (cfg.in_channels, n_img)),
-            ("temb", GGMLType.F32, (cfg.emb_dim, 1)),
-            ("cos", GGMLType.F32, (cfg.head_dim, 1, L)),
-            ("sin", GGMLType.F32, (cfg.head_dim, 1, L)),
-        ]
+        shapes = {"x": (cfg.in_channels, n_img), "temb": (cfg.emb_dim, 1), "cos": (cfg.head_dim, 1, L), "sin": (cfg.head_dim, 1, L)}
         if n_text:
-            inputs.append(("text", GGMLType.F32, (cfg.llm_features_dim, n_text)))
+            shapes["text"] = (cfg.llm_features_dim, n_text)
+        inputs = [(name, GGMLType.F32, ne) for name, ne in shapes.items()]
         g = Graph(self.backend, inputs, lambda b, i: _Modules(self, b).transformer(i, n_text), graph_size=512 + 160 * cfg.num_layers)
         cos, sin = rope_tables(positions(n_text, grid_h, grid_w), cfg)
         sin[:, : cfg.head_dim // 2] *= -1.0  # rotate_half's sign, see _Modules.rope
@@ -238,8 +227,7 @@ class Ideogram4DiT:
             )
         if not np.isfinite(x).all():
             raise InputError("latent tokens contain NaN or Inf")
-        n_text = 0
-        feats = None
+        n_text, feats = 0, None
         if text_features is not None:
             feats = np.asarray(text_features, dtype=np.float32)
             if feats.ndim == 3 and feats.shape[0] == 1:
@@ -302,9 +290,7 @@ class _Modules:
         b = self.b
         hd, H, L = q.ne[:3]
         scale = 1.0 / math.sqrt(hd)
-        s = self.options.kv_scale
-        if s is None:
-            s = 1.0 if self.backend.is_cpu else 1.0 / 128.0
+        s = self.options.kv_scale or (1.0 if self.backend.is_cpu else 1.0 / 128.0)  # kv_scale is None or > 0
         if s != 1.0:
             k, v = b.scale(k, s), b.scale(v, s)
         qp, kp, vp = (b.permute(t, 0, 2, 1, 3) for t in (q, k, v))  # [hd, L, H]
@@ -383,9 +369,8 @@ def check_pair(cond: Ideogram4DiT, uncond: Ideogram4DiT) -> None:
     if cond.config != uncond.config:
         diff = [f.name for f in dataclasses.fields(Ideogram4Config) if getattr(cond.config, f.name) != getattr(uncond.config, f.name)]
         d = diff[0]
-        raise ModelError(
-            f"conditional and unconditional backbones differ in {d}: {getattr(cond.config, d)} ({cond.path}) vs {getattr(uncond.config, d)} ({uncond.path})"
-        )
+        raise ModelError(f"conditional and unconditional backbones differ in {d}: "
+                         f"{getattr(cond.config, d)} ({cond.path}) vs {getattr(uncond.config, d)} ({uncond.path})")
     if cond.role == "uncond":
         raise ModelError("given as the conditional backbone but its metadata says role=uncond", path=cond.path)
     if uncond.role == "cond":

@@ -17,7 +17,7 @@ import numpy as np
 
 from gguf_dit.errors import ModelError
 from gguf_dit.files import open_regular
-from gguf_dit.ggml_ops import STORAGE_TYPES, GGMLType
+from gguf_dit.ggml_ops import STORAGE_TYPES, GGMLType, dequantize
 from gguf_dit.gguf_header import GGUFHeader, parse_header
 
 
@@ -72,22 +72,23 @@ class GGUFFile:
             raise ModelError("file ends inside the tensor data (truncated?)", path=self.path, tensor=name)
         return buf
 
+    def _row_chunks(self, name: str, f, max_bytes: int) -> Iterator[np.ndarray]:
+        """A tensor's stored bytes, whole rows at a time, at most ``max_bytes`` (but one row) per read."""
+        t = self.tensors[name]
+        if not t.nbytes:
+            return
+        row = t.nbytes // math.prod(t.shape[:-1])
+        step = max(1, max_bytes // row) * row
+        for o in range(0, t.nbytes, step):
+            yield self.read_bytes(name, f, o, min(step, t.nbytes - o))
+
     def f32_chunks(self, name: str, f, max_bytes: int = 4 << 20) -> Iterator[np.ndarray]:
         """A tensor decoded to float32 a few MiB of stored rows at a time, shape (rows, n)."""
-        from gguf_dit.ggml_ops import dequantize
-
         t = self.tensors[name]
         if t.type not in STORAGE_TYPES:
             raise ModelError(f"cannot decode type {t.type_name}", path=self.path, tensor=name)
-        if not t.nbytes:
-            return
-        n = t.shape[-1]
-        rows = math.prod(t.shape[:-1])
-        row_bytes = t.nbytes // rows
-        step = max(1, max_bytes // row_bytes)
-        for r0 in range(0, rows, step):
-            raw = self.read_bytes(name, f, r0 * row_bytes, (min(rows, r0 + step) - r0) * row_bytes)
-            yield raw.view(np.float32).reshape(-1, n) if t.type is GGMLType.F32 else dequantize(raw, t.type, n)
+        for raw in self._row_chunks(name, f, max_bytes):
+            yield raw.view(np.float32).reshape(-1, t.shape[-1]) if t.type is GGMLType.F32 else dequantize(raw, t.type, t.shape[-1])
 
     def read_f32(self, name: str, f) -> np.ndarray:
         """A whole tensor as float32 in PyTorch shape (ggml's own type traits decode it)."""
@@ -108,16 +109,9 @@ class GGUFFile:
     def nonfinite(self, max_bytes: int = 4 << 20) -> list[str]:
         """Tensors holding NaN or Inf, scanned a few MiB at a time with plain reads, so memory stays small
         whatever the file's size. Types that are not weights are skipped (their owner refuses them)."""
-        bad = []
         with self.open() as f:
-            for n, t in self.tensors.items():
-                if t.type not in STORAGE_TYPES or not t.nbytes:
-                    continue
-                row = t.nbytes // math.prod(t.shape[:-1])
-                step = max(1, max_bytes // row) * row
-                if not all(all_finite(t.type, self.read_bytes(n, f, o, min(step, t.nbytes - o))) for o in range(0, t.nbytes, step)):
-                    bad.append(n)
-        return bad
+            return [n for n, t in self.tensors.items()
+                    if t.type in STORAGE_TYPES and not all(all_finite(t.type, raw) for raw in self._row_chunks(n, f, max_bytes))]
 
 
 _T = GGMLType

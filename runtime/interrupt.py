@@ -27,11 +27,7 @@ def requested() -> bool:
     return _requested.is_set()
 
 
-def _poll(_data) -> bool:
-    return _requested.is_set()
-
-
-abort_callback = ABORT_CALLBACK(_poll)
+abort_callback = ABORT_CALLBACK(lambda _data: _requested.is_set())
 
 
 def _record(_signum, _frame) -> None:

@@ -36,8 +36,8 @@ def llama_cpp():
             import llama_cpp
         except Exception as e:  # pragma: no cover - llama-cpp-python is a hard dependency
             raise ModelError(f"llama-cpp-python is not importable ({e}); install llama-cpp-python==0.3.36") from None
-        _llama_log_cb = _llama_log_cb or _llama_logger()
-        LOAD_PROGRESS = llama_cpp.llama_progress_callback(_load_progress)
+        _llama_log_cb = _llama_log_cb or glib.LOG_CALLBACK(glib.LineLogger(log, logging.DEBUG))
+        LOAD_PROGRESS = llama_cpp.llama_progress_callback(lambda _progress, _data: not interrupt.requested())
         llama_cpp.llama_log_set(_llama_log_cb, None)
         # llama_log_set also replaces ggml's log callback; give ggml's back to gguf_dit.ggml_ops.
         glib.lib.ggml_log_set(glib._log_cb, None)
@@ -50,16 +50,6 @@ def llama_cpp():
 def llama_system_info() -> str:
     """llama.cpp's own one-line system info (the features its CPU backend was built with)."""
     return llama_cpp().llama_print_system_info().decode(errors="replace").strip()
-
-
-def _load_progress(_progress, _data) -> bool:
-    return not interrupt.requested()
-
-
-def _llama_logger():
-    from gguf_dit.ggml_ops._lib import LOG_CALLBACK, LineLogger
-
-    return LOG_CALLBACK(LineLogger(log, logging.DEBUG))
 
 
 def _check_shared_ggml(glib) -> None:

@@ -11,7 +11,6 @@ from gguf_dit.arch import MODEL_FILES
 from gguf_dit.errors import ModelError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ModelFiles:
     transformer: Path

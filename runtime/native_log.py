@@ -17,11 +17,6 @@ import logging
 LOGGERS = ("gguf_dit.llama", "gguf_dit.ggml")
 
 
-def _is_native(record: logging.LogRecord) -> bool:
-    # Native lines are emitted by LineLogger.__call__ in ggml_ops/_lib.py (the ctypes log callback).
-    return record.module == "_lib" and record.funcName == "__call__"
-
-
 class _NativeFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
@@ -31,7 +26,7 @@ class _NativeFilter(logging.Filter):
         self.recent: collections.deque[tuple[int, int, str]] = collections.deque(maxlen=64)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not _is_native(record):
+        if record.module != "_lib" or record.funcName != "__call__":  # not LineLogger.__call__ (the ctypes log callback)
             return True
         if record.levelno >= logging.WARNING:
             self.seq = next(self.count)

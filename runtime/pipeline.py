@@ -69,9 +69,8 @@ class Pipeline:
 
         cond, uncond = self.header, BackboneFile(self.files.unconditional_transformer)
         a, b = cond.config.to_metadata(), uncond.config.to_metadata()
-        diff = [k for k in a if a[k] != b[k]]
-        if diff:
-            k = diff[0]
+        k = next((k for k in a if a[k] != b[k]), None)
+        if k is not None:
             raise ModelError(f"{k} is {b[k]}, but {self.files.transformer} has {a[k]}: not the same model's backbones", path=self.files.unconditional_transformer)
         _read_meta(self.files.text_encoder)
         check_file(self.files.vae)
@@ -133,15 +132,9 @@ class Pipeline:
         return Generated(self.decode(z, height, width, tile=tile), z, seed)
 
     def decode(self, z: np.ndarray, height: int, width: int, *, tile: int | None = None) -> np.ndarray:
-        from .vae import to_uint8
-
         gh, gw = token_grid(height, width)
-        vae = self.vae()
         log.debug("decoding %dx%d latents", gh, gw)
-        x = vae.decode_latents(vae.tokens_to_latents(z, gh, gw), tile=tile, clamp=False)
-        if not bool(x.isfinite().all()):  # checked before the clamp, which would turn Inf into white
-            raise ModelError("decoded image contains NaN/Inf", path=self.files.vae)
-        return to_uint8(x.clamp(-1.0, 1.0))
+        return self.vae().decode_tokens(z, gh, gw, tile=tile)
 
     def describe(self) -> dict:
         """Each file's name and hash (the backbones' recipes too), the backend and device: for the PNG metadata."""

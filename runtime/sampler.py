@@ -21,7 +21,6 @@ from .interrupt import native_call
 from .schedule import SamplerSettings, euler_step, initial_noise, resolve_settings, timesteps
 
 
-
 @dataclasses.dataclass(frozen=True)
 class StepInfo:
     index: int  # run order, 0 = first (noisiest) step
@@ -39,20 +38,9 @@ def token_grid(height: int, width: int) -> tuple[int, int]:
     return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
 
 
-def sample(
-    cond: Ideogram4DiT,
-    uncond: Ideogram4DiT,
-    text_features: np.ndarray,
-    height: int,
-    width: int,
-    *,
-    settings: SamplerSettings | None = None,
-    seed: int = 0,
-    noise: np.ndarray | None = None,
-    ts: np.ndarray | None = None,
-    callback: Callable[[StepInfo, np.ndarray], None] | None = None,
-    **choice,
-) -> np.ndarray:
+def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT, text_features: np.ndarray, height: int, width: int, *,
+           settings: SamplerSettings | None = None, seed: int = 0, noise: np.ndarray | None = None, ts: np.ndarray | None = None,
+           callback: Callable[[StepInfo, np.ndarray], None] | None = None, **choice) -> np.ndarray:
     """Sample final latent tokens (1, N, 128) float32 for one prompt's text features.
 
     ``settings``, or else :func:`resolve_settings`'s keywords (preset, steps, guidance, mu, std; by default

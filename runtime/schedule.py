@@ -74,9 +74,7 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         _check_steps(self.steps)
         if len(self.guidance) != self.steps:
-            raise ScheduleError(
-                f"guidance schedule has {len(self.guidance)} entries but steps is {self.steps}"
-            )
+            raise ScheduleError(f"guidance schedule has {len(self.guidance)} entries but steps is {self.steps}")
         _check_guidance_values(self.guidance)
         _check_mu_std(self.mu, self.std)
 
@@ -87,22 +85,13 @@ def _preset(name: str, steps: int, main: float, polish: float, n_polish: int, mu
 
 
 #: Official presets (ideogram4 sampler_configs.py, docs §14.3), guidance reversed into run order.
-PRESETS: dict[str, SamplerSettings] = {
-    p.name: p
-    for p in (
-        _preset("quality-48", 48, 7.0, 3.0, 3, mu=0.0, std=1.5),
-        _preset("default-20", 20, 7.0, 3.0, 2, mu=0.0, std=1.75),
-        _preset("turbo-12", 12, 7.0, 3.0, 1, mu=0.5, std=1.75),
-    )
-}
+PRESETS: dict[str, SamplerSettings] = {p.name: p for p in (
+    _preset("quality-48", 48, 7.0, 3.0, 3, mu=0.0, std=1.5),
+    _preset("default-20", 20, 7.0, 3.0, 2, mu=0.0, std=1.75),
+    _preset("turbo-12", 12, 7.0, 3.0, 1, mu=0.5, std=1.75),
+)}
 # Without a preset: the official ComfyUI node's "custom" values (20 steps, constant 7.0, mu 0, std 1.75).
 _CUSTOM_DEFAULTS = SamplerSettings(steps=20, guidance=(7.0,) * 20, mu=0.0, std=1.75, name="custom")
-
-
-def _normalise_preset_name(name: str) -> str:
-    # Accept the official constant names too: V4_DEFAULT_20 -> default-20.
-    key = name.strip().lower().replace("_", "-")
-    return key[3:] if key.startswith("v4-") else key
 
 
 _TERM = re.compile(r"^(?P<value>[^x×*]+?)\s*(?:[x×*]\s*(?P<count>\d+))?$")
@@ -147,25 +136,15 @@ def _scale_guidance(base: tuple[float, ...], steps: int) -> tuple[float, ...]:
     steps=10 gives 8×7 + 2×3, at steps=2 gives 1×7 + 1×3, and any preset at steps=1 gives (7.0,).
     """
     last = base[-1]
-    n_polish = 0
-    for g in reversed(base):
-        if g != last:
-            break
-        n_polish += 1
+    n_polish = next((i for i, g in enumerate(reversed(base)) if g != last), len(base))
     if n_polish == len(base):  # constant schedule
         return (last,) * steps
     n_polish = min(n_polish, steps - 1)
     return (base[0],) * (steps - n_polish) + (last,) * n_polish
 
 
-def resolve_settings(
-    preset: str | None = "default-20",
-    *,
-    steps: int | None = None,
-    guidance: float | str | Sequence[float] | None = None,
-    mu: float | None = None,
-    std: float | None = None,
-) -> SamplerSettings:
+def resolve_settings(preset: str | None = "default-20", *, steps: int | None = None, guidance: float | str | Sequence[float] | None = None,
+                     mu: float | None = None, std: float | None = None) -> SamplerSettings:
     """Preset values overridden by the explicit arguments.
 
     ``preset=None`` starts from 20 steps, constant guidance 7.0, mu 0.0, std 1.75 (the official ComfyUI
@@ -180,7 +159,8 @@ def resolve_settings(
     else:
         if not isinstance(preset, str):
             raise ScheduleError(f"preset must be a name, got {preset!r}")
-        key = _normalise_preset_name(preset)
+        key = preset.strip().lower().replace("_", "-")  # the official constant names too: V4_DEFAULT_20 -> default-20
+        key = key[3:] if key.startswith("v4-") else key
         if key not in PRESETS:
             raise ScheduleError(f"unknown sampler preset {preset!r}; valid presets: {', '.join(PRESETS)}")
         base = PRESETS[key]
@@ -201,9 +181,7 @@ def resolve_settings(
         except (TypeError, ValueError):
             raise ScheduleError(f"guidance must be a number, a sequence of numbers or a string, got {guidance!r}") from None
     if len(gw) != n:
-        raise ScheduleError(
-            f"guidance schedule has {len(gw)} entries but steps is {n}; give steps={len(gw)} or a matching schedule"
-        )
+        raise ScheduleError(f"guidance schedule has {len(gw)} entries but steps is {n}; give steps={len(gw)} or a matching schedule")
 
     try:
         mu_v = base.mu if mu is None else float(mu)
@@ -212,9 +190,7 @@ def resolve_settings(
         raise ScheduleError(f"mu and std must be numbers, got mu={mu!r}, std={std!r}") from None
 
     unchanged = n == base.steps and tuple(gw) == base.guidance and mu_v == base.mu and std_v == base.std
-    return SamplerSettings(
-        steps=n, guidance=tuple(gw), mu=mu_v, std=std_v, name=base.name if unchanged else "custom"
-    )
+    return SamplerSettings(steps=n, guidance=tuple(gw), mu=mu_v, std=std_v, name=base.name if unchanged else "custom")
 
 
 def resolution_mean(mu: float, height: int, width: int) -> float:
@@ -258,9 +234,7 @@ def timesteps(steps: int, height: int, width: int, mu: float, std: float) -> np.
     return np.ascontiguousarray(_t_of_u(step_grid(steps), height, width, mu, std).astype(np.float32)[::-1])
 
 
-def euler_step(
-    z: np.ndarray, v_cond: np.ndarray, v_uncond: np.ndarray, g: float, t: float, s: float
-) -> np.ndarray:
+def euler_step(z: np.ndarray, v_cond: np.ndarray, v_uncond: np.ndarray, g: float, t: float, s: float) -> np.ndarray:
     """z + (g·v_cond + (1 − g)·v_uncond)·(s − t) with the official operation order and float32 rounding.
 
     The official loop holds g as a float32 tensor and s − t as a Python float (exact difference of two

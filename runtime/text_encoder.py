@@ -29,10 +29,11 @@ import numpy as np
 
 from gguf_dit.arch.text_encoder import MAX_TOKENS, TEMPLATE, default_taps
 from gguf_dit.errors import InputError, ModelError
-from gguf_dit.ggml_ops import GGMLType, Native
+from gguf_dit.ggml_ops import GGMLType, Native, default_threads
+from gguf_dit.ggml_ops._lib import lib, tensor_struct
 
 from . import interrupt, llama, native_log
-from .caption import MAX_CAPTION_CHARS
+from .caption import check_encodable
 from .llama import llama_cpp as _llama_cpp, llama_system_info, log
 from .text_encoder_file import read_meta as _read_meta  # the name tests replace to reach llama.cpp unchecked
 
@@ -49,10 +50,8 @@ class TextEncoder(Native):
         self.arch: str = meta["arch"]
         self.n_layers: int = int(meta["n_layers"])
         self.hidden: int = int(meta["hidden"])
-        taps = meta["taps"]
+        taps = meta["taps"]  # checked by read_meta; default_taps is valid for any depth read_meta accepts
         self.taps: tuple[int, ...] = tuple(int(x) for x in (taps if taps is not None else default_taps(self.n_layers)))
-        if not self.taps or any(b <= a for a, b in zip(self.taps, self.taps[1:])) or self.taps[0] < 0 or self.taps[-1] >= self.n_layers:
-            raise ModelError(f"invalid tap layers {list(self.taps)} for {self.n_layers} layers", path=path)
         self.template: str = meta["template"] or TEMPLATE
         self.n_threads = n_threads
         self._lc = _llama_cpp()
@@ -86,8 +85,6 @@ class TextEncoder(Native):
         path = Path(path)
         meta = _read_meta(path)
         lc = _llama_cpp()
-        from gguf_dit.ggml_ops import default_threads
-
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = int(n_gpu_layers)
         mp.use_extra_bufts = bool(use_extra_bufts)
@@ -118,27 +115,18 @@ class TextEncoder(Native):
             )
 
     # -- tokens ------------------------------------------------------------------------
-    def prompt(self, caption: str) -> str:
-        return self.template.replace("{caption}", caption)
-
     def tokenize(self, caption: str) -> list[int]:
         """Token ids of the templated caption: no BOS, special tokens parsed, NFC-normalised first
         (Qwen's tokenizer normalises to NFC; llama.cpp does not)."""
         if not isinstance(caption, str):
             raise InputError(f"caption must be a string, got {type(caption).__name__}")
-        if len(caption) > MAX_CAPTION_CHARS:  # llama.cpp's special-token pass is quadratic in their count
-            raise InputError(f"caption is {len(caption)} characters; at most {MAX_CAPTION_CHARS} are tokenized "
-                             f"(the text encoder takes {MAX_TOKENS} tokens)")
-        text = unicodedata.normalize("NFC", self.prompt(caption)).encode("utf-8")
+        check_encodable(caption)  # llama.cpp's special-token pass is quadratic in their count
+        text = unicodedata.normalize("NFC", self.template.replace("{caption}", caption)).encode("utf-8")
         self._require_open()
         cap = len(text) + 16
         buf = (self._lc.llama_token * cap)()
         n = self._lc.llama_tokenize(self._vocab, text, len(text), buf, cap, False, True)
         if n < 0:  # pragma: no cover - more tokens than bytes cannot happen for byte-level BPE
-            cap = -n
-            buf = (self._lc.llama_token * cap)()
-            n = self._lc.llama_tokenize(self._vocab, text, len(text), buf, cap, False, True)
-        if n < 0:  # pragma: no cover
             raise InputError("llama.cpp failed to tokenize the caption")
         return list(buf[:n])
 
@@ -236,8 +224,6 @@ class TextEncoder(Native):
         """ggml scheduler callback: claim the tap nodes, copy them out when computed."""
         if not self._active:
             return not ask  # not decoding for us: claim nothing, never stop a graph
-        from gguf_dit.ggml_ops._lib import lib, tensor_struct
-
         s = tensor_struct(t)
         name = s.name
         j = self._want.get(name)
@@ -270,16 +256,13 @@ class TextEncoder(Native):
             raise ModelError("text encoder is closed", path=self.path)
 
     def _free_context(self) -> None:
-        if self._ctx is not None:
-            self._lc.llama_free(self._ctx)
-            self._ctx, self._ctx_tokens = None, 0
+        self._free("_ctx", self._lc.llama_free)
+        self._ctx_tokens = 0
 
     def close(self) -> None:
         with self._lock:
             self._free_context()
-            if self._model is not None:
-                self._lc.llama_model_free(self._model)
-                self._model = None
+            self._free("_model", self._lc.llama_model_free)
 
     def __enter__(self) -> "TextEncoder":
         return self

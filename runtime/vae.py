@@ -96,13 +96,12 @@ def read_config(h: GGUFHeader) -> VAEConfig:
 
 
 def _norm_array(h: GGUFHeader, key: str, n: int) -> np.ndarray | None:
-    path = h.path
     v = h.value(key, ("ARRAY",), item=("FLOAT32", "FLOAT64"))
     if v is None:
         return None
     a = np.asarray(v, dtype=np.float32)
     if a.shape != (n,) or not np.isfinite(a).all():
-        raise ModelError(f"metadata key {key} must be {n} finite floats, got {a.shape[0]} ({int(np.isfinite(a).sum())} finite)", path=path)
+        raise ModelError(f"metadata key {key} must be {n} finite floats, got {a.shape[0]} ({int(np.isfinite(a).sum())} finite)", path=h.path)
     return a
 
 
@@ -146,8 +145,7 @@ class VAEDecoder:
                 raise ModelError("latent_norm='checkpoint' but the file has no checkpoint BatchNorm statistics", path=path)
             if var.min() < 0:
                 raise ModelError(f"metadata key {keys.VAE_BN_VAR} holds a negative variance ({var.min():.7g})", path=path)
-            shift = mean
-            scale = np.sqrt(var.astype(np.float64) + cfg.batch_norm_eps).astype(np.float32)
+            shift, scale = mean, np.sqrt(var.astype(np.float64) + cfg.batch_norm_eps).astype(np.float32)
 
         inv = check_inventory(file, cfg)
         state = {}
@@ -221,13 +219,13 @@ class VAEDecoder:
         p, c = self.config.patch_size, self.config.latent_channels
         t = t * self.scale + self.shift
         # (gh, gw, ph, pw, c) -> (c, gh, ph, gw, pw): dim k = (ph*p + pw)*c_total + c
-        t = t.view(gh, gw, p, p, c).permute(4, 0, 2, 1, 3).reshape(1, c, gh * p, gw * p)
-        return t.contiguous()
+        return t.view(gh, gw, p, p, c).permute(4, 0, 2, 1, 3).reshape(1, c, gh * p, gw * p).contiguous()
 
     def decode_tokens(self, latent_tokens, grid_h: int, grid_w: int, *, tile: int | None = None, overlap: int | None = None) -> np.ndarray:
         """DiT output tokens -> uint8 image (grid_h*16, grid_w*16, 3), as the official pipeline's ``_decode``."""
-        z = self.tokens_to_latents(latent_tokens, grid_h, grid_w)
-        x = self.decode_latents(z, tile=tile, overlap=overlap, clamp=True)
+        x = self.decode_latents(self.tokens_to_latents(latent_tokens, grid_h, grid_w), tile=tile, overlap=overlap, clamp=False)
+        if not bool(x.isfinite().all()):  # checked before the clamp, which would turn Inf into white
+            raise ModelError("decoded image contains NaN/Inf", path=self.path)
         return to_uint8(x)
 
 

@@ -109,9 +109,6 @@ class _Decoder(nn.Module):
             x = b(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.high(self.low(z))
-
 
 class VAEDecoderModule(nn.Module):
     """``post_quant_conv`` (optional, 1x1) followed by the decoder. Input (B, latent_channels, h, w) -> (B, 3, 8h, 8w)."""

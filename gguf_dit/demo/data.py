@@ -18,20 +18,8 @@ import numpy as np
 SIZE = 64
 BACKGROUND = (40, 40, 40)
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 200, 60),
-    "blue": (50, 90, 235),
-    "yellow": (235, 215, 40),
-    "white": (235, 235, 235),
-}
-POSITIONS = {  # object centre (x, y) in pixels
-    "left": (16, 32),
-    "right": (48, 32),
-    "top": (32, 16),
-    "bottom": (32, 48),
-    "centre": (32, 32),
-}
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40), "white": (235, 235, 235)}
+POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "centre": (32, 32)}  # object centre (x, y), pixels
 PLACE_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom", "centre": "in the centre"}
 FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / bounding-box area
 COMBOS = list(itertools.product(SHAPES, COLOURS, POSITIONS))
@@ -96,9 +84,5 @@ def render(shape: str, colour: str, pos: str, rng: np.random.Generator | None = 
 def make_images(combos, per_combo: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(len(combos)*per_combo, SIZE, SIZE, 3) uint8 images and their combo indices into ``combos``."""
     rng = np.random.default_rng(seed)
-    imgs, idx = [], []
-    for i, k in enumerate(combos):
-        for _ in range(per_combo):
-            imgs.append(render(*k, rng=rng))
-            idx.append(i)
-    return np.stack(imgs), np.array(idx)
+    imgs = [render(*k, rng=rng) for k in combos for _ in range(per_combo)]
+    return np.stack(imgs), np.repeat(np.arange(len(combos)), per_combo)

@@ -15,7 +15,8 @@ def analyse(img: np.ndarray) -> dict:
     """Colour, position and shape class of the object in a generated image (uint8 H×W×3)."""
     a = img.astype(np.float32)
     h, w = a.shape[:2]
-    dist = np.linalg.norm(a - np.array(BACKGROUND, np.float32), axis=-1)
+    bg = np.array(BACKGROUND, np.float32)
+    dist = np.linalg.norm(a - bg, axis=-1)
     obj = dist > 60
     out = {"pixels": int(obj.sum())}
     if obj.sum() < 12:
@@ -27,7 +28,6 @@ def analyse(img: np.ndarray) -> dict:
     out["position"] = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
     # Shape: coverage-weighted area over the bounding box of the half-covered pixels. Coverage is each pixel's
     # projection onto (class colour - background), so anti-aliased edges count fractionally.
-    bg = np.array(BACKGROUND, np.float32)
     d = np.array(COLOURS[out["colour"]], np.float32) - bg
     alpha = np.clip(((a - bg) @ d) / (d @ d), 0, 1)
     core = alpha > 0.5
