@@ -3,6 +3,7 @@
 Each step runs the conditional backbone on [text tokens, image tokens] and the unconditional
 backbone on the image tokens alone (no text, no negative prompt), then
 ``z ← z + (g·v_cond + (1 − g)·v_uncond)·(s − t)`` (ideogram4-model.md §10, §14).
+A step with g = 1 skips the unconditional backbone, as sd.cpp and ComfyUI do: its weight is 0.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class StepInfo:
     s: float
     guidance: float
     seconds: float
+    uncond_ran: bool = True  # False on a guidance-1 step, which skips the unconditional backbone
 
 
 def token_grid(height: int, width: int) -> tuple[int, int]:
@@ -77,7 +79,8 @@ def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT, text_features: np.ndarray, 
         g = float(settings.guidance[i])
         with native_call(cond.backend, uncond.backend):  # Ctrl-C aborts a graph compute between nodes
             v_c = cond.velocity(z[0], t, feats, grid=grid)
-            v_u = uncond.velocity(z[0], t, None, grid=grid)
+            # g = 1: 1·v_c + 0·v_c is v_c bit for bit; 1·v_c + 0·v_u (finite v_u) differs at most in a zero's sign.
+            v_u = v_c if g == 1.0 else uncond.velocity(z[0], t, None, grid=grid)
         where = f"at step {i + 1} of {settings.steps} (t={t:.4f})"
         for m, v in ((cond, v_c), (uncond, v_u)):
             if not np.isfinite(v).all():
@@ -86,5 +89,5 @@ def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT, text_features: np.ndarray, 
         if not np.isfinite(z).all():
             raise ModelError(f"latents overflow to Inf {where}: the velocities of this file and {uncond.path} are too large", path=cond.path)
         if callback is not None:
-            callback(StepInfo(i, settings.steps, t, s, g, time.perf_counter() - t0), z)
+            callback(StepInfo(i, settings.steps, t, s, g, time.perf_counter() - t0, v_u is not v_c), z)
     return z

@@ -10,7 +10,7 @@ from _helpers import backend_names
 from gguf_dit.errors import InputError
 from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions
 from gguf_dit.runtime.sampler import sample, token_grid
-from gguf_dit.runtime.schedule import resolve_settings, timesteps
+from gguf_dit.runtime.schedule import euler_step, initial_noise, resolve_settings, timesteps
 
 F = 416
 #: Final latents after the whole loop (12 or 20 steps of both backbones, F32 files) against diffusers' pipeline.
@@ -113,3 +113,28 @@ def test_sampler_rejects_bad_sizes_and_noise(pair):
     with pytest.raises(InputError, match="timestep grid"):
         sample(cond, uncond, feats, 32, 32, preset="turbo-12", ts=np.linspace(0, 1, 5))
     assert token_grid(1024, 1536) == (64, 96)
+
+
+def test_guidance_one_skips_the_unconditional_backbone_bit_for_bit(pair):
+    """Issue 15: a step with g = 1 runs no unconditional pass (sd.cpp, ComfyUI) and lands where the full CFG step does."""
+    out, _ = pair
+    cond = Ideogram4DiT.load(out / "transformer.gguf", "cpu")
+    uncond = Ideogram4DiT.load(out / "unconditional_transformer.gguf", "cpu")
+    feats = np.random.default_rng(2).standard_normal((4, F)).astype(np.float32)
+    s = resolve_settings("turbo-12", steps=5, guidance=[1, 4, 1, 1, 2.5])
+    calls = []
+    real = uncond.velocity
+    uncond.velocity = lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    seen = []
+    got = sample(cond, uncond, feats, 32, 48, settings=s, seed=7, callback=lambda info, z: seen.append(info))
+    ts = timesteps(s.steps, 32, 48, s.mu, s.std)
+    assert calls == [float(ts[1]), float(ts[4])]
+    assert [i.uncond_ran for i in seen] == [False, True, False, False, True]
+    # The full loop by hand: both backbones at every step, the official CFG combination even where g = 1.
+    z = initial_noise(7, 6, 128)
+    for i, g in enumerate(s.guidance):
+        v_c = cond.velocity(z[0], float(ts[i]), feats, grid=(2, 3))
+        v_u = real(z[0], float(ts[i]), None, grid=(2, 3))
+        z = euler_step(z, v_c[None], v_u[None], g, ts[i], ts[i + 1])
+    assert np.abs(v_u - v_c).max() > 1e-3  # the skipped pass would have mattered at any g != 1
+    np.testing.assert_array_equal(got, z)
