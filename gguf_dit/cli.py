@@ -193,7 +193,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print a JSON report
 @app.command()
 @_errors_to_exit
 def run(
-    prompt_file: Path = typer.Argument(..., help="A JSON caption, JSON Lines (one caption per line), or plain text (one prompt per line)."),
+    prompt_file: Optional[str] = typer.Argument(None, metavar="PROMPT_FILE", help="A JSON caption, JSON Lines (one caption per line), or plain text (one prompt per line); - reads it from stdin. Optional with -p."),
+    prompt: List[str] = typer.Option([], "-p", "--prompt", help="A prompt (plain text or one JSON caption); repeatable; adds to PROMPT_FILE's prompts."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Folder with transformer.gguf, unconditional_transformer.gguf, text_encoder.gguf, vae.gguf (from gguf-dit convert). Default: the embedded demo model."),
     text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="A text encoder GGUF to use instead of MODEL/text_encoder.gguf (e.g. a community Qwen3-VL-8B-Instruct GGUF)."),
     preset: str = typer.Option("default-20", "--preset", help="quality-48, default-20 or turbo-12."),
@@ -203,8 +204,8 @@ def run(
     std: Optional[float] = typer.Option(None, "--std", help="Logit-normal schedule standard deviation."),
     width: Optional[int] = typer.Option(None, "--width", "-W", help="Image width in pixels, a multiple of 16 (default: the model's default size)."),
     height: Optional[int] = typer.Option(None, "--height", "-H", help="Image height in pixels, a multiple of 16."),
-    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the first image; each further image adds 1."),
-    count: int = typer.Option(1, "-n", "--count", help="Images per prompt."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Seed of the first image; each further image adds 1; -1 draws a random one (printed)."),
+    count: str = typer.Option("1", "-b", "--batch-count", "-n", "--count", metavar="N", help="Images per prompt. Not sd.cpp's -n NEGATIVE: Ideogram 4 has no negative prompt (its unconditional backbone sees no text)."),
     out: Path = typer.Option(Path("outputs"), "-o", "--out", help="Output folder, or a .png path for a single image."),
     backend: str = typer.Option("auto", "--backend", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
@@ -216,35 +217,76 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print debug logs, llama.cpp's and ggml's included (hidden otherwise)."),
 ) -> None:
-    """Generate PNGs from a prompt file: encode, sample both CFG backbones, decode."""
+    """Generate PNGs from -p prompts and/or a prompt file: encode, sample both CFG backbones, decode."""
+    from gguf_dit.errors import OptionError
     from gguf_dit.runtime import demo, native_log
     from gguf_dit.runtime.caption import caption_summary
-    from gguf_dit.runtime.generate import Generator
+    from gguf_dit.runtime.generate import RANDOM_SEED, Generator
     from gguf_dit.runtime.schedule import resolve_settings
+
+    if not count.strip().lstrip("+-").isdigit():
+        raise OptionError(f"-n/--batch-count is the image count, got {count!r}; Ideogram 4 has no negative prompt "
+                          "(its unconditional backbone sees no text), so sd.cpp's -n NEGATIVE has no counterpart")
+    if prompt_file is None and not prompt:
+        raise OptionError('no prompt: give -p "TEXT" (repeatable) and/or a PROMPT_FILE (- for stdin)')
+    if prompt_file not in (None, "-") and not Path(prompt_file).exists():
+        raise OptionError(f'prompt file not found; did you mean -p "{prompt_file}"?', path=prompt_file)
+    prompts = ([] if prompt_file is None else [Path(prompt_file)]) + list(prompt)
 
     with native_log.verbose(sys.stderr) if verbose else native_log.hidden():
         settings = resolve_settings(preset, steps=steps, guidance=guidance, mu=mu, std=std)
         gen = Generator(model, text_encoder=text_encoder, backend=backend, threads=threads, reference=reference)
         if gen.demo and not quiet:
             typer.echo(demo.NOTICE, err=True)
-        batch = gen.generate(prompt_file, seed=seed, count=count, width=width, height=height, settings=settings, tile=tile,
+        batch = gen.generate(prompts, seed=seed, count=int(count), width=width, height=height, settings=settings, tile=tile,
                              out=out, force=force, raw=raw, keep_bboxes=keep_bboxes)
         for p, (src, line) in zip(batch.prompts, batch.origins):
             for w in p.warnings:
                 typer.echo(f"warning: {src}{f':{line}' if line else ''}: {w}", err=True)
+        if seed == RANDOM_SEED:
+            typer.echo(f"seed {batch.seeds[0]} (random)", err=True)
         if quiet:
             for image in batch:
                 typer.echo(str(image.path))
             return
-        with _RunBars() as bars:
+        with (_RunBars() if sys.stderr.isatty() else _RunLines()) as bars:
             for image in batch.run(bars):
-                bars.p.console.print(f"wrote {image.path}  ({caption_summary(image.prompt.text)})", soft_wrap=True)  # a path to copy, unbroken
+                bars.say(f"wrote {image.path}  ({caption_summary(image.prompt.text)})")
 
 
-class _RunBars:
-    """`run`'s progress on stderr: a bar per stage the library reports (encode, sample J/N, decode J/N) with its rate."""
+class _RunLines:
+    """`run`'s progress on a stderr that is not a terminal (logs, nohup, CI): one plain line per step and per image,
+    with the stage's rate and elapsed time, as tqdm and sd.cpp print there."""
 
-    UNITS = {"encode": "prompt/s", "sample": "step/s", "decode": "img/s"}
+    UNITS = {"encode": "prompt", "sample": "step", "decode": "image"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def say(self, line: str) -> None:
+        typer.echo(line, err=True)
+
+    def rate(self, stage: str, done: int) -> str:
+        """Units per second, or seconds per unit when one takes more than a second."""
+        unit, spent = self.UNITS[stage.split()[0]], time.perf_counter() - self.t0
+        return f"{spent / done:.1f} s/{unit}" if spent > done else f"{done / max(spent, 1e-9):.2f} {unit}/s"
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if done == 0:
+            self.t0 = time.perf_counter()
+            return
+        spent = time.perf_counter() - self.t0
+        if total == 1:
+            self.say(f"{stage}: done in {spent:.1f} s")
+        else:
+            self.say(f"{stage}: {self.UNITS[stage.split()[0]]} {done}/{total}, {self.rate(stage, done)}, {spent:.1f} s elapsed")
+
+
+class _RunBars(_RunLines):
+    """`run`'s progress on a terminal: a bar per stage the library reports (encode, sample J/N, decode J/N) with its rate."""
 
     def __enter__(self) -> "_RunBars":
         from rich.console import Console
@@ -256,12 +298,19 @@ class _RunBars:
     def __exit__(self, *exc) -> None:
         self.p.stop()
 
+    def say(self, line: str) -> None:
+        self.p.console.print(line, soft_wrap=True)  # a path to copy, unbroken
+
     def __call__(self, stage: str, done: int, total: int) -> None:
+        kind, _, which = stage.partition(" ")
+        if kind == "sample" and done == 0 and which.startswith("1/"):  # one overall bar for the batch's images
+            self.batch = self.p.add_task("images", total=int(which[2:]), rate="")
         if done == 0:
             self.task, self.t0 = self.p.add_task(stage, total=total, rate=""), time.perf_counter()
         else:
-            rate = done / max(time.perf_counter() - self.t0, 1e-9)
-            self.p.update(self.task, completed=done, rate=f"{rate:.2f} {self.UNITS[stage.split()[0]]}")
+            self.p.update(self.task, completed=done, rate=self.rate(stage, done))
+        if kind == "decode" and done == total:
+            self.p.advance(self.batch)
 
 
 @app.command("tiny-checkpoint")

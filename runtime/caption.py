@@ -550,7 +550,7 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def read_prompt_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool = False) -> list[Prompt]:
+def read_prompt_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool = False, text: str | None = None) -> list[Prompt]:
     """Read PROMPT_FILE into encoder-ready prompts (see module doc and docs/captions.md).
 
     The file is JSON if its first character that is not blank and not in a `#` comment line is `{`
@@ -559,10 +559,11 @@ def read_prompt_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool =
     validated (errors raise `CaptionError`), stripped and serialised. Text: each non-blank,
     non-comment line is one prompt, wrapped by `wrap_plain_text`. `raw=True`: the same splitting,
     but each prompt is its exact source text (the JSON value as written, or the line without its
-    newline), with no validation, wrapping or stripping.
+    newline), with no validation, wrapping or stripping. ``text``: the file's content, already read (stdin;
+    ``path`` then only names it in errors).
     """
     where_path = str(path)
-    text = _read_text(Path(path))
+    text = _read_text(Path(path)) if text is None else text
     start = _skip_blank_and_comments(text, 0)
     prompts: list[Prompt] = []
     if start < len(text) and text[start] in "{[":

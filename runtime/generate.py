@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Union
 
@@ -27,7 +29,10 @@ MAX_ASPECT = 6.0
 #: ``reference`` → how t is rounded before the timestep embedding (diffusers keeps float32 t).
 REFERENCES = {"official": "bf16", "diffusers": "none"}
 
+#: A string is one prompt, a path a prompt file (``Path("-")``: read from stdin), or an iterable of both.
 Prompts = Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]]
+
+RANDOM_SEED = -1  # sd.cpp's and A1111's "draw a random seed"
 
 #: ``progress(stage, done, total)``: stage "encode", then "sample J/N" and "decode J/N" per image; done = 0 starts a stage.
 ProgressCallback = Callable[[str, int, int], None]
@@ -79,7 +84,9 @@ def _read_prompts(prompts: Prompts, *, raw: bool, keep_bboxes: bool) -> tuple[li
     read: list[tuple[Prompt, tuple]] = []
     for it in [prompts] if isinstance(prompts, (str, os.PathLike)) else prompts:
         if isinstance(it, os.PathLike):
-            read += [(p, (it, p.line)) for p in read_prompt_file(it, raw=raw, keep_bboxes=keep_bboxes)]
+            stdin = os.fspath(it) == "-"
+            src = "<stdin>" if stdin else it
+            read += [(p, (src, p.line)) for p in read_prompt_file(src, raw=raw, keep_bboxes=keep_bboxes, text=sys.stdin.read() if stdin else None)]
         else:
             read.append((prompt_from_string(it, raw=raw, keep_bboxes=keep_bboxes), (None, None)))
     if not read:
@@ -100,11 +107,12 @@ class Generator:
         self.pipeline = Pipeline(self.files, backend=backend, threads=threads, options=RuntimeOptions(t_rounding=REFERENCES[reference]))
         self.pipeline.check_files()
 
-    def generate(self, prompts: Prompts, *, seed: int = 0, count: int = 1, width: int | None = None, height: int | None = None,
+    def generate(self, prompts: Prompts, *, seed: int | None = 0, count: int = 1, width: int | None = None, height: int | None = None,
                  settings: SamplerSettings | str = "default-20", tile: int | None = None, out: str | Path | None = None,
                  force: bool = False, raw: bool = False, keep_bboxes: bool = False) -> Batch:
         """Check a request (prompts: a string is one prompt, a path a prompt file; size; output location) and return it
-        as a `Batch`; nothing is computed yet. Parameters: docs/runtime.md "Python API"."""
+        as a `Batch`; nothing is computed yet. ``seed`` None or -1 draws a random one (``Batch.seeds[0]``).
+        Parameters: docs/runtime.md "Python API"."""
         if count < 1:
             raise InputError(f"image count must be at least 1, got {count}")
         ps, origins = _read_prompts(prompts, raw=raw, keep_bboxes=keep_bboxes)
@@ -117,6 +125,8 @@ class Generator:
                 raise InputError(f"{name} {v} is outside the model's range {'..'.join(map(str, header.size_range))} pixels", path=header.path)
         if max(h, w) / min(h, w) > MAX_ASPECT:
             raise InputError(f"aspect ratio {w}:{h} exceeds {MAX_ASPECT:.0f}:1")
+        if seed is None or seed == RANDOM_SEED:
+            seed = secrets.randbelow(2**32)
         seeds = [seed + j for j in range(len(ps) * count)]
         paths = None if out is None else output_paths(out, seeds)
         if paths is not None:
