@@ -284,14 +284,6 @@ TOKENIZER_EDITS = {
 }
 
 
-@pytest.mark.parametrize("edit", list(TOKENIZER_EDITS))
-def test_tokenizer_json_with_wrongly_typed_fields(cli, full, tmp_path, edit):
-    fn, says = TOKENIZER_EDITS[edit]
-    f = full / "tokenizer" / "tokenizer.json"
-    _edit_json(f, fn)
-    _refused(cli, full, tmp_path, str(f), says)
-
-
 TE_CONFIG_EDITS = {
     "hidden-string": (lambda c: c["text_config"].__setitem__("hidden_size", "32"), "text_config.hidden_size is a JSON string"),
     "layers-list": (lambda c: c["text_config"].__setitem__("num_hidden_layers", [36]), "text_config.num_hidden_layers is a JSON array"),
@@ -303,10 +295,13 @@ TE_CONFIG_EDITS = {
 }
 
 
-@pytest.mark.parametrize("edit", list(TE_CONFIG_EDITS))
-def test_text_encoder_config_json_with_wrongly_typed_values(cli, full, tmp_path, edit):
-    fn, says = TE_CONFIG_EDITS[edit]
-    f = full / "text_encoder" / "config.json"
+JSON_EDITS = [("tokenizer/tokenizer.json", k, *v) for k, v in TOKENIZER_EDITS.items()] + \
+    [("text_encoder/config.json", k, *v) for k, v in TE_CONFIG_EDITS.items()]
+
+
+@pytest.mark.parametrize("rel, edit, fn, says", JSON_EDITS, ids=[f"{r.split('/')[0]}-{e}" for r, e, _, _ in JSON_EDITS])
+def test_encoder_json_inputs_with_wrongly_typed_values(cli, full, tmp_path, rel, edit, fn, says):
+    f = full / rel
     _edit_json(f, fn)
     _refused(cli, full, tmp_path, str(f), says)
 
