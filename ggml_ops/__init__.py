@@ -8,7 +8,8 @@ and routes ggml's log into the ``gguf_dit.ggml`` logger.
 from ._lib import EXPECTED_GGML_VERSION, Native, lib
 from .backend import Backend, available, devices
 from .graph import Builder, Context, Graph, Tensor, TensorStore, download, upload
-from .quant import default_threads, dequantize, quantize
+from .quant import dequantize, quantize
+from .threads import default_threads
 from .types import STORAGE_TYPES, TRAITS, GGMLType, TypeTraits, check_row, fits, fitting_type
 from .system import check_cpu
 

@@ -66,6 +66,22 @@ class ggml_type_traits(ctypes.Structure):
     ]
 
 
+class ggml_backend_dev_caps(ctypes.Structure):
+    _fields_ = [("async_", c_bool), ("host_buffer", c_bool), ("buffer_from_host_ptr", c_bool), ("events", c_bool), ("mmap_support", c_bool)]
+
+
+class ggml_backend_dev_props(ctypes.Structure):
+    _fields_ = [
+        ("name", c_char_p),
+        ("description", c_char_p),
+        ("memory_free", c_size_t),
+        ("memory_total", c_size_t),
+        ("type", c_int),
+        ("device_id", c_char_p),
+        ("caps", ggml_backend_dev_caps),
+    ]
+
+
 LOG_CALLBACK = ctypes.CFUNCTYPE(None, c_int, c_char_p, c_void_p)
 
 P = c_void_p  # opaque handles: context, tensor, backend, buffer, graph, allocator
@@ -179,6 +195,7 @@ class _Libs:
         fn(b, "ggml_gallocr_get_buffer_size", c_size_t, P, c_int)
         # backend
         fn(b, "ggml_backend_alloc_ctx_tensors", P, P, P)
+        fn(b, "ggml_backend_tensor_alloc", c_int, P, T, c_void_p)
         fn(b, "ggml_backend_buffer_free", None, P)
         fn(b, "ggml_backend_buffer_get_size", c_size_t, P)
         fn(b, "ggml_backend_buffer_set_usage", None, P, c_int)
@@ -192,6 +209,8 @@ class _Libs:
         fn(b, "ggml_backend_dev_description", c_char_p, P)
         fn(b, "ggml_backend_dev_type", c_int, P)
         fn(b, "ggml_backend_dev_memory", None, P, POINTER(c_size_t), POINTER(c_size_t))
+        fn(b, "ggml_backend_dev_get_props", None, P, POINTER(ggml_backend_dev_props))
+        fn(b, "ggml_backend_dev_buffer_from_host_ptr", P, P, c_void_p, c_size_t, c_size_t)
         fn(b, "ggml_backend_dev_backend_reg", P, P)
         fn(b, "ggml_backend_dev_init", P, P, c_char_p)
         fn(b, "ggml_backend_reg_name", c_char_p, P)
@@ -291,4 +310,4 @@ class Native:
             pass
 
 
-__all__ = ["lib", "tensor_struct", "ggml_init_params", "TO_FLOAT", "LOG_CALLBACK", "LineLogger", "Native"]
+__all__ = ["lib", "tensor_struct", "ggml_init_params", "ggml_backend_dev_props", "TO_FLOAT", "LOG_CALLBACK", "LineLogger", "Native"]

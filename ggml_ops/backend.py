@@ -11,8 +11,8 @@ import dataclasses
 
 from gguf_dit.errors import GGMLError
 
-from ._lib import Native, lib
-from .quant import default_threads
+from ._lib import Native, ggml_backend_dev_props, lib
+from .threads import default_threads
 from .system import check_cpu, device_proc, ensure_registry
 
 DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL = 0, 1, 2, 3
@@ -45,6 +45,16 @@ def devices() -> list[DeviceInfo]:
 def available() -> list[str]:
     """Backend choices a user may name: always ``cpu``; ``cuda`` when a GPU device is registered."""
     return ["cpu"] + (["cuda"] if any(d.kind == "gpu" for d in devices()) else [])
+
+
+def _maps_host_memory(dev) -> bool:
+    """Whether the device computes from buffers that alias host memory (``buffer_from_host_ptr``: the CPU, not CUDA,
+    whose device leaves that function NULL, so calling it would crash). The name and type read back must match the
+    device's own getters: a struct that moved between ggml versions then reads as "cannot", never as a wild call."""
+    props = ggml_backend_dev_props()
+    lib.ggml_backend_dev_get_props(dev, ctypes.byref(props))
+    same = props.name == lib.ggml_backend_dev_name(dev) and props.type == lib.ggml_backend_dev_type(dev)
+    return bool(same and props.caps.buffer_from_host_ptr)
 
 
 class Backend(Native):
@@ -81,6 +91,7 @@ class Backend(Native):
         self.is_cpu = lib.ggml_backend_dev_type(dev) == DEV_CPU
         self.name = "cpu" if self.is_cpu else "cuda" if self.device_name.upper().startswith("CUDA") else self.device_name.lower()
         self.buffer_type = lib.ggml_backend_get_default_buffer_type(handle)
+        self.maps_host_memory = _maps_host_memory(dev)
         self.threads = None
         self.set_threads(threads or default_threads())
 

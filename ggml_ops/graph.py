@@ -131,11 +131,35 @@ class Context(Native):
         self._free("ptr", lib.ggml_free)
 
 
+#: ggml's TENSOR_ALIGNMENT (ggml-impl.h): its CPU buffers place every tensor on such a boundary, and
+#: ggml_backend_cpu_buffer_from_ptr aborts the process on a pointer that is not.
+TENSOR_ALIGNMENT = 32
+
+
+def host_alias_problem(backend: Backend, nbytes: int, data: np.ndarray) -> str | None:
+    """Why a tensor of ``nbytes`` cannot compute straight from ``data``'s memory on ``backend`` (None: it can)."""
+    if not backend.maps_host_memory:
+        return f"backend {backend.name} cannot compute from host memory"
+    if not data.flags.c_contiguous:
+        return "the data is not contiguous"
+    if data.nbytes != nbytes:
+        return f"{data.nbytes} bytes of data for a tensor of {nbytes}"
+    if data.ctypes.data % TENSOR_ALIGNMENT:
+        return f"the data is not {TENSOR_ALIGNMENT}-byte aligned (address {data.ctypes.data:#x}; ggml's CPU buffers require it)"
+    return None
+
+
 class TensorStore(Native):
     """Named persistent tensors allocated together in one backend buffer (weights, or inputs that
-    must survive graph allocation, since gallocr may reuse an input's memory after its last use)."""
+    must survive graph allocation, since gallocr may reuse an input's memory after its last use).
 
-    def __init__(self, backend: Backend, specs: Sequence[tuple[str, GGMLType, Sequence[int]]], *, usage_weights: bool = True) -> None:
+    ``host`` (name -> array holding the tensor's bytes in ggml layout, e.g. a view of a read-only GGUF memory map):
+    those tensors alias that memory instead of being allocated, where ``host_alias_problem`` finds nothing against it
+    (``mapped`` lists them; ``copy_reasons`` says why each other one must be copied, and ``upload`` fills it as
+    usual). The arrays are kept referenced until ``close``; ggml never writes to weights, so a read-only map is safe."""
+
+    def __init__(self, backend: Backend, specs: Sequence[tuple[str, GGMLType, Sequence[int]]], *, usage_weights: bool = True,
+                 host: dict[str, np.ndarray] | None = None) -> None:
         self.backend = backend
         self.ctx = Context(max(1, len(specs)))
         self.tensors: dict[str, Tensor] = {}
@@ -144,17 +168,45 @@ class TensorStore(Native):
                 raise GGMLError(f"duplicate tensor name {name}")
             self.tensors[name] = self.ctx.new_tensor(type_, ne, name)
         self.buffer = None
-        if specs:
+        self._host_buffers: list[int] = []
+        self._host: dict[str, np.ndarray] = {}
+        self.copy_reasons: dict[str, str] = {}
+        for name, data in (host or {}).items():
+            t = self.tensors[name]
+            if problem := host_alias_problem(backend, t.nbytes, data):
+                self.copy_reasons[name] = problem
+                continue
+            # One buffer per tensor, exactly its bytes: nothing is assumed about the memory between two tensors.
+            buf = lib.ggml_backend_dev_buffer_from_host_ptr(backend.device, data.ctypes.data, t.nbytes, t.nbytes)
+            if not buf:
+                raise GGMLError(f"tensor {name}: backend {backend.name} could not wrap {t.nbytes} bytes of host memory")
+            self._host_buffers.append(buf)
+            if usage_weights:
+                lib.ggml_backend_buffer_set_usage(buf, 1)  # GGML_BACKEND_BUFFER_USAGE_WEIGHTS
+            if lib.ggml_backend_tensor_alloc(buf, t.ptr, data.ctypes.data) != 0:
+                raise GGMLError(f"tensor {name}: ggml could not place it in host memory")
+            self._host[name] = data
+        if len(self._host) < len(specs):  # ggml allocates only the tensors without data
             self.buffer = lib.ggml_backend_alloc_ctx_tensors(self.ctx.ptr, backend.handle)
             if not self.buffer:
-                total = sum(t.nbytes for t in self.tensors.values())
+                total = sum(t.nbytes for n, t in self.tensors.items() if n not in self._host)
                 raise GGMLError(f"could not allocate {total / 2**20:.1f} MiB on backend {backend.name}")
             if usage_weights:
-                lib.ggml_backend_buffer_set_usage(self.buffer, 1)  # GGML_BACKEND_BUFFER_USAGE_WEIGHTS
+                lib.ggml_backend_buffer_set_usage(self.buffer, 1)
+
+    @property
+    def mapped(self) -> frozenset[str]:
+        """Names of the tensors that compute from host memory given at construction."""
+        return frozenset(self._host)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(a.nbytes for a in self._host.values())
 
     @property
     def nbytes(self) -> int:
-        return int(lib.ggml_backend_buffer_get_size(self.buffer)) if self.buffer else 0
+        """Bytes of every tensor: the allocated buffer plus the host memory aliased."""
+        return (int(lib.ggml_backend_buffer_get_size(self.buffer)) if self.buffer else 0) + self.mapped_bytes
 
     def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]
@@ -163,12 +215,20 @@ class TensorStore(Native):
         return name in self.tensors
 
     def close(self) -> None:
+        while self._host_buffers:
+            lib.ggml_backend_buffer_free(self._host_buffers.pop())
+        self._host.clear()
         self._free("buffer", lib.ggml_backend_buffer_free)
         self.ctx.close()
 
 
 def upload(t: Tensor, data: np.ndarray) -> None:
     """Copy host bytes into a tensor; the byte count must match exactly."""
+    buf = tensor_struct(t.ptr).buffer
+    if not buf:
+        raise GGMLError(f"tensor {t.name} has no memory allocated")
+    if lib.ggml_backend_buft_name(lib.ggml_backend_buffer_get_type(buf)) == b"CPU_Mapped":  # TensorStore(host=...)
+        raise GGMLError(f"tensor {t.name} computes from host memory (a read-only file map) and cannot be written")
     arr = np.ascontiguousarray(data)
     if t.type in _NP and arr.dtype != np.uint8:
         want = _NP[t.type]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,13 +11,10 @@ from gguf_dit.errors import GGMLError
 
 from ._lib import TO_FLOAT, lib
 from .system import check_cpu
+from .threads import default_threads
 from .types import GGMLType, check_row
 
 _inited: set[int] = set()
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def quantize(x: np.ndarray, qtype: GGMLType, *, importance: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:

@@ -77,13 +77,18 @@ def registries() -> list[Registry]:
 
 def extra_buffer_types(device) -> list[str]:
     """Names of the extra buffer types a device offers (CPU_REPACK, AMX, …). gguf-dit never places
-    weights in them: our tensors go to the backend's default buffer type, and the text encoder is
+    weights in them: our tensors go to the backend's default buffer type (or, memory-mapped, ggml's
+    CPU_Mapped buffer over host memory), and the text encoder is
     loaded with ``use_extra_bufts = False`` (docs/portability.md)."""
     addr = device_proc(device, "ggml_backend_dev_get_extra_bufts")
     return [lib.ggml_backend_buft_name(b).decode() for b in _until_null(addr and _GET_EXTRA_BUFTS(addr)(device))]
 
 
 def buffer_type_name(buffer) -> str:
+    if not buffer:  # ggml asserts on a NULL buffer
+        from gguf_dit.errors import GGMLError
+
+        raise GGMLError("no buffer (an unallocated tensor, or a store whose tensors all alias host memory)")
     return lib.ggml_backend_buft_name(lib.ggml_backend_buffer_get_type(buffer)).decode()
 
 

@@ -2,8 +2,9 @@
 
 The graph builder mirrors the official module tree (diffusers' ``transformer_ideogram4.py``): one builder
 per module, so ``layers.N.feed_forward.w2`` is consumed in :meth:`_Modules.feed_forward`; weight types come
-from the file. A graph is built once per (text length, grid) and reused every step; only the latents, the
-text features and the timestep embedding are uploaded per call (RoPE tables once per shape).
+from the file, and on the CPU the weights are the file's memory map. A graph is built per (text length, grid) and
+reused every step, a few kept (least recently used evicted); only the latents, the text features and the timestep
+embedding are uploaded per call (RoPE tables once per shape).
 
 Spec: ../shared/docs/ideogram4-model.md §5-§10.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ log = logging.getLogger("gguf_dit.runtime")
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
-    """Numerics knobs. Defaults follow the official reference where it matters."""
+    """Numerics and memory knobs. Defaults follow the official reference where it matters."""
 
     #: "bf16": round t to bfloat16 before the sinusoid, as the official pipeline does;
     #: "none": keep float32 t, as diffusers does in float32.
@@ -47,6 +49,14 @@ class RuntimeOptions:
     #: Run the per-sample GEMVs (timestep MLP, adaLN) on F32-cast weights: exact activations, so
     #: the conditioning path gets no 8-bit activation rounding; costs a few ms per step.
     exact_conditioning: bool = True
+    #: Weights kept in their stored type compute straight from a read-only memory map of the GGUF where the backend
+    #: can (the CPU; not CUDA, which copies to the device) and the data is 32-byte aligned; False copies every weight.
+    #: Same bytes either way, so the same results.
+    mmap: bool = True
+    #: Graphs (each with its compute buffer, ~250 MiB at 256² on the real model) kept per backbone, least recently
+    #: used evicted first. One image needs one per backbone (its text length and grid), so 1 keeps memory flat
+    #: across a batch of prompts of different lengths; a rebuild costs far less than one step.
+    max_graphs: int = 1
 
     def __post_init__(self) -> None:
         if self.t_rounding not in ("bf16", "none"):
@@ -55,6 +65,8 @@ class RuntimeOptions:
             raise InputError(f"attention must be 'flash' or 'softmax', got {self.attention!r}")
         if self.q8_0_matmul not in ("auto", "direct", "dequant"):
             raise InputError(f"q8_0_matmul must be auto, direct or dequant, got {self.q8_0_matmul!r}")
+        if isinstance(self.max_graphs, bool) or not isinstance(self.max_graphs, int) or self.max_graphs < 1:
+            raise InputError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
         if self.kv_scale is not None and not (self.kv_scale > 0 and math.isfinite(self.kv_scale)):
             raise InputError(f"kv_scale must be a positive number, got {self.kv_scale}")
 
@@ -127,22 +139,48 @@ class Ideogram4DiT:
         # of an elementwise op and is widened to F32 here, as stable-diffusion.cpp does.
         specs = [(n, t.type if file.kinds[n] == "linear" else GGMLType.F32, t.ne) for n, t in file.tensors.items()]
         self._check_backend(specs)
-        self.weights = TensorStore(backend, specs)
+        self.weights = TensorStore(backend, specs, host=self._mappable(specs) if self.options.mmap else None)
+        self._log_copies()
         with file.open() as f:
             for n, type_, _ in specs:
                 t = file.tensors[n]
-                data = file.read_bytes(n, f) if t.type is type_ else file.read_f32(n, f)
+                if n in self.weights.mapped:
+                    data = t.data.view(np.uint8)
+                else:
+                    data = file.read_bytes(n, f) if t.type is type_ else file.read_f32(n, f)
                 # Checked here, not from the velocity: a quantized block with an Inf scale gives finite garbage.
-                if not all_finite(type_, data.view(np.uint8)):
+                if not _finite(type_, data.view(np.uint8)):
                     raise ModelError("non-finite values (NaN/Inf) in the weights", path=self.path, tensor=n)
-                upload(self.weights[n], data)
-        self._graphs: dict[tuple[int, int, int], Graph] = {}
+                if n not in self.weights.mapped:
+                    upload(self.weights[n], data)
+        self._graphs: OrderedDict[tuple[int, int, int], Graph] = OrderedDict()
         # Text features stay the same for every step of an image: a read-only array already uploaded
         # to a graph is not uploaded again (a writeable one always is: it may have changed in place).
         self._uploaded_text: dict[tuple[int, int, int], np.ndarray] = {}
         log.info("loaded %s: %s", self.path, self.summary())
 
     # -- loading -----------------------------------------------------------------------
+    def _mappable(self, specs: list[tuple[str, GGMLType, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+        """The file's memory-mapped bytes of each tensor the graph uses in its stored type (the widened ones are
+        decoded copies). The header checked every range against the file's size; a map shorter than that (the
+        file shrank since) is refused here, before ggml is given a pointer."""
+        out = {}
+        for n, type_, _ in specs:
+            t = self.file.tensors[n]
+            if t.type is type_:
+                if t.data.nbytes != t.nbytes:
+                    raise ModelError("file ends inside the tensor data (truncated?)", path=self.path, tensor=n)
+                out[n] = t.data
+        return out
+
+    def _log_copies(self) -> None:
+        reasons = self.weights.copy_reasons
+        if self.weights.mapped:
+            log.info("%s: %.1f MiB of weights computed from the file's memory map", self.path, self.weights.mapped_bytes / 2**20)
+        if reasons:
+            name, why = next(iter(reasons.items()))
+            log.info("%s: %d tensors copied instead of memory-mapped (%s: %s)", self.path, len(reasons), name, why)
+
     def _check_backend(self, specs: list[tuple[str, GGMLType, tuple[int, ...]]]) -> None:
         """Refuse, naming the tensor, a weight type the backend has no matmul for (CUDA lacks some
         that the CPU has), before anything is allocated."""
@@ -173,7 +211,7 @@ class Ideogram4DiT:
             d["count"] += 1
             d["bytes"] += t.nbytes
         return {"file": str(self.path), "role": self.role, "backend": self.backend.name, "device": self.backend.device_name,
-                "weight_bytes": self.weights.nbytes, "types": types, "config": self.config.to_metadata()}
+                "weight_bytes": self.weights.nbytes, "mapped_bytes": self.weights.mapped_bytes, "types": types, "config": self.config.to_metadata()}
 
     def close(self) -> None:
         for g in self._graphs.values():
@@ -186,7 +224,13 @@ class Ideogram4DiT:
     def _graph(self, n_text: int, grid_h: int, grid_w: int) -> Graph:
         key = (n_text, grid_h, grid_w)
         if key in self._graphs:
+            self._graphs.move_to_end(key)
             return self._graphs[key]
+        while len(self._graphs) >= self.options.max_graphs:  # freed before the new one is allocated: flat peak
+            old, g = self._graphs.popitem(last=False)
+            self._uploaded_text.pop(old, None)
+            g.close()
+            log.debug("evicted graph %s", old)
         cfg = self.config
         n_img = grid_h * grid_w
         L = n_text + n_img
@@ -250,6 +294,13 @@ class Ideogram4DiT:
             self._uploaded_text[key] = feats
         g.compute()
         return g.get("v")
+
+
+def _finite(type_: GGMLType, raw: np.ndarray, chunk: int = 16 << 20) -> bool:
+    """``all_finite`` a few MiB of whole blocks at a time: on a memory map, one bit-mask temporary per chunk rather
+    than one the size of the tensor."""
+    step = max(1, chunk // type_.type_size) * type_.type_size
+    return all(all_finite(type_, raw[o : o + step]) for o in range(0, raw.size, step))
 
 
 class _Modules:

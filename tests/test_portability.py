@@ -72,15 +72,20 @@ def test_demo_encoder_encodes_without_extra_buffers():
     assert f.shape[1] == enc.features_dim and np.isfinite(f).all()
 
 
-def test_dit_weights_live_in_the_default_buffer_type():
+@pytest.mark.parametrize("mmap", [False, True], ids=["copied", "mapped"])
+def test_dit_weights_live_in_the_default_buffer_type(mmap):
     from gguf_dit.ggml_ops import lib, system
-    from gguf_dit.runtime.dit import Ideogram4DiT
+    from gguf_dit.ggml_ops._lib import tensor_struct
+    from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions
 
-    dit = Ideogram4DiT.load(_demo("transformer.gguf"), "cpu", threads=1)
+    dit = Ideogram4DiT.load(_demo("transformer.gguf"), "cpu", threads=1, options=RuntimeOptions(mmap=mmap))
     try:
         default = lib.ggml_backend_buft_name(dit.backend.buffer_type).decode()
-        assert system.buffer_type_name(dit.weights.buffer) == default == "CPU"
-        assert default not in system.extra_buffer_types(dit.backend.device)
+        # copied: the default buffer; memory-mapped: ggml's CPU buffer over host memory ("CPU_Mapped", what
+        # llama.cpp's mmap uses), which the extra-buffer routing does not match either
+        used = {system.buffer_type_name(tensor_struct(t.ptr).buffer) for t in dit.weights.tensors.values()}
+        assert default == "CPU" and used == ({"CPU_Mapped"} if mmap else {"CPU"})
+        assert not used & set(system.extra_buffer_types(dit.backend.device))
     finally:
         dit.close()
 
