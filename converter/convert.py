@@ -154,6 +154,10 @@ class PartResult:
 
 
 def _detect_parts(src: Path) -> list[str]:
+    from .vae import is_vae_source
+
+    if is_vae_source(src):  # ae.safetensors, flux2-vae.safetensors or a diffusers vae/ folder given as SRC
+        return ["vae"]
     if not src.is_dir() or not any((src / d).is_dir() for d in (*BACKBONE_DIRS, "text_encoder", "vae")):
         return ["dit"]
     found = [p for p in ("text_encoder", "vae") if (src / p).is_dir()]
@@ -202,8 +206,12 @@ def convert_checkpoint(
         for d in (src / "text_encoder", src / "tokenizer"):
             if not d.is_dir():
                 raise SourceError(f"missing {d.name}/ folder (needed for the text encoder)", path=src)
-    if "vae" in chosen and not (src / "vae").is_dir():
-        raise SourceError("missing vae/ folder", path=src)
+    if "vae" in chosen:
+        from .vae import is_vae_source
+
+        vae_src = src if is_vae_source(src) else src / "vae"
+        if not vae_src.exists():
+            raise SourceError("missing vae/ folder (nor is this a VAE file or folder)", path=src)
     jobs: list[_Job] = []
     try:
         if "dit" in chosen:
@@ -219,7 +227,7 @@ def convert_checkpoint(
         if "vae" in chosen:
             from .vae import prepare_vae, write_vae
 
-            vae = prepare_vae(src / "vae", dtype=vae_type)
+            vae = prepare_vae(vae_src, dtype=vae_type)
             jobs.append(_Job("vae", MODEL_FILES["vae"], vae.nbytes, lambda path, vae=vae: write_vae(vae, path), vae.close))
         results: list[PartResult] = []
         with OutputSet(out_dir, [j.name for j in jobs], force=force, need_bytes=sum(j.nbytes for j in jobs)) as outs:

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from gguf_dit import hashes
 from gguf_dit.errors import OutputError
 from gguf_dit.files import free_bytes, make_folders, remove_folders
 
@@ -116,6 +117,8 @@ class OutputSet:
             finally:
                 self._cleanup(failed=failed)
         # An interrupt that arrived while the finished set was being moved into place is dropped: the set is complete.
+        if exc_type is None and not self.folders:  # while in the page cache: `run` then finds the model hash cached
+            hashes.remember(self.out_dir / name for name in self.names)
 
     # -- steps -------------------------------------------------------------------------
     def _setup(self) -> None:

@@ -1,14 +1,18 @@
-"""Ideogram 4 / FLUX.2 VAE (diffusers ``AutoencoderKLFlux2`` folder) in, ``vae.gguf`` out.
+"""Ideogram 4 / FLUX.2 VAE in, ``vae.gguf`` out: a diffusers ``AutoencoderKLFlux2`` folder, or one ``.safetensors``
+file as users download it (Black Forest Labs' ``ae.safetensors`` / ``flux2-vae.safetensors`` naming, or diffusers
+naming), whose config is read from a ``config.json`` beside a diffusers-named file or else inferred from its shapes.
 
 Only what decoding needs is written: ``post_quant_conv.*`` and ``decoder.*`` (diffusers names, PyTorch shapes; the
-GGUF writer stores ggml's reversed ``ne`` order). Encoder, ``quant_conv`` and ``bn`` tensors are not written; the
-``bn`` running statistics go into metadata next to the official de-normalisation constants. Format: ``docs/vae.md``.
+GGUF writer stores ggml's reversed ``ne`` order), so both namings give the same file. Encoder, ``quant_conv`` and
+``bn`` tensors are not written; the ``bn`` running statistics go into metadata next to the official
+de-normalisation constants. Format: ``docs/vae.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,19 +30,23 @@ from .encode import check_range, encode_rows
 from .gguf_out import OutTensor, add_config, write_gguf
 from .inputs import _one_line, read_json
 from .output import HEADER_ALLOWANCE, write_one
-from .reader import SafetensorsFiles, weight_files
+from .reader import Header, SafetensorsFiles, weight_files
 from .source import WEIGHTS_NAME  # the diffusers weights name, as for the backbones
 
 CONFIG_NAME = "config.json"
+# Not written, in either naming: BFL keeps quant_conv under encoder., diffusers at the top; bn.num_batches_tracked
+# (an int64 counter BatchNorm saves) is skipped with the rest of bn.
 _SKIPPED_PREFIXES = ("encoder.", "quant_conv.", "bn.")
 _BN = ("bn.running_mean", "bn.running_var")
+#: What shapes cannot tell about a file without config.json: FLUX.2's values (BFL's autoencoder.py hard-codes them).
+FLUX2_ASSUMED = {"norm_num_groups": 32, "act_fn": "silu", "patch_size": [2, 2], "batch_norm_eps": 1e-4}
 
 
 def _find_dir(vae_dir: Path) -> Path:
     if not vae_dir.exists():
         raise SourceError("does not exist", path=vae_dir)
     if not vae_dir.is_dir():
-        raise SourceError("expected a VAE folder (config.json + diffusion_pytorch_model.safetensors)", path=vae_dir)
+        raise SourceError("expected a VAE folder (config.json + diffusion_pytorch_model.safetensors) or a .safetensors VAE file", path=vae_dir)
     if not (vae_dir / CONFIG_NAME).exists() and (vae_dir / "vae" / CONFIG_NAME).exists():
         return vae_dir / "vae"  # a checkpoint root was given
     return vae_dir
@@ -48,7 +56,11 @@ def read_vae_config(vae_dir: Path) -> tuple[VAEConfig, dict]:
     p = vae_dir / CONFIG_NAME
     if not p.exists():
         raise SourceError("missing (a diffusers AutoencoderKLFlux2 config is required)", path=p)
-    raw = read_json(p, what="config.json")
+    return vae_config(read_json(p, what="config.json"), p)
+
+
+def vae_config(raw: dict, p: Path, hint: str = "") -> tuple[VAEConfig, dict]:
+    """A diffusers-style VAE config checked for what gguf-dit can rebuild; errors name ``p`` and end with ``hint``."""
     cls = raw.get("_class_name")
     if cls is not None and cls != "AutoencoderKLFlux2":
         raise SourceError(f"_class_name is {str(cls)[:60]!r}, expected 'AutoencoderKLFlux2'", path=p)
@@ -89,29 +101,165 @@ def read_vae_config(vae_dir: Path) -> tuple[VAEConfig, dict]:
     if cfg.token_dim != LATENT_SHIFT.shape[0]:
         bad.append(f"latent_channels {cfg.latent_channels} x patch {cfg.patch_size}^2 != 128 (Ideogram 4 needs 32 latent channels)")
     if bad:
-        raise SourceError("unsupported VAE config: " + "; ".join(bad), path=p)
+        raise SourceError("unsupported VAE config: " + "; ".join(bad) + hint, path=p)
     return cfg, raw
 
 
-def _open(vae_dir: Path, cfg: VAEConfig) -> tuple[SafetensorsFiles, list[tuple[str, tuple[int, ...]]], int]:
-    """The weights, (name, shape) of every decoder tensor and the count of skipped ones; checks presence, shapes
-    and strays."""
+# -- Black Forest Labs' naming (src/flux2/autoencoder.py), as diffusers' scripts/convert_flux2_to_diffusers.py maps it --
+_ORIGINAL_FIXED = {
+    "post_quant_conv.": "decoder.post_quant_conv.",
+    "quant_conv.": "encoder.quant_conv.",
+    "decoder.conv_norm_out.": "decoder.norm_out.",
+}
+_ORIGINAL_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def original_name(name: str, levels: int) -> str:
+    """The BFL name of the decoder tensor ``name`` (diffusers), for a decoder of ``levels`` up blocks: BFL numbers
+    them from the highest resolution (``up.0`` next to ``conv_out``), diffusers from the lowest."""
+    for new, old in _ORIGINAL_FIXED.items():
+        if name.startswith(new):
+            return old + name[len(new):]
+    if m := re.fullmatch(r"decoder\.mid_block\.resnets\.(\d+)\.(.+)", name):
+        return f"decoder.mid.block_{int(m[1]) + 1}.{m[2]}"
+    if m := re.fullmatch(r"decoder\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", name):
+        return f"decoder.mid.attn_1.{_ORIGINAL_ATTN.get(m[1], m[1])}.{m[2]}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name):
+        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", name):
+        return f"decoder.up.{levels - 1 - int(m[1])}.upsample.{m[2]}"
+    return name
+
+
+def _naming(raw: Header, path: Path) -> str:
+    """``"original"`` (BFL) or ``"diffusers"``, from the names of a single VAE file."""
+    if "decoder.conv_in.weight" not in raw:
+        raise SourceError("tensor missing (not a VAE decoder in Black Forest Labs' or diffusers' naming)", path=path, tensor="decoder.conv_in.weight")
+    if any(k.startswith(("decoder.up_blocks.", "decoder.mid_block.")) for k in raw):
+        return "diffusers"
+    return "original"
+
+
+def _shape(raw: Header, path: Path, name: str, ndim: int) -> tuple[int, ...]:
+    if name not in raw:
+        raise SourceError("tensor missing", path=path, tensor=name)
+    shape = raw[name][2]
+    if len(shape) != ndim:
+        raise SourceError(f"shape {list(shape)} is not {ndim}-D", path=path, tensor=name)
+    return shape
+
+
+def infer_config(raw: Header, path: Path, naming: str) -> dict:
+    """A diffusers-style config for a VAE file without config.json: channels, depth, latent and output channels,
+    the mid attention and ``post_quant_conv`` from the tensors; the rest (``FLUX2_ASSUMED``) is FLUX.2's."""
+    pattern = r"decoder\.up\.(\d+)\." if naming == "original" else r"decoder\.up_blocks\.(\d+)\."
+    found = {int(m[1]) for k in raw if (m := re.match(pattern, k))}
+    levels = max(found) + 1 if found else 0
+    if not 0 < levels <= MAX_LEVELS:
+        raise SourceError(f"{levels} decoder up blocks; expected 1 to {MAX_LEVELS}", path=path)
+
+    def name(n: str) -> str:
+        return original_name(n, levels) if naming == "original" else n
+
+    # up_blocks.0 (diffusers) is the lowest resolution; block_out_channels lists the highest first.
+    chans = [_shape(raw, path, name(f"decoder.up_blocks.{i}.resnets.0.conv1.weight"), 4)[0] for i in range(levels)]
+    resnets = 0
+    while resnets <= MAX_LAYERS_PER_BLOCK and name(f"decoder.up_blocks.0.resnets.{resnets}.conv1.weight") in raw:
+        resnets += 1
+    return {
+        "_class_name": "AutoencoderKLFlux2",
+        "_inferred_from": f"tensor shapes ({'Black Forest Labs' if naming == 'original' else 'diffusers'} naming)",
+        "block_out_channels": chans[::-1],
+        "layers_per_block": resnets - 1,
+        "latent_channels": _shape(raw, path, name("decoder.conv_in.weight"), 4)[1],
+        "out_channels": _shape(raw, path, name("decoder.conv_out.weight"), 4)[0],
+        # By prefix, so that one misnamed tensor is reported as such rather than turning the block off.
+        "mid_block_add_attention": any(k.startswith("decoder.mid.attn_1." if naming == "original" else "decoder.mid_block.attentions.") for k in raw),
+        "use_post_quant_conv": any(k.startswith(name("post_quant_conv.")) for k in raw),
+        **FLUX2_ASSUMED,
+    }
+
+
+@dataclasses.dataclass
+class _Source:
+    """A VAE source located: its weight files, what errors name, its config, and each decoder tensor's name in it."""
+
+    where: Path
+    files: list[Path]
+    cfg: VAEConfig
+    raw_cfg: dict
+    names: dict[str, str]  # diffusers name -> the name in the files
+    origin: str  # where the config came from, for shape errors
+
+
+def _locate(src: Path) -> _Source:
+    if src.is_file() and src.suffix == ".safetensors":
+        files = SafetensorsFiles([src], src)
+        try:
+            raw = files.headers()
+        finally:
+            files.close()
+        naming = _naming(raw, src)
+        beside = src.parent / CONFIG_NAME
+        if naming == "diffusers" and beside.exists():  # vae/diffusion_pytorch_model.safetensors named directly
+            cfg, raw_cfg = read_vae_config(src.parent)
+            origin = f"from {beside}"
+        else:
+            hint = (f" (config inferred from the tensor shapes, with FLUX.2's {', '.join(f'{k} {v}' for k, v in FLUX2_ASSUMED.items())} "
+                    "assumed: a file without config.json cannot tell them)")
+            cfg, raw_cfg = vae_config(infer_config(raw, src, naming), src, hint)
+            origin = "from the file's other shapes"
+        levels = len(cfg.block_out_channels)
+        inv = decoder_inventory(cfg)
+        names = {n: original_name(n, levels) if naming == "original" else n for n in inv}
+        return _Source(src, [src], cfg, raw_cfg, names, origin)
+    vae_dir = _find_dir(src)
+    cfg, raw_cfg = read_vae_config(vae_dir)
     files = weight_files(vae_dir, WEIGHTS_NAME, "a VAE folder")
-    src = SafetensorsFiles(files, files[0] if len(files) == 1 else vae_dir)
+    return _Source(files[0] if len(files) == 1 else vae_dir, files, cfg, raw_cfg, {n: n for n in decoder_inventory(cfg)}, "from config.json")
+
+
+def is_vae_source(path: Path) -> bool:
+    """Whether ``path`` is a VAE by itself, not a checkpoint or backbone: a ``.safetensors`` file holding a decoder
+    (any naming) or a folder whose config.json names ``AutoencoderKLFlux2``."""
+    if path.is_dir():
+        try:
+            return (path / CONFIG_NAME).is_file() and read_json(path / CONFIG_NAME, what="config.json").get("_class_name") == "AutoencoderKLFlux2"
+        except SourceError:
+            return False
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    files = SafetensorsFiles([path], path)
+    try:
+        return "decoder.conv_in.weight" in files.headers()
+    except SourceError:
+        return False  # the backbone reader then says what is wrong with it
+    finally:
+        files.close()
+
+
+def _open(s: _Source) -> tuple[SafetensorsFiles, list[tuple[str, tuple[int, ...]]], int]:
+    """The weights (keyed by diffusers names), (name, shape) of every decoder tensor and the count of skipped ones;
+    checks presence, shapes and strays, naming each tensor as the file does."""
+    src = SafetensorsFiles(s.files, s.where)
     try:
         raw = src.headers()
-        inv = decoder_inventory(cfg)
-        strays = sorted(k for k in raw if k not in inv and not k.startswith(_SKIPPED_PREFIXES))
+        inv = decoder_inventory(s.cfg)
+        expected = set(s.names.values())
+        strays = sorted(k for k in raw if k not in expected and not k.startswith(_SKIPPED_PREFIXES))
         if strays:
-            raise SourceError(f"unexpected tensor (not part of the decoder config.json describes; {len(strays)} in all)", path=src.where, tensor=strays[0])
+            raise SourceError(f"unexpected tensor (not part of the decoder the config describes, {s.origin}; {len(strays)} in all)",
+                              path=src.where, tensor=strays[0])
         for name, shape in inv.items():
-            if name not in raw:
-                raise SourceError("tensor missing", path=src.where, tensor=name)
-            got = raw[name][2]
-            # Older checkpoints store the mid attention projections as 1x1 convs (C, C, 1, 1).
+            stored = s.names[name]
+            if stored not in raw:
+                raise SourceError("tensor missing", path=src.where, tensor=stored)
+            got = raw[stored][2]
+            # BFL's checkpoints (and older diffusers ones) store the mid attention projections as 1x1 convs (C, C, 1, 1).
             if not (got == shape or (len(shape) == 2 and got == shape + (1, 1) and ".attentions." in name)):
-                raise SourceError(f"shape {list(got)}, expected {list(shape)} from config.json", path=src.where, tensor=name)
-        src.tensors = src.weights({k: v for k, v in raw.items() if k in inv or k in _BN})
+                raise SourceError(f"shape {list(got)}, expected {list(shape)} {s.origin}", path=src.where, tensor=stored)
+        weights = src.weights({k: v for k, v in raw.items() if k in expected or k in _BN})
+        src.tensors = {name: weights[s.names[name]] for name in inv} | {k: weights[k] for k in _BN if k in weights}
     except BaseException:
         src.close()
         raise
@@ -137,9 +285,9 @@ MAX_LEVELS, MAX_LAYERS_PER_BLOCK = 16, 64
 
 @dataclasses.dataclass
 class VAEPlan:
-    """A VAE folder opened and checked, ready to write."""
+    """A VAE source opened and checked, ready to write."""
 
-    vae_dir: Path
+    source: Path  # the weights file, or the folder of several
     cfg: VAEConfig
     raw_cfg: dict
     src: SafetensorsFiles
@@ -153,13 +301,14 @@ class VAEPlan:
         self.src.close()
 
 
-def prepare_vae(vae_dir: str | Path, *, dtype: str = "f16") -> VAEPlan:
-    """Open and check the VAE at ``vae_dir`` (config, tensor names and shapes, the bn statistics); writes nothing."""
+def prepare_vae(source: str | Path, *, dtype: str = "f16") -> VAEPlan:
+    """Open and check the VAE at ``source`` (a folder or a .safetensors file, as ``convert_vae`` takes): config,
+    tensor names and shapes, the bn statistics; writes nothing."""
     if dtype not in ("f16", "f32"):
         raise OptionError(f"unknown VAE dtype {dtype!r}; use f16 or f32")
-    vae_dir = _find_dir(Path(vae_dir))
-    cfg, raw_cfg = read_vae_config(vae_dir)
-    src, inv, skipped = _open(vae_dir, cfg)
+    located = _locate(Path(source))
+    cfg, raw_cfg = located.cfg, located.raw_cfg
+    src, inv, skipped = _open(located)
     try:
         bn = {}
         for k in _BN:
@@ -175,17 +324,18 @@ def prepare_vae(vae_dir: str | Path, *, dtype: str = "f16") -> VAEPlan:
         src.close()
         raise
     nbytes = sum(4 * int(np.prod(shape)) + 512 for _, shape, _ in plan) + len(json.dumps(raw_cfg)) + HEADER_ALLOWANCE
-    return VAEPlan(vae_dir, cfg, raw_cfg, src, plan, bn, dtype, skipped, nbytes)
+    return VAEPlan(located.where, cfg, raw_cfg, src, plan, bn, dtype, skipped, nbytes)
 
 
-def convert_vae(vae_dir: str | Path, out_path: str | Path, *, dtype: str = "f16", force: bool = False) -> dict:
-    """Write the VAE decoder at ``vae_dir`` (diffusers folder, or a checkpoint root holding ``vae/``) to ``out_path``.
+def convert_vae(source: str | Path, out_path: str | Path, *, dtype: str = "f16", force: bool = False) -> dict:
+    """Write the VAE decoder at ``source`` to ``out_path``: a diffusers folder, a checkpoint root holding ``vae/``,
+    or one ``.safetensors`` file in Black Forest Labs' or diffusers' naming (``ae.safetensors``).
 
     ``dtype``: ``"f16"`` stores 2-D and 4-D weights as F16 (1-D norms and biases stay F32; a weight whose magnitude
     exceeds the F16 range stays F32 too), ``"f32"`` stores everything F32. Returns a summary dict. Written like
     ``gguf-dit convert``'s outputs (``output.OutputSet``): nothing is left behind on an error or Ctrl-C.
     """
-    result = write_one(Path(out_path), force, lambda: prepare_vae(vae_dir, dtype=dtype), write_vae)
+    result = write_one(Path(out_path), force, lambda: prepare_vae(source, dtype=dtype), write_vae)
     result["path"] = str(out_path)
     return result
 
@@ -223,7 +373,7 @@ def write_vae(vae: VAEPlan, out_path: Path) -> dict:
         }
     return {
         "path": str(out_path),
-        "source": str(vae.vae_dir),
+        "source": str(vae.source),
         "dtype": vae.dtype,
         "tensors": len(tensors),
         "types": dict(Counter(t.name for _, _, t in vae.plan)),

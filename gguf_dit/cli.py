@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
+
+from gguf_dit.arch import MODEL_FILES
+
+# typer's rich help prints a value type after every option, "<bool>" even for flags, which take no value: flags get none.
+_value_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _value_type(self, ctx)
 
 app = typer.Typer(
     add_completion=False,
@@ -99,14 +106,14 @@ def _progress_factory(quiet: bool):
 @app.command()
 @_errors_to_exit
 def convert(
-    src: Path = typer.Argument(..., help="Checkpoint root (with transformer/ and unconditional_transformer/), one backbone folder, or one .safetensors file."),
-    out_dir: Path = typer.Option(..., "-o", "--out-dir", help="Output folder; writes transformer.gguf and/or unconditional_transformer.gguf."),
+    src: Path = typer.Argument(..., metavar="SRC", help="Checkpoint root (with transformer/ and unconditional_transformer/), one backbone folder, one backbone .safetensors file, or a VAE by itself (ae.safetensors, flux2-vae.safetensors, a diffusers vae/ folder: writes vae.gguf)."),
+    out_dir: Path = typer.Option(..., "-o", "--out-dir", help=f"Output folder; writes {', '.join(MODEL_FILES.values())} (those of the parts converted)."),
     recipe: str = typer.Option("q8_0", "--recipe", help="f32, f16, bf16, q8_0, q4_k, q4_k-protect, or a recipe .json path."),
     type_: Optional[str] = typer.Option(None, "--type", help="Storage type for every linear (e.g. q8_0, q4_k, f16); overrides the recipe's linear type."),
     rule: List[str] = typer.Option([], "--rule", help="REGEX=TYPE for matching tensor names; repeatable; first match wins; checked before the recipe."),
     role: Optional[str] = typer.Option(None, "--role", help="cond or uncond: convert only that backbone (or name the role of a single backbone)."),
     q4k_path: str = typer.Option("weighted", "--q4k-path", help="K-quant search: 'weighted' (uniform importance, as stable-diffusion.cpp) or 'reference' (as llama-quantize without imatrix)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Quantization threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Quantization threads (default: physical cores less those other processes keep busy, at least 1)."),
     parts: Optional[str] = typer.Option(None, "--parts", help="Comma-separated subset of dit,text_encoder,vae (default: every part the checkpoint holds)."),
     te_type: Optional[str] = typer.Option(None, "--te-type", help="Text encoder linear type (default q8_0; f32/f16/bf16 under those recipes)."),
     te_down_proj_type: Optional[str] = typer.Option(None, "--te-down-proj-type", help="Type for the encoder's mlp.down_proj (massive activations), e.g. f16."),
@@ -116,7 +123,8 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Convert an Ideogram 4 checkpoint into GGUF files: both DiT backbones, the text encoder, the VAE decoder."""
+    """Convert an Ideogram 4 checkpoint into GGUF files: both DiT backbones (transformer.gguf, unconditional_transformer.gguf),
+    the text encoder (text_encoder.gguf), the VAE decoder (vae.gguf)."""
     from gguf_dit.converter import convert as conv
     from gguf_dit.converter.recipe import resolve
     from gguf_dit.errors import GgufDitError
@@ -137,47 +145,19 @@ def convert(
 @app.command()
 @_errors_to_exit
 def inspect(
-    file: Path = typer.Argument(..., help="A backbone GGUF (ours or a stable-diffusion.cpp-style file without metadata)."),
+    file: Path = typer.Argument(..., metavar="FILE", help="Any GGUF convert writes: a backbone (ours or a stable-diffusion.cpp-style file without metadata), text_encoder.gguf or vae.gguf."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
     check: bool = typer.Option(False, "--check", help="Also scan every tensor for NaN/Inf values (float bits and quantized block scales, a few MiB at a time)."),
 ) -> None:
-    """Describe a backbone GGUF: architecture, role, config, types, bytes, recipe and warnings."""
-    from gguf_dit import keys
-    from gguf_dit.runtime.backbone_file import BackboneFile
+    """Describe a GGUF: kind, config, types, bytes, provenance, warnings; exit 2 when it has problems `run` refuses."""
+    from gguf_dit.errors import ModelError
+    from gguf_dit.runtime.inspection import describe, render
 
-    f = BackboneFile(file, strict=False)
-    warnings = list(f.warnings)
-    if check:
-        warnings += [f"non-finite values in tensor {n}" for n in f.nonfinite()]
-    report = {
-        "file": str(f.path),
-        "architecture": "ideogram4",
-        "metadata": f.has_metadata,
-        "role": f.role,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in f.config.to_metadata().items()},
-        "tensor_count": len(f.tensors),
-        "bytes": sum(t.nbytes for t in f.tensors.values()),
-        "types": f.type_counts(),
-        "recipe": f.recipe,
-        "source_sha256": f.metadata.get(keys.SOURCE_SHA256),
-        "converter_version": f.metadata.get(keys.CONVERTER_VERSION),
-        "warnings": warnings,
-    }
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))
-        return
-    typer.echo(f"{report['file']}")
-    typer.echo(f"  architecture  ideogram4 ({'gguf-dit metadata' if f.has_metadata else 'detected from tensor names'})")
-    typer.echo(f"  role          {f.role or 'unknown'}")
-    typer.echo("  config        " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
-    typer.echo(f"  tensors       {report['tensor_count']}, {report['bytes'] / 1e6:.2f} MB")
-    for t, d in sorted(report["types"].items()):
-        typer.echo(f"    {t:<6} {d['count']:>4} tensors  {d['bytes'] / 1e6:10.2f} MB")
-    typer.echo(f"  recipe        {f.recipe or 'unknown'}")
-    if report["source_sha256"]:
-        typer.echo(f"  source        {report['source_sha256']}")
-    for w in warnings:
-        typer.echo(f"  warning: {w}")
+    report = describe(file, check=check)
+    typer.echo(json.dumps(report, indent=2) if as_json else render(report))
+    if report["problems"]:
+        n = len(report["problems"])
+        raise ModelError(f"{n} problem{'s' * (n > 1)} that `run` refuses, first: {report['problems'][0]}", path=file)
 
 
 @app.command()
@@ -193,10 +173,15 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print a JSON report
 @app.command()
 @_errors_to_exit
 def run(
+    ctx: typer.Context,
     prompt_file: Optional[str] = typer.Argument(None, metavar="PROMPT_FILE", help="A JSON caption, JSON Lines (one caption per line), or plain text (one prompt per line); - reads it from stdin. Optional with -p."),
     prompt: List[str] = typer.Option([], "-p", "--prompt", help="A prompt (plain text or one JSON caption); repeatable; adds to PROMPT_FILE's prompts."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Folder with transformer.gguf, unconditional_transformer.gguf, text_encoder.gguf, vae.gguf (from gguf-dit convert). Default: the embedded demo model."),
-    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="A text encoder GGUF to use instead of MODEL/text_encoder.gguf (e.g. a community Qwen3-VL-8B-Instruct GGUF)."),
+    from_png: Optional[Path] = typer.Option(None, "--from-png", metavar="IMAGE", help="Draw IMAGE again from its gguf-dit metadata: its prompt, seed, size, steps, guidance schedule, mu, std, reference and preset; options given explicitly override them."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Folder with transformer.gguf, unconditional_transformer.gguf, text_encoder.gguf, vae.gguf (from gguf-dit convert); the component options override its files. Default (no --model, no component): the embedded demo model."),
+    diffusion_model: Optional[Path] = typer.Option(None, "--diffusion-model", help="Conditional backbone GGUF (ours or stable-diffusion.cpp's -M convert output), instead of MODEL/transformer.gguf."),
+    uncond_diffusion_model: Optional[Path] = typer.Option(None, "--uncond-diffusion-model", help="Unconditional backbone GGUF, instead of MODEL/unconditional_transformer.gguf; not needed when every step's guidance is 1."),
+    text_encoder: Optional[Path] = typer.Option(None, "--llm", "--text-encoder", help="Text encoder GGUF, instead of MODEL/text_encoder.gguf (e.g. a community Qwen3-VL-8B-Instruct GGUF)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="VAE: a vae.gguf, a FLUX.2 autoencoder .safetensors (ae.safetensors, flux2-vae.safetensors) or a diffusers vae/ folder (converted once, cached), instead of MODEL/vae.gguf."),
     preset: str = typer.Option("default-20", "--preset", help="quality-48, default-20 or turbo-12."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Number of steps (overrides the preset; the preset's final low-guidance steps are kept)."),
     guidance: Optional[str] = typer.Option(None, "--guidance", help="Constant guidance (7) or a run-order schedule (7x18+3x2)."),
@@ -206,43 +191,64 @@ def run(
     height: Optional[int] = typer.Option(None, "--height", "-H", help="Image height in pixels, a multiple of 16."),
     seed: int = typer.Option(0, "--seed", "-s", help="Seed of the first image; each further image adds 1; -1 draws a random one (printed)."),
     count: str = typer.Option("1", "-b", "--batch-count", "-n", "--count", metavar="N", help="Images per prompt. Not sd.cpp's -n NEGATIVE: Ideogram 4 has no negative prompt (its unconditional backbone sees no text)."),
-    out: Path = typer.Option(Path("outputs"), "-o", "--out", help="Output folder, or a .png path for a single image."),
+    out: Path = typer.Option(Path("outputs"), "-o", "--out", help="A folder (NNNNN-SEED.png, numbered on after the images already there), an image path (.png, .jpg, .jpeg, .webp), or a pattern with a printf index (img_%03d.png)."),
     backend: str = typer.Option("auto", "--backend", help="auto, cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: physical cores less those other processes keep busy, at least 1)."),
     raw: bool = typer.Option(False, "--raw", help="Pass plain-text prompts to the encoder unchanged instead of wrapping them in a minimal JSON caption."),
     keep_bboxes: bool = typer.Option(False, "--keep-bboxes", help="Keep element bboxes in JSON captions (the official pipeline strips them)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse JSON captions with keys the published caption spec lacks (default: warn and keep them)."),
     tile: Optional[int] = typer.Option(None, "--tile", help="Decode in tiles of this many latent pixels (saves memory on large images)."),
     reference: str = typer.Option("official", "--reference", help="official (the official loop: bf16-rounded t, ends at t_max) or diffusers (reproduces diffusers' Ideogram4Pipeline: float32 t, its sigma grid ending at t = 1)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing PNGs."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing -o image path (numbered names never overwrite)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print debug logs, llama.cpp's and ggml's included (hidden otherwise)."),
 ) -> None:
     """Generate PNGs from -p prompts and/or a prompt file: encode, sample both CFG backbones, decode."""
+    from gguf_dit import hashes
     from gguf_dit.errors import OptionError
     from gguf_dit.runtime import demo, native_log
-    from gguf_dit.runtime.caption import caption_summary
+    from gguf_dit.runtime.caption import bbox_notice, caption_summary
     from gguf_dit.runtime.generate import RANDOM_SEED, Generator
     from gguf_dit.runtime.schedule import resolve_settings
+    from gguf_dit.vae_files import vae_gguf
 
     if not count.strip().lstrip("+-").isdigit():
         raise OptionError(f"-n/--batch-count is the image count, got {count!r}; Ideogram 4 has no negative prompt "
                           "(its unconditional backbone sees no text), so sd.cpp's -n NEGATIVE has no counterpart")
-    if prompt_file is None and not prompt:
+    if prompt_file is None and not prompt and from_png is None:
         raise OptionError('no prompt: give -p "TEXT" (repeatable) and/or a PROMPT_FILE (- for stdin)')
     if prompt_file not in (None, "-") and not Path(prompt_file).exists():
         raise OptionError(f'prompt file not found; did you mean -p "{prompt_file}"?', path=prompt_file)
     prompts = ([] if prompt_file is None else [Path(prompt_file)]) + list(prompt)
+    png = None
+    if from_png is not None:  # the image's settings stand in for every option not given explicitly
+        from gguf_dit.runtime.infotext import from_png as read_png
+
+        png = read_png(from_png)
+        given = {n for n in ("preset", "seed", "reference") if ctx.get_parameter_source(n).name != "DEFAULT"}
+        prompts, width, height = prompts or [png.prompt], width or png.width, height or png.height
+        seed = seed if "seed" in given else png.seed
+        reference = reference if "reference" in given else png.reference
+        preset = preset if "preset" in given else png.settings
 
     with native_log.verbose(sys.stderr) if verbose else native_log.hidden():
         settings = resolve_settings(preset, steps=steps, guidance=guidance, mu=mu, std=std)
-        gen = Generator(model, text_encoder=text_encoder, backend=backend, threads=threads, reference=reference)
+        gen = Generator(model, diffusion_model=diffusion_model, uncond_diffusion_model=uncond_diffusion_model, text_encoder=text_encoder,
+                        vae=None if vae is None else vae_gguf(vae), backend=backend, threads=threads, reference=reference)
         if gen.demo and not quiet:
             typer.echo(demo.NOTICE, err=True)
+        if png is not None and png.model_hash not in (None, used := hashes.autov2(gen.files.transformer)):
+            typer.echo(f"warning: {from_png} was drawn with model hash {png.model_hash}, this run uses {used} ({gen.files.transformer}): "
+                       "the image will differ", err=True)
+        for w in gen.warnings:
+            typer.echo(f"warning: {w}", err=True)
         batch = gen.generate(prompts, seed=seed, count=int(count), width=width, height=height, settings=settings, tile=tile,
-                             out=out, force=force, raw=raw, keep_bboxes=keep_bboxes)
+                             out=out, force=force, raw=raw, keep_bboxes=keep_bboxes, strict=strict)
         for p, (src, line) in zip(batch.prompts, batch.origins):
             for w in p.warnings:
                 typer.echo(f"warning: {src}{f':{line}' if line else ''}: {w}", err=True)
+        if (note := bbox_notice(batch.prompts)) and not quiet:
+            typer.echo(note, err=True)
         if seed == RANDOM_SEED:
             typer.echo(f"seed {batch.seeds[0]} (random)", err=True)
         if quiet:
@@ -313,10 +319,29 @@ class _RunBars(_RunLines):
             self.p.advance(self.batch)
 
 
+@app.command()
+@_errors_to_exit
+def show(
+    image: Path = typer.Argument(..., metavar="IMAGE", help="An image gguf-dit run wrote (or any with A1111 parameters: PNG text, JPEG/WebP EXIF)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every gguf-dit setting as JSON (what run --from-png reads) instead of the A1111 text."),
+) -> None:
+    """Print the settings an image was drawn with: its A1111 parameters text, as A1111's PNG Info shows it."""
+    from gguf_dit.errors import InputError
+    from gguf_dit.runtime.infotext import TEXT_KEY, read_settings, read_text
+
+    if as_json:
+        typer.echo(json.dumps(read_settings(image), indent=2, ensure_ascii=False))
+        return
+    text = read_text(image).get(TEXT_KEY)
+    if text is None:
+        raise InputError(f"has no generation settings (no {TEXT_KEY!r} text, no gguf-dit metadata)", path=image)
+    typer.echo(text)
+
+
 @app.command("tiny-checkpoint")
 @_errors_to_exit
 def tiny_checkpoint(
-    out: Path = typer.Argument(..., help="Folder to create (transformer/ and unconditional_transformer/ inside)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Folder to create (transformer/ and unconditional_transformer/ inside)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (the uncond backbone uses seed + 1)."),
     bf16: bool = typer.Option(False, "--bf16", help="Write BF16 DiT linears instead of the official FP8 + weight_scale."),
     dit_only: bool = typer.Option(False, "--dit-only", help="Only the two DiT backbones (no text encoder, tokenizer or VAE)."),

@@ -162,7 +162,7 @@ _TYPE_COUNT = struct.Struct("<IQ")  # an array's item type and count; a tensor's
 def _string(s: _Stream, what: str, limit: int, path: Path) -> bytes:
     (n,) = s.unpack(_U64, f"the length of {what}")
     if n > min(limit, s.left):
-        why = f"the {s.left} bytes left in the file" if n > s.left else f"the limit of {limit} bytes"
+        why = f"the {s.left} bytes left in the file (truncated?)" if n > s.left else f"the limit of {limit} bytes"
         raise ModelError(f"{what} has length {n}, more than {why}", path=path)
     return s.take(n)
 
@@ -204,7 +204,7 @@ def _string_array(s: _Stream, n: int, what: str, path: Path) -> list[bytes]:
             s.pos = s.base + i
             m = j - i - 8
             if m > min(MAX_STRING, s.left - 8):
-                limit = f"the {s.left - 8} bytes left in the file" if s.left - 8 < MAX_STRING else f"ggml's string limit of {MAX_STRING} bytes"
+                limit = f"the {s.left - 8} bytes left in the file (truncated?)" if s.left - 8 < MAX_STRING else f"ggml's string limit of {MAX_STRING} bytes"
                 raise ModelError(f"{what}[{k}] has length {m}, more than {limit}", path=path)
             s._fill(8 + m)
             buf, i, end = s.buf, 0, len(s.buf)
@@ -232,7 +232,7 @@ def _value(s: _Stream, t: GGUFValueType, what: str, path: Path, depth: int = 0) 
     raw_item, n = s.unpack(_TYPE_COUNT, f"the array header of {what}")
     item = _value_type(raw_item, f"the elements of {what}", path)
     if n * _MIN_SIZE[item] > s.left:
-        raise ModelError(f"{what} claims {n} elements of type {item.name}, more than the {s.left} bytes left in the file can hold", path=path)
+        raise ModelError(f"{what} claims {n} elements of type {item.name}, more than the {s.left} bytes left in the file can hold (truncated?)", path=path)
     if item is GGUFValueType.STRING:
         return KV(t, _string_array(s, n, what, path), item)
     if item is GGUFValueType.ARRAY:
@@ -261,7 +261,7 @@ def parse_header(f, size: int, path: Path) -> GGUFHeader:
     it validated."""
     s = _Stream(f, size, path)
     if size < _HEAD.size:
-        raise ModelError(f"not a GGUF file ({size} bytes, shorter than a GGUF header)", path=path)
+        raise ModelError(f"not a GGUF file ({size} bytes, shorter than a GGUF header; truncated?)", path=path)
     magic, version, n_tensors, n_kv = s.unpack(_HEAD, "the header")
     if magic != MAGIC:
         raise ModelError(f"not a GGUF file (magic {magic!r}, expected {MAGIC!r})", path=path)
@@ -269,9 +269,9 @@ def parse_header(f, size: int, path: Path) -> GGUFHeader:
         hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
         raise ModelError(f"GGUF version {version} is not supported (only 2 and 3){hint}", path=path)
     if n_kv * _MIN_KV > s.left:
-        raise ModelError(f"kv_count {n_kv} is more than the {s.left} bytes after the header can hold", path=path)
+        raise ModelError(f"kv_count {n_kv} is more than the {s.left} bytes after the header can hold (truncated?)", path=path)
     if n_tensors * _MIN_TENSOR > s.left:
-        raise ModelError(f"tensor_count {n_tensors} is more than the {s.left} bytes after the header can hold", path=path)
+        raise ModelError(f"tensor_count {n_tensors} is more than the {s.left} bytes after the header can hold (truncated?)", path=path)
 
     kv: dict[str, KV] = {}
     for i in range(n_kv):

@@ -4,6 +4,7 @@ system info)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import platform
 import sys
@@ -24,7 +25,8 @@ def _version(pkg: str) -> str | None:
 
 def collect() -> dict:
     """Everything ``gguf-dit info`` reports, as plain data (``--json`` prints it as is)."""
-    from gguf_dit.ggml_ops import default_threads, devices, lib, system
+    from gguf_dit.ggml_ops import devices, lib, system
+    from gguf_dit.ggml_ops.threads import thread_budget
 
     info: dict = {
         "gguf_dit": __version__,
@@ -38,7 +40,7 @@ def collect() -> dict:
     cpu_reg = next((r for r in regs if r.name == "CPU"), None)
     info["cpu"] = {
         "model": system.cpu_model(),
-        "cores_usable": default_threads(),
+        "cores": dataclasses.asdict(thread_budget()),
         "flags": [f for f in INTERESTING_FLAGS if f in flags],
         "build_features_missing_on_this_cpu": system.cpu_mismatch(cpu_reg.features if cpu_reg else {}, flags),
     }
@@ -54,9 +56,9 @@ def collect() -> dict:
 
     info["defaults"] = {
         "backend": "cuda" if info["cuda"] else "cpu",
-        "threads": default_threads(),
+        "threads": thread_budget().threads,
         "text_encoder_extra_buffer_types": inspect.signature(TextEncoder.load).parameters["use_extra_bufts"].default,
-        "dit_weights_buffer": "the backend's default buffer type (no repacking)",
+        "dit_weights_buffer": "CPU: the GGUF's memory map (CPU_Mapped); CUDA: the device's default buffer type; never repacked",
     }
     if info["cpu"]["build_features_missing_on_this_cpu"]:  # llama.cpp would run the wrong instructions
         info["llama_cpp_system_info"] = "not queried: this llama-cpp-python build targets another CPU"
@@ -71,12 +73,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def _cores(c: dict) -> str:
+    return f"{c['cpus']} usable CPUs, {c['physical']} physical cores, {c['busy']:.1f} busy with other processes now"
+
+
 def render(info: dict) -> str:
     lines = [
         f"gguf-dit {info['gguf_dit']}  (Python {info['python']}, {info['platform']})",
         "packages      " + ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v),
         f"ggml          {info['ggml']['version']} (commit {info['ggml']['commit']}) from {info['ggml']['library_dir']}",
-        f"CPU           {info['cpu']['model']}; {info['cpu']['cores_usable']} usable cores",
+        f"CPU           {info['cpu']['model']}; {_cores(info['cpu']['cores'])}",
         "CPU flags     " + (" ".join(info["cpu"]["flags"]) or "(none of interest)"),
     ]
     missing = info["cpu"]["build_features_missing_on_this_cpu"]
@@ -90,7 +96,7 @@ def render(info: dict) -> str:
         mem = f"; {_mib(d['memory_free'])} free of {_mib(d['memory_total'])}" if d["memory_total"] else ""
         lines.append(f"device        {d['name']} ({d['kind']}): {d['description']}{mem}; extra buffer types: {extra} (unused)")
     lines.append(f"CUDA          {'yes' if info['cuda'] else 'no (CPU-only build of llama-cpp-python)'}")
-    lines.append(f"defaults      backend {info['defaults']['backend']}, {info['defaults']['threads']} threads")
+    lines.append(f"defaults      backend {info['defaults']['backend']}, {info['defaults']['threads']} thread{'s' * (info['defaults']['threads'] != 1)} (physical cores less busy ones, at least 1; --threads N overrides)")
     lines.append(f"llama.cpp     {info['llama_cpp_system_info']}")
     return "\n".join(lines)
 

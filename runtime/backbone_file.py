@@ -45,12 +45,13 @@ class BackboneFile(GGUFFile):
     """A parsed backbone GGUF. ``warnings`` lists deviations that do not stop loading.
 
     ``strict`` (the runtime): every tensor the architecture needs, in its shape, in a type the graph
-    can use for its role; ``strict=False`` (``inspect``): the same findings become warnings."""
+    can use for its role; ``strict=False`` (``inspect``): the same findings are listed in ``problems``."""
 
     def __init__(self, path: str | Path, *, strict: bool = True) -> None:
         super().__init__(path)
         h = self.header
         self.warnings: list[str] = []
+        self.problems: list[str] = []  # what strict loading refuses, listed instead (strict=False)
         self.arch = h.value(keys.ARCHITECTURE, ("STRING",))
         self.has_metadata = self.arch is not None and keys.EMB_DIM in h.kv
         if self.arch is not None and self.arch != ARCH:
@@ -141,7 +142,7 @@ class BackboneFile(GGUFFile):
         if strict:
             check_tensors(shapes, self.config, str(self.path), error=ModelError)
         else:
-            self.warnings += [f"tensor {n}: {problem}" for n, problem in tensor_problems(shapes, self.config)]
+            self.problems += [f"tensor {n}: {problem}" for n, problem in tensor_problems(shapes, self.config)]
         self.kinds = {s.name: s.kind for s in specs if s.name in self.tensors}
         for name, kind in self.kinds.items():
             t = self.tensors[name]
@@ -150,4 +151,4 @@ class BackboneFile(GGUFFile):
             msg = f"stored as {t.type_name}, which the graph cannot use for {_KIND_NAMES[kind]} (allowed: {_ALLOWED})"
             if strict:
                 raise ModelError(msg, path=self.path, tensor=name)
-            self.warnings.append(f"tensor {name} {msg}")
+            self.problems.append(f"tensor {name}: {msg}")

@@ -2,17 +2,19 @@
 
 Ideogram 4 was trained on structured JSON captions (model reference §12). This module turns what a
 user gives us into the exact string the text encoder sees (the `{caption}` of the §11.2 chat
-template). Pure Python (json, re, dataclasses); no model, no tokenizer. The full rules, with example
-messages, are in docs/captions.md. In short:
+template). No model, no tokenizer. The full rules, with example messages, are in docs/captions.md.
+In short:
 
 * a prompt file holds JSON captions (one object, pretty-printed or not; JSON Lines; a JSON array of
   objects; or several of those in a row) or plain text (one prompt per non-blank line); lines whose
   first non-blank character is `#` are comments (in JSON files only between captions);
-* a JSON caption is checked against the published spec: structural problems the model cannot
-  sensibly consume are errors (`CaptionError`, an `InputError`: exit code 2); softer deviations are
-  warnings (`Prompt.warnings`);
-* `aspect_ratio` and (by default) every element's `bbox` are stripped, as the official pipeline
-  does, and the caption is serialised compactly with non-ASCII kept literal;
+* a JSON caption is validated by the pydantic models below (`Caption`): what the model cannot
+  consume (invalid JSON, wrong types, missing required keys) is a `CaptionError` (an `InputError`:
+  exit code 2); keys the spec lacks and softer deviations are warnings (`Prompt.warnings`), and
+  `strict=True` refuses unknown keys;
+* known keys are written in the published order whatever order they came in, unknown keys where
+  they were; `aspect_ratio` and (by default) every element's `bbox` are stripped, as the official
+  pipeline does; the caption is serialised compactly with non-ASCII kept literal;
 * plain text is wrapped as `{"high_level_description":TEXT,"compositional_deconstruction":
   {"background":"","elements":[]}}`;
 * raw mode passes each prompt's source text through untouched.
@@ -20,35 +22,25 @@ messages, are in docs/captions.md. In short:
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Iterable, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from gguf_dit.arch.text_encoder import MAX_TOKENS as MAX_TEXT_TOKENS  # counting tokens needs the tokenizer: the encoder enforces it
 from gguf_dit.errors import InputError
 from gguf_dit.files import json_type, open_regular, show
 
 __all__ = [
-    "Prompt",
-    "CaptionError",
-    "read_prompt_file",
-    "prompts_from_file",
-    "prompt_from_string",
-    "check_caption",
-    "validate_caption",
-    "prepare_caption",
-    "wrap_plain_text",
-    "check_encodable",
-    "serialise",
-    "caption_summary",
-    "MAX_TEXT_TOKENS",
-    "MAX_CAPTION_CHARS",
-    "MAX_PROMPT_FILE_BYTES",
-    "PLAIN_TEXT_NOTE",
+    "Prompt", "Caption", "CaptionError", "read_prompt_file", "prompts_from_file", "prompt_from_string", "check_caption",
+    "validate_caption", "prepare_caption", "wrap_plain_text", "check_encodable", "serialise", "caption_summary",
+    "bbox_notice", "MAX_TEXT_TOKENS", "MAX_CAPTION_CHARS", "MAX_PROMPT_FILE_BYTES", "PLAIN_TEXT_NOTE",
 ]
 
 
@@ -70,19 +62,6 @@ PLAIN_TEXT_NOTE = (
     "JSON captions and follows them much better (see docs/captions.md)"
 )
 
-# --- the published caption spec (§12) ------------------------------------------------------------
-
-TOP_KEYS = ("high_level_description", "style_description", "compositional_deconstruction")
-#: Accepted at the top level (the magic prompt emits it first) and always stripped.
-STRIPPED_TOP_KEYS = ("aspect_ratio",)
-STYLE_KEYS_PHOTO = ("aesthetics", "lighting", "photo", "medium", "color_palette")
-STYLE_KEYS_ART = ("aesthetics", "lighting", "medium", "art_style", "color_palette")
-STYLE_KEYS_ALL = ("aesthetics", "lighting", "photo", "medium", "art_style", "color_palette")
-CD_KEYS = ("background", "elements")
-ELEMENT_KEYS_OBJ = ("type", "bbox", "desc", "color_palette")
-ELEMENT_KEYS_TEXT = ("type", "bbox", "text", "desc", "color_palette")
-ELEMENT_TYPES = ("obj", "text")
-
 STYLE_PALETTE_MAX = 16
 ELEMENT_PALETTE_MAX = 5
 BBOX_MIN, BBOX_MAX = 0, 1000
@@ -90,7 +69,75 @@ HIGH_LEVEL_MAX_WORDS = 50
 DESC_MAX_WORDS = 60
 _MAX_REPORTED_ERRORS = 10
 
-_HEX_RE = re.compile(r"#[0-9A-Fa-f]{6}")
+_HEX_RE = re.compile(r"#[0-9A-F]{6}")
+
+# --- the published caption spec (§12) ------------------------------------------------------------
+# Field order is the published key order: `_in_order` writes captions in it and the JSON schema lists it.
+# `str = None` rather than Optional: a key may be left out, but null is a wrong type. Mirrors diffusers'
+# build_caption_logits_processor models, with the spec's optional keys added.
+
+_Bbox = Annotated[list[Union[int, float]], Field(min_length=4, max_length=4, description=(
+    f"[y_min, x_min, y_max, x_max] on a {BBOX_MAX}x{BBOX_MAX} grid, origin top-left"),
+    json_schema_extra={"items": {"type": "integer", "minimum": BBOX_MIN, "maximum": BBOX_MAX}})]
+_Colour = Annotated[str, Field(json_schema_extra={"pattern": "^" + _HEX_RE.pattern + "$"})]
+
+
+def _schema_extra(schema: dict) -> None:
+    # The exported schema is what a caption writer (e.g. constrained decoding) should emit; validation only
+    # warns about other keys, and a key that may be left out is not one that may be null.
+    schema["additionalProperties"] = False
+    for prop in schema["properties"].values():
+        prop.pop("default", None)
+
+
+class _Node(BaseModel):
+    # strict: a number is not a string and true is not a number
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_schema_extra)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_duplicate_keys(cls, data: Any) -> Any:
+        for k in getattr(data, "duplicate_keys", ())[:1]:
+            raise PydanticCustomError("duplicate_key", "duplicate key {key}", {"key": k})
+        return data
+
+
+class StyleDescription(_Node):
+    aesthetics: str = None
+    lighting: str = None
+    photo: str = None  # photographs only
+    medium: str = None
+    art_style: str = None  # everything that is not a photograph
+    color_palette: Annotated[list[_Colour], Field(json_schema_extra={"maxItems": STYLE_PALETTE_MAX})] = None
+
+
+class ObjElement(_Node):
+    type: Literal["obj"]
+    bbox: _Bbox = None
+    desc: str = None
+    color_palette: Annotated[list[_Colour], Field(json_schema_extra={"maxItems": ELEMENT_PALETTE_MAX})] = None
+
+
+class TextElement(_Node):
+    type: Literal["text"]
+    bbox: _Bbox = None
+    text: str = Field(None, description="the literal words to render")
+    desc: str = None
+    color_palette: Annotated[list[_Colour], Field(json_schema_extra={"maxItems": ELEMENT_PALETTE_MAX})] = None
+
+
+class CompositionalDeconstruction(_Node):
+    background: str
+    elements: list[Annotated[Union[ObjElement, TextElement], Field(discriminator="type")]]
+
+
+class Caption(_Node):
+    """One JSON caption; `Caption.model_json_schema()` is the schema for constrained decoding."""
+
+    aspect_ratio: SkipJsonSchema[Any] = Field(None, exclude=True)  # the magic prompt emits it; always stripped
+    high_level_description: str = None
+    style_description: StyleDescription = None
+    compositional_deconstruction: CompositionalDeconstruction
 
 
 @dataclass
@@ -102,10 +149,11 @@ class Prompt:
     line: int | None  #: 1-based line in the prompt file where this prompt starts; None if not from a file
     warnings: list[str] = field(default_factory=list)  #: soft spec deviations, one line each
     original: str = ""  #: the prompt's source text as written (a JSON value's exact text, or the line)
+    bboxes_stripped: int = 0  #: element bboxes removed from the caption (see `bbox_notice`)
 
 
 class CaptionError(InputError, ValueError):
-    """A JSON caption breaks the spec in a way the model cannot sensibly consume.
+    """A JSON caption the model cannot consume (or, with strict, one with keys the spec lacks).
 
     `errors` lists every problem (path: what is wrong; what is expected); `warnings` the soft ones
     found in the same caption. The message is one line: all errors joined by "; ".
@@ -205,200 +253,129 @@ def _p(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-class _Checker:
-    def __init__(self, check_bboxes: bool):
-        self.errors: list[str] = []
-        self.warnings: list[str] = []
-        self.check_bboxes = check_bboxes
+def _path(loc: Iterable) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).lstrip(".") or "(root)"
 
-    def err(self, path: str, msg: str) -> None:
-        self.errors.append(f"{path or '(root)'}: {msg}")
 
-    def warn(self, path: str, msg: str) -> None:
-        self.warnings.append(f"{path or '(root)'}: {msg}")
+_EXPECTED = {  # what the value at a key must be, for type errors; every key not listed holds a string
+    "": "a JSON object (a caption)", "style_description": "an object",
+    "compositional_deconstruction": 'an object with "background" and "elements"',
+    "elements": "an array of element objects", "elements[]": "an element object",
+    "color_palette": "an array of '#RRGGBB' strings", "color_palette[]": "a '#RRGGBB' string",
+    "bbox": "an array of 4 integers [y_min, x_min, y_max, x_max]", "bbox[]": "a number",
+}
+_MISSING_HINT = {"compositional_deconstruction": ' (an object with "background" and "elements")',
+                 "elements": " (an array, possibly empty)"}
 
-    # generic pieces
 
-    def object_keys(self, obj: dict, path: str, allowed: tuple[str, ...], order: tuple[str, ...] | None,
-                    *, also_allowed: tuple[str, ...] = (), allowed_note: str = "") -> None:
-        """Duplicate keys, unknown keys, then the order of the known keys (a subsequence of `order`)."""
-        for k in getattr(obj, "duplicate_keys", ()):
-            self.err(path, f"duplicate key {_show(k)}; expected each key once")
-        unknown = [k for k in obj if k not in allowed and k not in also_allowed]
-        for k in unknown:
-            self.err(path, f"unknown key {_show(k)}; allowed keys: {', '.join(allowed)}{allowed_note}")
-        if order is None:
-            return
-        present = [k for k in obj if k in order]
-        expected = [k for k in order if k in present]
-        if present != expected:
-            self.err(path, f"keys out of order: got {', '.join(present)}; expected {', '.join(expected)}")
+def _error_lines(e: ValidationError) -> list[str]:
+    """pydantic's errors as one-line messages: the key path, what is wrong, what is expected."""
+    out = []
+    for d in e.errors():
+        raw = d["loc"]  # without the union member names pydantic puts after an element's or a bbox value's index
+        loc = [k for i, k in enumerate(raw) if i < 2 or not isinstance(raw[i - 1], int) or raw[i - 2] not in ("elements", "bbox")]
+        kind, value = d["type"], d["input"]
+        if kind == "missing":
+            out.append(f"{_path(loc[:-1])}: missing required key {_show(loc[-1])}{_MISSING_HINT.get(loc[-1], '')}")
+        elif kind == "union_tag_not_found":
+            out.append(f'{_path(loc)}: missing required key "type" ("obj" or "text")')
+        elif kind == "union_tag_invalid":
+            out.append(f'{_path([*loc, "type"])}: expected "obj" or "text", got {_show(value.get("type"))}')
+        elif kind == "duplicate_key":
+            out.append(f"{_path(loc)}: duplicate key {_show(d['ctx']['key'])}; expected each key once")
+        else:
+            leaf = "" if not loc else f"{loc[-2]}[]" if isinstance(loc[-1], int) else loc[-1]
+            got = f"{len(value)} values" if kind in ("too_short", "too_long") else _json_type(value)
+            out.append(f"{_path(loc)}: expected {_EXPECTED.get(leaf, 'a string')}, got {got}")
+    return list(dict.fromkeys(out))  # a bbox value that is not a number fails both int and float
 
-    def string(self, obj: dict, key: str, path: str, *, required: bool = False) -> str | None:
-        if key not in obj:
-            if required:
-                self.err(path, f"missing required key {_show(key)}")
-            return None
-        v = obj[key]
-        if not isinstance(v, str):
-            self.err(_p(path, key), f"expected a string, got {_json_type(v)}")
-            return None
-        return v
 
-    def words(self, text: str | None, path: str, limit: int, what: str) -> None:
-        if text is None:
-            return
-        n = len(text.split())
+def _findings(cap: Caption, check_bboxes: bool) -> tuple[list[str], list[str]]:
+    """(keys the spec lacks, soft deviations) of a caption that validated."""
+    unknown: list[str] = []
+    warnings: list[str] = []
+
+    def warn(path: str, msg: str) -> None:
+        warnings.append(f"{path or '(root)'}: {msg}")
+
+    def extra(node: _Node, path: str, note: str = "") -> None:
+        known = ", ".join(k for k in type(node).model_fields if k != "aspect_ratio")
+        unknown.extend(f"{_p(path, k)}: unknown key (the spec has {known} here{note})" for k in node.model_extra)
+
+    def words(text: str | None, path: str, limit: int, what: str) -> None:
+        n = len(text.split()) if text is not None else 0
         if n > limit:
-            self.warn(path, f"{n} words; the spec asks for {what} of at most about {limit} words")
+            warn(path, f"{n} words; the spec asks for {what} of at most about {limit} words")
 
-    def palette(self, obj: dict, path: str, limit: int) -> None:
-        if "color_palette" not in obj:
-            return
-        pp = _p(path, "color_palette")
-        pal = obj["color_palette"]
-        if not isinstance(pal, list):
-            self.err(pp, f"expected an array of '#RRGGBB' strings, got {_json_type(pal)}")
-            return
-        if len(pal) > limit:
-            self.warn(pp, f"{len(pal)} colours; expected at most {limit}")
-        for i, c in enumerate(pal):
-            cp = f"{pp}[{i}]"
-            if not isinstance(c, str):
-                self.err(cp, f"expected a '#RRGGBB' string, got {_json_type(c)}")
-            elif not _HEX_RE.fullmatch(c):
-                self.warn(cp, f"{_show(c)} is not a colour of the form '#RRGGBB' (uppercase hex)")
+    def palette(pal: list[str] | None, path: str, limit: int) -> None:
+        if len(pal or ()) > limit:
+            warn(path, f"{len(pal)} colours; expected at most {limit}")
+        for i, c in enumerate(pal or ()):
+            if not _HEX_RE.fullmatch(c.upper()):
+                warn(f"{path}[{i}]", f"{_show(c)} is not a colour of the form '#RRGGBB' (uppercase hex)")
             elif c != c.upper():
-                self.warn(cp, f"{_show(c)} is lowercase; expected uppercase '#RRGGBB' ({_show(c.upper())})")
+                warn(f"{path}[{i}]", f"{_show(c)} is lowercase; expected uppercase '#RRGGBB' ({_show(c.upper())})")
 
-    # levels
-
-    def caption(self, obj: Any) -> None:
-        if not isinstance(obj, dict):
-            self.err("", f"expected a JSON object (a caption), got {_json_type(obj)}")
-            return
-        self.object_keys(obj, "", TOP_KEYS, TOP_KEYS, also_allowed=STRIPPED_TOP_KEYS)
-        if "high_level_description" in obj:
-            hld = self.string(obj, "high_level_description", "")
-            self.words(hld, "high_level_description", HIGH_LEVEL_MAX_WORDS, "a high-level description")
-        else:
-            self.warn("", "no \"high_level_description\"; the spec recommends one (a short summary, "
-                          f"at most about {HIGH_LEVEL_MAX_WORDS} words) as the first key")
-        if "style_description" in obj:
-            self.style(obj["style_description"], "style_description")
-        if "compositional_deconstruction" in obj:
-            self.composition(obj["compositional_deconstruction"], "compositional_deconstruction")
-        else:
-            self.err("", "missing required key \"compositional_deconstruction\" "
-                         "(an object with \"background\" and \"elements\")")
-
-    def style(self, sd: Any, path: str) -> None:
-        if not isinstance(sd, dict):
-            self.err(path, f"expected an object, got {_json_type(sd)}")
-            return
-        has_photo = "photo" in sd
-        order = (STYLE_KEYS_PHOTO if has_photo else STYLE_KEYS_ART) if has_photo != ("art_style" in sd) else None
-        if order is None:
-            both = "both \"photo\" and" if has_photo else "neither \"photo\" nor"
-            self.err(path, f"has {both} \"art_style\"; expected exactly one (\"photo\" for photographs, \"art_style\" otherwise)")
-        self.object_keys(obj=sd, path=path, allowed=STYLE_KEYS_ALL, order=order)
-        for k in ("aesthetics", "lighting", "photo", "medium", "art_style"):
-            self.string(sd, k, path)
-        if "medium" not in sd:
-            self.warn(path, "no \"medium\"; the spec asks for one whenever style_description is given")
-        self.palette(sd, path, STYLE_PALETTE_MAX)
-
-    def composition(self, cd: Any, path: str) -> None:
-        if not isinstance(cd, dict):
-            self.err(path, f"expected an object with \"background\" and \"elements\", got {_json_type(cd)}")
-            return
-        self.object_keys(cd, path, CD_KEYS, CD_KEYS)
-        self.string(cd, "background", path, required=True)
-        if "elements" not in cd:
-            self.err(path, "missing required key \"elements\" (an array, possibly empty)")
-            return
-        els = cd["elements"]
-        ep = _p(path, "elements")
-        if not isinstance(els, list):
-            self.err(ep, f"expected an array of element objects, got {_json_type(els)}")
-            return
-        for i, el in enumerate(els):
-            self.element(el, f"{ep}[{i}]")
-
-    def element(self, el: Any, path: str) -> None:
-        if not isinstance(el, dict):
-            self.err(path, f"expected an element object, got {_json_type(el)}")
-            return
-        kind = el.get("type")
-        if kind not in ELEMENT_TYPES:
-            if "type" not in el:
-                self.err(path, "missing required key \"type\" (\"obj\" or \"text\")")
-            else:
-                self.err(_p(path, "type"), f"expected \"obj\" or \"text\", got {_show(kind)}")
-            self.object_keys(el, path, ELEMENT_KEYS_TEXT, None)
-            return
-        keys = ELEMENT_KEYS_TEXT if kind == "text" else ELEMENT_KEYS_OBJ
-        note = " (a \"text\" key needs \"type\": \"text\")" if kind == "obj" and "text" in el else ""
-        self.object_keys(el, path, keys, keys, allowed_note=note)
-        if kind == "text":
-            t = self.string(el, "text", path, required=True)
-            if t is not None and not t.strip():
-                self.warn(_p(path, "text"), "empty; expected the literal words to render")
-        if "desc" in el:
-            self.words(self.string(el, "desc", path), _p(path, "desc"), DESC_MAX_WORDS, "an element description")
-        else:
-            self.warn(path, "no \"desc\"; the spec asks for a description of every element")
-        if "bbox" in el:
-            self.bbox(el["bbox"], _p(path, "bbox"))
-        self.palette(el, path, ELEMENT_PALETTE_MAX)
-
-    def bbox(self, b: Any, path: str) -> None:
-        shape = "an array of 4 integers [y_min, x_min, y_max, x_max]"
-        if not isinstance(b, list) or len(b) != 4:
-            got = f"{len(b)} values" if isinstance(b, list) else _json_type(b)
-            self.err(path, f"expected {shape}, got {got}")
-            return
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in b):
-            self.err(path, f"expected {shape}, got {_show(b)}")
-            return
-        if not self.check_bboxes:
-            return
-        non_int = [v for v in b if isinstance(v, float) and not v.is_integer()]
-        if non_int:
-            self.warn(path, f"{_show(b)} has non-integer values; expected integers in {BBOX_MIN}..{BBOX_MAX}")
-        out = [v for v in b if not BBOX_MIN <= v <= BBOX_MAX]
-        if out:
-            self.warn(path, f"{_show(b)} has values outside {BBOX_MIN}..{BBOX_MAX} "
-                            f"({', '.join(_show(v) for v in out)}); expected [y_min, x_min, y_max, x_max] "
-                            f"on a {BBOX_MAX}x{BBOX_MAX} grid, origin top-left")
-        y0, x0, y1, x1 = b
-        if y0 > y1:
-            self.warn(path, f"y_min {_show(y0)} > y_max {_show(y1)}; expected [y_min, x_min, y_max, x_max]")
-        if x0 > x1:
-            self.warn(path, f"x_min {_show(x0)} > x_max {_show(x1)}; expected [y_min, x_min, y_max, x_max]")
+    extra(cap, "")
+    if cap.high_level_description is None:
+        warn("", "no \"high_level_description\"; the spec recommends one (a short summary, "
+                 f"at most about {HIGH_LEVEL_MAX_WORDS} words) as the first key")
+    words(cap.high_level_description, "high_level_description", HIGH_LEVEL_MAX_WORDS, "a high-level description")
+    sd = cap.style_description
+    if sd is not None:
+        extra(sd, "style_description")
+        if (sd.photo is None) == (sd.art_style is None):
+            which = "neither \"photo\" nor" if sd.photo is None else "both \"photo\" and"
+            warn("style_description", f"has {which} \"art_style\"; expected exactly one "
+                                      "(\"photo\" for photographs, \"art_style\" otherwise)")
+        if sd.medium is None:
+            warn("style_description", "no \"medium\"; the spec asks for one whenever style_description is given")
+        palette(sd.color_palette, "style_description.color_palette", STYLE_PALETTE_MAX)
+    extra(cap.compositional_deconstruction, "compositional_deconstruction")
+    for i, el in enumerate(cap.compositional_deconstruction.elements):
+        path = f"compositional_deconstruction.elements[{i}]"
+        extra(el, path, "; a \"text\" key needs \"type\": \"text\"" if "text" in el.model_extra else "")
+        if isinstance(el, TextElement) and el.text is None:
+            warn(path, "no \"text\"; the spec gives a text element the literal words to render")
+        elif isinstance(el, TextElement) and not el.text.strip():
+            warn(_p(path, "text"), "empty; expected the literal words to render")
+        if el.desc is None:
+            warn(path, "no \"desc\"; the spec asks for a description of every element")
+        words(el.desc, _p(path, "desc"), DESC_MAX_WORDS, "an element description")
+        b, bp = el.bbox, _p(path, "bbox")
+        if check_bboxes and b is not None:
+            if any(isinstance(v, float) and not v.is_integer() for v in b):
+                warn(bp, f"{_show(b)} has non-integer values; expected integers in {BBOX_MIN}..{BBOX_MAX}")
+            if out := [v for v in b if not BBOX_MIN <= v <= BBOX_MAX]:
+                warn(bp, f"{_show(b)} has values outside {BBOX_MIN}..{BBOX_MAX} ({', '.join(map(_show, out))}); "
+                         f"expected [y_min, x_min, y_max, x_max] on a {BBOX_MAX}x{BBOX_MAX} grid, origin top-left")
+            for j, axis in enumerate("yx"):
+                if b[j] > b[j + 2]:
+                    warn(bp, f"{axis}_min {_show(b[j])} > {axis}_max {_show(b[j + 2])}; expected [y_min, x_min, y_max, x_max]")
+        palette(el.color_palette, _p(path, "color_palette"), ELEMENT_PALETTE_MAX)
+    return unknown, warnings
 
 
-def check_caption(obj: Any, *, check_bboxes: bool = True) -> tuple[list[str], list[str]]:
+def check_caption(obj: Any, *, check_bboxes: bool = True, strict: bool = False) -> tuple[list[str], list[str]]:
     """Check a parsed caption against the spec; return (errors, warnings), raising nothing.
 
-    `check_bboxes=False` skips the bbox *value* warnings (range, order, integers) — used when the
-    bboxes are about to be stripped anyway; a bbox that is not an array of 4 numbers is still an error.
+    Keys the spec lacks are warnings, or errors with `strict`. `check_bboxes=False` skips the bbox
+    *value* warnings (range, order, integers): used when the bboxes are stripped anyway.
     """
-    c = _Checker(check_bboxes)
-    c.caption(obj)
-    return c.errors, c.warnings
+    try:
+        cap = Caption.model_validate(obj)
+    except ValidationError as e:
+        return _error_lines(e), []
+    unknown, warnings = _findings(cap, check_bboxes)
+    return (unknown, warnings) if strict else ([], [f"{u}; kept as written" for u in unknown] + warnings)
 
 
-def validate_caption(obj: Any, *, strict: bool = True, check_bboxes: bool = True) -> list[str]:
-    """Validate a parsed JSON caption; return its warnings.
-
-    strict=True (default): any error raises `CaptionError` (an `InputError`) listing all errors.
-    strict=False: errors are returned too, first, each prefixed "error: ".
-    """
-    errors, warnings = check_caption(obj, check_bboxes=check_bboxes)
-    if errors and strict:
+def validate_caption(obj: Any, *, strict: bool = False, check_bboxes: bool = True) -> list[str]:
+    """Validate a parsed JSON caption; return its warnings; any error raises `CaptionError`."""
+    errors, warnings = check_caption(obj, check_bboxes=check_bboxes, strict=strict)
+    if errors:
         raise CaptionError(errors, warnings=warnings)
-    return [f"error: {e}" for e in errors] + warnings
+    return warnings
 
 
 # --- preparation ---------------------------------------------------------------------------------
@@ -409,19 +386,41 @@ def serialise(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def prepare_caption(obj: dict, *, keep_bboxes: bool = False) -> str:
-    """The encoder string for a caption: drop top-level `aspect_ratio` and, unless `keep_bboxes`,
-    every element's `bbox`; serialise compactly. The input is not modified."""
-    obj = copy.deepcopy(obj)
-    if isinstance(obj, dict):
-        for k in STRIPPED_TOP_KEYS:
-            obj.pop(k, None)
-        cd = obj.get("compositional_deconstruction")
-        if not keep_bboxes and isinstance(cd, dict) and isinstance(cd.get("elements"), list):
-            for el in cd["elements"]:
-                if isinstance(el, dict):
-                    el.pop("bbox", None)
-    return serialise(obj)
+def _in_order(raw: dict, model: type[_Node], drop: tuple[str, ...] = ()) -> dict:
+    """`raw` with the model's keys in the published order, in the places where `raw` had its known keys; other
+    keys stay where they are. So a caption already in order passes unchanged, as diffusers and sd.cpp pass
+    every caption, and one without unknown keys comes out as the official magic prompt's reorder writes it."""
+    known = iter([k for k in model.model_fields if k in raw and k not in drop])
+    return {k: raw[k] for k in [next(known) if k in model.model_fields else k for k in raw if k not in drop]}
+
+
+def _dump(raw: dict, keep_bboxes: bool) -> tuple[str, int]:
+    """(encoder string, bboxes stripped) of a validated caption: published key order, no `aspect_ratio`, no
+    bbox unless kept."""
+    top = _in_order(raw, Caption, drop=("aspect_ratio",))
+    if "style_description" in top:
+        top["style_description"] = _in_order(top["style_description"], StyleDescription)
+    cd = top["compositional_deconstruction"] = _in_order(top["compositional_deconstruction"], CompositionalDeconstruction)
+    drop = () if keep_bboxes else ("bbox",)
+    cd["elements"] = [_in_order(el, TextElement if el["type"] == "text" else ObjElement, drop) for el in cd["elements"]]
+    return serialise(top), sum("bbox" in el for el in raw["compositional_deconstruction"]["elements"]) if drop else 0
+
+
+def prepare_caption(obj: Any, *, keep_bboxes: bool = False, strict: bool = False) -> str:
+    """The encoder string for a caption: validated (errors raise `CaptionError`), keys in the published
+    order (`_in_order`), top-level `aspect_ratio` and (unless `keep_bboxes`) every element's `bbox`
+    dropped, serialised compactly. The input is not modified."""
+    return _caption_prompt(obj, line=None, original="", keep_bboxes=keep_bboxes, strict=strict, where="", path=None).text
+
+
+def bbox_notice(prompts: Iterable[Prompt]) -> str | None:
+    """One line for a whole run saying how many bboxes were stripped (None when none were)."""
+    counts = [p.bboxes_stripped for p in prompts if p.bboxes_stripped]
+    if not counts:
+        return None
+    n, m = sum(counts), len(counts)
+    return (f"stripped {n} element bbox{'es' if n > 1 else ''} from {m} caption{'s' if m > 1 else ''}, "
+            "as the official pipeline does (--keep-bboxes keeps them)")
 
 
 def wrap_plain_text(text: str) -> dict:
@@ -450,14 +449,14 @@ def check_encodable(text: str, where: str = "", path: str | None = None) -> None
                          "expected valid Unicode text", path=path) from None
 
 
-def _caption_prompt(obj: Any, *, line: int | None, original: str, keep_bboxes: bool,
+def _caption_prompt(obj: Any, *, line: int | None, original: str, keep_bboxes: bool, strict: bool,
                     where: str, path: str | None) -> Prompt:
-    errors, warnings = check_caption(obj, check_bboxes=keep_bboxes)
+    errors, warnings = check_caption(obj, check_bboxes=keep_bboxes, strict=strict)
     if errors:
         raise CaptionError(errors, warnings=warnings, where=where.rstrip(": ") or None, path=path)
-    text = prepare_caption(obj, keep_bboxes=keep_bboxes)
+    text, stripped = _dump(obj, keep_bboxes)
     check_encodable(text, where, path)
-    return Prompt(text=text, source="json", line=line, warnings=warnings, original=original)
+    return Prompt(text=text, source="json", line=line, warnings=warnings, original=original, bboxes_stripped=stripped)
 
 
 def _text_prompt(text: str, *, line: int | None, where: str, path: str | None) -> Prompt:
@@ -550,13 +549,15 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def read_prompt_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool = False, text: str | None = None) -> list[Prompt]:
+def read_prompt_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool = False, strict: bool = False,
+                     text: str | None = None) -> list[Prompt]:
     """Read PROMPT_FILE into encoder-ready prompts (see module doc and docs/captions.md).
 
     The file is JSON if its first character that is not blank and not in a `#` comment line is `{`
     or `[`; otherwise it is plain text. JSON: every top-level value is a caption object or an array
     of them (so one pretty-printed object, JSON Lines and concatenated objects all work); each is
-    validated (errors raise `CaptionError`), stripped and serialised. Text: each non-blank,
+    validated (errors raise `CaptionError`; `strict` also refuses keys the spec lacks), reordered,
+    stripped and serialised. Text: each non-blank,
     non-comment line is one prompt, wrapped by `wrap_plain_text`. `raw=True`: the same splitting,
     but each prompt is its exact source text (the JSON value as written, or the line without its
     newline), with no validation, wrapping or stripping. ``text``: the file's content, already read (stdin;
@@ -569,7 +570,7 @@ def read_prompt_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool =
     if start < len(text) and text[start] in "{[":
         for value, line, src in _json_entries(text, start, where_path):
             at = dict(line=line, where=f"line {line}: ", path=where_path)
-            prompts.append(_raw_prompt(src, **at) if raw else _caption_prompt(value, original=src, keep_bboxes=keep_bboxes, **at))
+            prompts.append(_raw_prompt(src, **at) if raw else _caption_prompt(value, original=src, keep_bboxes=keep_bboxes, strict=strict, **at))
     else:
         first_line: int | None = None
         for i, line_text in enumerate(text.split("\n"), start=1):
@@ -595,7 +596,7 @@ def read_prompt_file(path: str | Path, *, raw: bool = False, keep_bboxes: bool =
 prompts_from_file = read_prompt_file  # the same function under its older name
 
 
-def prompt_from_string(text: str, *, raw: bool = False, keep_bboxes: bool = False) -> Prompt:
+def prompt_from_string(text: str, *, raw: bool = False, keep_bboxes: bool = False, strict: bool = False) -> Prompt:
     """One prompt given directly (e.g. on the command line), by the same rules as one file entry:
     raw → untouched; starts with '{' → one JSON caption (validated, stripped, serialised);
     otherwise plain text (wrapped). Errors are prefixed "prompt: "."""
@@ -609,7 +610,8 @@ def prompt_from_string(text: str, *, raw: bool = False, keep_bboxes: bool = Fals
         if s[end:].strip():
             line, col = _line_col(s, _skip_ws(s, end))
             raise InputError(f"prompt: line {line} column {col}: invalid JSON: extra data after the caption")
-        return _caption_prompt(value, line=None, original=s, keep_bboxes=keep_bboxes, where="prompt: ", path=None)
+        return _caption_prompt(value, line=None, original=s, keep_bboxes=keep_bboxes, strict=strict,
+                               where="prompt: ", path=None)
     return _text_prompt(s, line=None, where="prompt: ", path=None)
 
 

@@ -15,16 +15,21 @@ from typing import Callable
 
 import numpy as np
 
-from gguf_dit.errors import InputError, ModelError
+from gguf_dit import hashes
+from gguf_dit.errors import InputError, ModelError, OptionError
 
 from .caption import Prompt
 from .dit import Ideogram4DiT, RuntimeOptions, check_pair
-from .model_files import ModelFiles, file_hash
-from .png import write_png
-from .sampler import StepInfo, sample, token_grid
+from .infotext import model_name
+from .model_files import OPTIONS, ModelFiles
+from .png import write_image
+from .sampler import StepInfo, needs_uncond, sample, token_grid
 from .schedule import SamplerSettings
 
 log = logging.getLogger("gguf_dit.runtime")
+
+NO_UNCOND = (f"no unconditional backbone (give {OPTIONS['unconditional_transformer']} FILE, or --model DIR with "
+             "unconditional_transformer.gguf): only a run whose every step has guidance 1 (e.g. --guidance 1) needs none")
 
 
 @dataclasses.dataclass
@@ -40,9 +45,9 @@ class Generated:
     path: Path | None = None
 
     def save(self, path: str | Path, *, force: bool = False) -> Path:
-        """Write the PNG with its metadata atomically; an existing file is an ``OutputError`` unless ``force``."""
-        write_png(Path(path), self.image, self.metadata, force=force)
-        self.path = Path(path)
+        """Write the image (PNG, or JPEG/WebP by the suffix) with its metadata atomically; an existing file is an
+        ``OutputError`` unless ``force``."""
+        self.path = write_image(path, self.image, self.metadata, force=force)
         return self.path
 
 
@@ -60,20 +65,25 @@ class Pipeline:
 
         return BackboneFile(self.files.transformer)
 
-    def check_files(self) -> None:
+    def check_files(self) -> list[str]:
         """Every file's header, metadata and tensor inventory, before any work: a broken vae.gguf must not
-        be found only after sampling. Reads no weights (milliseconds; the encoder's vocabulary ~0.3 s)."""
+        be found only after sampling. Reads no weights (milliseconds; the encoder's vocabulary ~0.3 s).
+        Returns warnings (backbone roles that no metadata records)."""
         from .backbone_file import BackboneFile
         from .text_encoder import _read_meta
         from .vae import check_file
 
-        cond, uncond = self.header, BackboneFile(self.files.unconditional_transformer)
-        a, b = cond.config.to_metadata(), uncond.config.to_metadata()
-        k = next((k for k in a if a[k] != b[k]), None)
-        if k is not None:
-            raise ModelError(f"{k} is {b[k]}, but {self.files.transformer} has {a[k]}: not the same model's backbones", path=self.files.unconditional_transformer)
+        warnings = []
+        if self.files.unconditional_transformer is not None:
+            cond, uncond = self.header, BackboneFile(self.files.unconditional_transformer)
+            warnings = self.files.check_roles(cond.role, uncond.role)
+            a, b = cond.config.to_metadata(), uncond.config.to_metadata()
+            k = next((k for k in a if a[k] != b[k]), None)
+            if k is not None:
+                raise ModelError(f"{k} is {b[k]}, but {self.files.transformer} has {a[k]}: not the same model's backbones", path=self.files.unconditional_transformer)
         _read_meta(self.files.text_encoder)
         check_file(self.files.vae)
+        return warnings
 
     def encode(self, captions: list[str], progress: Callable[[int], None] | None = None,
                origins: list[tuple[str | Path | None, int | None]] | None = None) -> list[np.ndarray]:
@@ -104,15 +114,19 @@ class Pipeline:
         finally:
             enc.close()
 
-    def load_backbones(self) -> tuple[Ideogram4DiT, Ideogram4DiT]:
+    def load_backbones(self, uncond: bool = True) -> tuple[Ideogram4DiT, Ideogram4DiT | None]:
+        """The conditional backbone and, when ``uncond``, the unconditional one (else None: not loaded)."""
         if self._cond is None:
             from gguf_dit.ggml_ops import Backend
 
             be = Backend(self.backend_name, threads=self.threads)
             self._cond = Ideogram4DiT.load(self.files.transformer, be, options=self.options)
-            self._uncond = Ideogram4DiT.load(self.files.unconditional_transformer, be, options=self.options)
+        if uncond and self._uncond is None:
+            if self.files.unconditional_transformer is None:
+                raise OptionError(NO_UNCOND)
+            self._uncond = Ideogram4DiT.load(self.files.unconditional_transformer, self._cond.backend, options=self.options)
             check_pair(self._cond, self._uncond)
-        return self._cond, self._uncond
+        return self._cond, self._uncond if uncond else None
 
     def vae(self):
         if self._vae is None:
@@ -124,8 +138,9 @@ class Pipeline:
     def generate(self, feats: np.ndarray, height: int, width: int, settings: SamplerSettings, seed: int, *,
                  step_callback: Callable[[StepInfo, np.ndarray], None] | None = None, tile: int | None = None,
                  ts: np.ndarray | None = None, decode_started: Callable[[], None] | None = None) -> Generated:
-        """Sample one image from one caption's features (``ts`` replaces the official timestep grid) and decode it."""
-        cond, uncond = self.load_backbones()
+        """Sample one image from one caption's features (``ts`` replaces the official timestep grid) and decode it.
+        The unconditional backbone is loaded only if a step's guidance is not 1."""
+        cond, uncond = self.load_backbones(needs_uncond(settings.guidance))
         z = sample(cond, uncond, feats, height, width, settings=settings, seed=seed, callback=step_callback, ts=ts)
         if decode_started is not None:
             decode_started()
@@ -136,11 +151,13 @@ class Pipeline:
         log.debug("decoding %dx%d latents", gh, gw)
         return self.vae().decode_tokens(z, gh, gw, tile=tile)
 
-    def describe(self) -> dict:
-        """Each file's name and hash (the backbones' recipes too), the backend and device: for the PNG metadata."""
-        cond, uncond = self.load_backbones()
-        recipes = {"transformer": {"recipe": cond.file.recipe}, "unconditional_transformer": {"recipe": uncond.file.recipe}}
-        files = {k: {"file": p.name, "hash": file_hash(p), **recipes.get(k, {})} for k, p in vars(self.files).items()}
+    def describe(self, uncond: bool = True) -> dict:
+        """Each file's name and hash (the backbones' recipes too), the backend and device: for the PNG metadata.
+        Without ``uncond`` (every step's guidance is 1) the unconditional backbone is neither loaded nor named."""
+        cond, unc = self.load_backbones(uncond)
+        recipes = {"transformer": {"recipe": cond.file.recipe}, "unconditional_transformer": {"recipe": unc and unc.file.recipe}}
+        files = {k: {"name": model_name(k, p), "file": p.name, "hash": hashes.autov2(p), **recipes.get(k, {})}
+                 for k, p in vars(self.files).items() if p is not None and (uncond or k != "unconditional_transformer")}
         return {**files, "backend": cond.backend.name, "device": cond.backend.description}
 
     def close(self) -> None:

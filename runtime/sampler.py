@@ -40,7 +40,12 @@ def token_grid(height: int, width: int) -> tuple[int, int]:
     return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
 
 
-def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT, text_features: np.ndarray, height: int, width: int, *,
+def needs_uncond(guidance) -> bool:
+    """Whether any step runs the unconditional backbone: a step with guidance exactly 1 skips it."""
+    return any(float(g) != 1.0 for g in guidance)
+
+
+def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT | None, text_features: np.ndarray, height: int, width: int, *,
            settings: SamplerSettings | None = None, seed: int = 0, noise: np.ndarray | None = None, ts: np.ndarray | None = None,
            callback: Callable[[StepInfo, np.ndarray], None] | None = None, **choice) -> np.ndarray:
     """Sample final latent tokens (1, N, 128) float32 for one prompt's text features.
@@ -48,9 +53,9 @@ def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT, text_features: np.ndarray, 
     ``settings``, or else :func:`resolve_settings`'s keywords (preset, steps, guidance, mu, std; by default
     the default-20 preset), chooses steps, per-step guidance (run order), mu and std.
     ``noise`` replaces the seeded initial noise; ``ts`` replaces the official timestep grid
-    (run order, steps + 1 values), e.g. to reproduce another pipeline's schedule.
+    (run order, steps + 1 values), e.g. to reproduce another pipeline's schedule. ``uncond`` may be None where
+    every step's guidance is 1.
     """
-    check_pair(cond, uncond)
     grid = token_grid(height, width)
     n_tokens = grid[0] * grid[1]
     channels = cond.config.in_channels
@@ -58,6 +63,10 @@ def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT, text_features: np.ndarray, 
         settings = resolve_settings(**choice)
     elif choice:
         raise InputError(f"give either settings or {', '.join(choice)}, not both")
+    if uncond is not None:
+        check_pair(cond, uncond)
+    elif needs_uncond(settings.guidance):
+        raise InputError("no unconditional backbone, but not every step's guidance is 1")
     if ts is None:
         ts = timesteps(settings.steps, height, width, settings.mu, settings.std)
     ts = np.asarray(ts, dtype=np.float32)
@@ -77,17 +86,17 @@ def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT, text_features: np.ndarray, 
         t0 = time.perf_counter()
         t, s = float(ts[i]), float(ts[i + 1])
         g = float(settings.guidance[i])
-        with native_call(cond.backend, uncond.backend):  # Ctrl-C aborts a graph compute between nodes
+        with native_call(*(m.backend for m in (cond, uncond) if m is not None)):  # Ctrl-C aborts a graph compute between nodes
             v_c = cond.velocity(z[0], t, feats, grid=grid)
             # g = 1: 1·v_c + 0·v_c is v_c bit for bit; 1·v_c + 0·v_u (finite v_u) differs at most in a zero's sign.
-            v_u = v_c if g == 1.0 else uncond.velocity(z[0], t, None, grid=grid)
+            v_u = v_c if not needs_uncond((g,)) else uncond.velocity(z[0], t, None, grid=grid)
         where = f"at step {i + 1} of {settings.steps} (t={t:.4f})"
         for m, v in ((cond, v_c), (uncond, v_u)):
             if not np.isfinite(v).all():
                 raise ModelError(f"velocity contains NaN/Inf {where}", path=m.path)
         z = euler_step(z, v_c[None], v_u[None], g, ts[i], ts[i + 1])
         if not np.isfinite(z).all():
-            raise ModelError(f"latents overflow to Inf {where}: the velocities of this file and {uncond.path} are too large", path=cond.path)
+            raise ModelError(f"latents overflow to Inf {where}: the velocities of this file{f' and {uncond.path}' if uncond else ''} are too large", path=cond.path)
         if callback is not None:
             callback(StepInfo(i, settings.steps, t, s, g, time.perf_counter() - t0, v_u is not v_c), z)
     return z

@@ -143,7 +143,7 @@ def _scale_guidance(base: tuple[float, ...], steps: int) -> tuple[float, ...]:
     return (base[0],) * (steps - n_polish) + (last,) * n_polish
 
 
-def resolve_settings(preset: str | None = "default-20", *, steps: int | None = None, guidance: float | str | Sequence[float] | None = None,
+def resolve_settings(preset: str | SamplerSettings | None = "default-20", *, steps: int | None = None, guidance: float | str | Sequence[float] | None = None,
                      mu: float | None = None, std: float | None = None) -> SamplerSettings:
     """Preset values overridden by the explicit arguments.
 
@@ -156,6 +156,8 @@ def resolve_settings(preset: str | None = "default-20", *, steps: int | None = N
     """
     if preset is None:
         base = _CUSTOM_DEFAULTS
+    elif isinstance(preset, SamplerSettings):  # e.g. an image's settings (run --from-png), overridden like a preset
+        base = preset
     else:
         if not isinstance(preset, str):
             raise ScheduleError(f"preset must be a name, got {preset!r}")

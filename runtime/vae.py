@@ -37,18 +37,25 @@ from .vae_modules import VAEDecoderModule
 from .vae_tiling import tiled_apply
 
 
-def check_inventory(file: GGUFFile, cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
-    """Every decoder tensor's type and shape from the validated header, before any data is touched."""
-    inv = decoder_inventory(cfg)
-    for name, shape in inv.items():
+def inventory_problems(file: GGUFFile, cfg: VAEConfig) -> list[tuple[str, str]]:
+    """(tensor, problem) for every decoder tensor that is missing or has the wrong type or shape (`inspect` lists them all)."""
+    out = []
+    for name, shape in decoder_inventory(cfg).items():
         t = file.tensors.get(name)
         if t is None:
-            raise ModelError("tensor missing", path=file.path, tensor=name)
-        if t.type_name not in ("F32", "F16"):
-            raise ModelError(f"tensor type {t.type_name} unsupported (F32 or F16 only)", path=file.path, tensor=name)
-        if t.shape != shape:
-            raise ModelError(f"shape {list(t.shape)}, expected {list(shape)}", path=file.path, tensor=name)
-    return inv
+            out.append((name, "tensor missing"))
+        elif t.type_name not in ("F32", "F16"):
+            out.append((name, f"tensor type {t.type_name} unsupported (F32 or F16 only)"))
+        elif t.shape != shape:
+            out.append((name, f"shape {list(t.shape)}, expected {list(shape)}"))
+    return out
+
+
+def check_inventory(file: GGUFFile, cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """Every decoder tensor's type and shape from the validated header, before any data is touched."""
+    for name, problem in inventory_problems(file, cfg)[:1]:
+        raise ModelError(problem, path=file.path, tensor=name)
+    return decoder_inventory(cfg)
 
 
 def check_file(path) -> VAEConfig:

@@ -1,8 +1,8 @@
 """Seeded fuzzing of every file gguf-dit reads (issue 10 §3).
 
 Families: the four GGUF roles of a model folder (``transformer``, ``unconditional_transformer``,
-``text_encoder``, ``vae``: the embedded demo model, mutated one file at a time, then ``gguf-dit run``; the
-backbones also go through ``gguf-dit inspect --check``), ``convert`` (the tiny checkpoint's safetensors,
+``text_encoder``, ``vae``: the embedded demo model, mutated one file at a time, then ``gguf-dit inspect --check``
+and ``gguf-dit run``), ``convert`` (the tiny checkpoint's safetensors,
 config.json, tokenizer.json / tokenizer_config.json and a one-shard ``*.safetensors.index.json``; one case in four
 converts the whole checkpoint, so a part failing after others were written is covered) and ``prompt`` (plain text,
 JSON captions, JSON Lines, and FIFOs, folders or /dev/zero in place of a file).
@@ -843,7 +843,7 @@ def make_case(family: str, seed: int, index: int, inputs: "Inputs") -> Case:
         # with the size hints mutated, let them choose the size
         size = [] if "gguf_dit.default_size" in desc or "gguf_dit.size_range" in desc else SIZE_ARGS
         run = ["run", "prompt.txt", "--model", "model", "-o", "out"] + size + RUN_ARGS
-        cmds = ([["inspect", target, "--check", "--json"]] if family != "text_encoder" and family != "vae" else []) + [run]
+        cmds = [["inspect", target, "--check", "--json"], run]
         return Case(family, seed, index, name, desc, must, target, content, cmds, *special)
     if family == "convert":
         targets = [t for t in CONVERT_TARGETS if (inputs.checkpoint / t[0].removesuffix(".index.json")).exists()]
@@ -1142,7 +1142,7 @@ def classify(case: Case, argv: list[str], res: dict, before: dict, after: dict, 
             return out("FAIL", "exit 0 with foreign lines on stderr", noise[0][:200])
         if tmp_left:
             return out("FAIL", "temporary files left behind", ", ".join(tmp_left[:5]))
-        # inspect describes broken files on purpose (warnings); only run must refuse them
+        # inspect describes broken files (exit 0 with warnings, or 2 with problems); only run must refuse them
         if case.must_fail and cmd == "run":
             return out("FAIL", f"bad input accepted ({case.mutation})", case.description)
         return out("ok", "", "")

@@ -14,6 +14,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import make_checkpoint, official_state_dict  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache(tmp_path_factory):
+    """Model hashes are cached under $XDG_CACHE_HOME (gguf_dit/hashes.py): the tests' stay out of the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Lazily built checkpoints keyed by (dtype, layout, shards); each is built once per session."""

@@ -197,7 +197,7 @@ def test_non_finite_weights_are_refused_at_load_and_found_by_check(tmp_path, cli
         Ideogram4DiT.load(bad, "cpu")
     assert (e.value.path, e.value.tensor) == (str(bad), name)
     code, out, err = cli("inspect", bad, "--check")
-    assert code == 0 and f"warning: non-finite values in tensor {name}" in out, err
+    assert code == 2 and f"problem: tensor {name}: non-finite values (NaN/Inf)" in out, err
 
 
 @pytest.mark.parametrize("typ", [t for t in STORAGE_TYPES], ids=lambda t: t.name)

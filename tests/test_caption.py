@@ -9,8 +9,10 @@ import pytest
 
 from gguf_dit.errors import GgufDitError, InputError
 from gguf_dit.runtime.caption import (
+    Caption,
     CaptionError,
     Prompt,
+    bbox_notice,
     caption_summary,
     check_caption,
     prepare_caption,
@@ -115,37 +117,35 @@ def test_photo_form_in_canonical_order_is_valid():
     assert validate_caption(cap) == []
 
 
-def test_photo_form_wrong_order_is_error():
+def test_photo_form_wrong_order_is_reordered():
     cap = canonical()
     s = photo_style()
     cap["style_description"] = {k: s[k] for k in ["aesthetics", "lighting", "medium", "photo", "color_palette"]}
-    with pytest.raises(CaptionError) as ei:
-        validate_caption(cap)
-    assert ei.value.errors == ["style_description: keys out of order: got aesthetics, lighting, medium, photo, "
-                               "color_palette; expected aesthetics, lighting, photo, medium, color_palette"]
+    assert validate_caption(cap) == []
+    out = json.loads(prepare_caption(cap))["style_description"]
+    assert list(out) == ["aesthetics", "lighting", "photo", "medium", "color_palette"] and out == s
 
 
-def test_art_form_wrong_order_is_error():
+def test_art_form_wrong_order_is_reordered():
     cap = canonical()
     sd = cap["style_description"]
     cap["style_description"] = {k: sd[k] for k in ["aesthetics", "lighting", "art_style", "medium", "color_palette"]}
-    errs = errors_of(cap)
-    assert errs == ["style_description: keys out of order: got aesthetics, lighting, art_style, medium, "
-                    "color_palette; expected aesthetics, lighting, medium, art_style, color_palette"]
+    assert errors_of(cap) == []
+    assert prepare_caption(cap) == prepare_caption(canonical())
 
 
-def test_both_photo_and_art_style_is_error():
+def test_both_photo_and_art_style_warns():
     cap = canonical()
     cap["style_description"]["photo"] = "studio photo"
-    errs = errors_of(cap)
-    assert len(errs) == 1 and errs[0].startswith('style_description: has both "photo" and "art_style"')
+    w = warnings_of(cap)
+    assert len(w) == 1 and w[0].startswith('style_description: has both "photo" and "art_style"')
 
 
-def test_neither_photo_nor_art_style_is_error():
+def test_neither_photo_nor_art_style_warns():
     cap = canonical()
     del cap["style_description"]["art_style"]
-    errs = errors_of(cap)
-    assert len(errs) == 1 and errs[0].startswith('style_description: has neither "photo" nor "art_style"')
+    w = warnings_of(cap)
+    assert len(w) == 1 and w[0].startswith('style_description: has neither "photo" nor "art_style"')
 
 
 def test_style_without_medium_warns():
@@ -230,30 +230,47 @@ def test_bbox_wrong_shape_is_error():
 # --- structure errors ---------------------------------------------------------------------------
 
 
-def test_wrong_top_level_key_order_is_error_naming_path():
+def test_wrong_top_level_key_order_is_reordered():
     cap = canonical()
     cap = {k: cap[k] for k in ["compositional_deconstruction", "high_level_description", "style_description"]}
-    with pytest.raises(InputError) as ei:
-        validate_caption(cap)
-    assert "(root): keys out of order: got compositional_deconstruction, high_level_description, " \
-           "style_description; expected high_level_description, style_description, " \
-           "compositional_deconstruction" in str(ei.value)
+    assert validate_caption(cap) == []
+    assert prepare_caption(cap, keep_bboxes=True) == json.dumps(canonical(), separators=(",", ":"), ensure_ascii=False)
 
 
-def test_wrong_element_key_order_is_error_naming_path():
+def test_wrong_element_key_order_is_reordered():
     cap = canonical()
     cap["compositional_deconstruction"]["elements"][1] = {
         "type": "text", "bbox": [0, 0, 10, 10], "desc": "small caps", "text": "HELLO"}
-    assert errors_of(cap) == ["compositional_deconstruction.elements[1]: keys out of order: got type, bbox, desc, "
-                              "text; expected type, bbox, text, desc"]
+    assert errors_of(cap) == []
+    out = json.loads(prepare_caption(cap, keep_bboxes=True))["compositional_deconstruction"]["elements"][1]
+    assert list(out) == ["type", "bbox", "text", "desc"]
 
 
-def test_wrong_composition_key_order_is_error():
+def test_wrong_composition_key_order_is_reordered():
     cap = canonical()
     cd = cap["compositional_deconstruction"]
     cap["compositional_deconstruction"] = {"elements": cd["elements"], "background": cd["background"]}
-    assert errors_of(cap) == ["compositional_deconstruction: keys out of order: got elements, background; "
-                              "expected background, elements"]
+    assert errors_of(cap) == []
+    assert prepare_caption(cap) == prepare_caption(canonical())
+
+
+def _reversed_keys(v):
+    if isinstance(v, dict):
+        return {k: _reversed_keys(v[k]) for k in reversed(list(v))}
+    return [_reversed_keys(x) for x in v] if isinstance(v, list) else v
+
+
+@pytest.mark.parametrize("keep_bboxes", [False, True])
+def test_keys_reversed_at_every_level_serialise_identically(keep_bboxes):
+    for style in (canonical()["style_description"], photo_style()):
+        cap = canonical()
+        cap["style_description"] = style
+        rev = _reversed_keys(cap)
+        assert list(rev) != list(cap) and list(rev["style_description"]) != list(style)
+        assert check_caption(rev) == ([], [])
+        assert prepare_caption(rev, keep_bboxes=keep_bboxes) == prepare_caption(cap, keep_bboxes=keep_bboxes)
+        if keep_bboxes:  # canonical() is written in the published order (the official docs/prompting.md tables)
+            assert prepare_caption(rev, keep_bboxes=True) == json.dumps(cap, separators=(",", ":"), ensure_ascii=False)
 
 
 def test_missing_compositional_deconstruction_is_error():
@@ -273,15 +290,38 @@ def test_missing_background_and_elements_are_errors():
                               'compositional_deconstruction: missing required key "elements" (an array, possibly empty)']
 
 
-def test_unknown_keys_are_errors():
+def test_unknown_keys_warn_naming_their_path_and_are_kept():
     cap = canonical()
     cap["negative_prompt"] = "blurry"
     cap["compositional_deconstruction"]["elements"][0]["text"] = "oops"
-    errs = errors_of(cap)
-    assert errs[0] == ('(root): unknown key "negative_prompt"; allowed keys: high_level_description, '
-                       "style_description, compositional_deconstruction")
-    assert errs[1].startswith('compositional_deconstruction.elements[0]: unknown key "text"; allowed keys: '
-                              'type, bbox, desc, color_palette (a "text" key needs "type": "text")')
+    w = warnings_of(cap)
+    assert w[0] == ("negative_prompt: unknown key (the spec has high_level_description, style_description, "
+                    "compositional_deconstruction here); kept as written")
+    assert w[1] == ('compositional_deconstruction.elements[0].text: unknown key (the spec has type, bbox, desc, '
+                    'color_palette here; a "text" key needs "type": "text"); kept as written')
+    out = json.loads(prepare_caption(cap))
+    assert out["negative_prompt"] == "blurry" and out["compositional_deconstruction"]["elements"][0]["text"] == "oops"
+
+
+def test_strict_refuses_unknown_keys():
+    cap = canonical()
+    cap["compositional_deconstruction"] = {"canvas": "square", **cap["compositional_deconstruction"]}
+    with pytest.raises(CaptionError) as ei:
+        validate_caption(cap, strict=True)
+    assert ei.value.errors == ["compositional_deconstruction.canvas: unknown key (the spec has background, "
+                               "elements here)"]
+    with pytest.raises(CaptionError, match=r"^prompt: invalid caption: compositional_deconstruction\.canvas: unknown key"):
+        prompt_from_string(json.dumps(cap), strict=True)
+    assert prompt_from_string(json.dumps(cap)).warnings[0].startswith("compositional_deconstruction.canvas: unknown key")
+
+
+def test_unknown_keys_stay_in_place_while_known_keys_are_reordered():
+    # Known keys take the places known keys had, in the published order; others keep theirs, so a caption
+    # already in order passes unchanged (as diffusers and sd.cpp pass every caption).
+    cd = {"elements": [], "canvas": "square", "background": "white", "layout": "centred"}
+    cap = {"compositional_deconstruction": cd, "high_level_description": "x"}
+    assert prepare_caption(cap) == ('{"high_level_description":"x","compositional_deconstruction":'
+                                    '{"background":"white","canvas":"square","elements":[],"layout":"centred"}}')
 
 
 def test_wrong_types_are_errors():
@@ -296,10 +336,11 @@ def test_wrong_types_are_errors():
     ]
 
 
-def test_text_element_without_text_is_error():
+def test_text_element_without_text_warns():
     cap = canonical()
     del cap["compositional_deconstruction"]["elements"][1]["text"]
-    assert errors_of(cap) == ['compositional_deconstruction.elements[1]: missing required key "text"']
+    assert warnings_of(cap) == ['compositional_deconstruction.elements[1]: no "text"; the spec gives a text element '
+                                'the literal words to render']
 
 
 def test_missing_recommended_fields_warn():
@@ -324,15 +365,8 @@ def test_word_count_warnings():
     ]
 
 
-def test_non_strict_returns_errors_as_warnings():
-    cap = canonical()
-    del cap["compositional_deconstruction"]
-    out = validate_caption(cap, strict=False)
-    assert out[0].startswith('error: (root): missing required key "compositional_deconstruction"')
-
-
 def test_caption_error_message_is_one_line():
-    cap = {"compositional_deconstruction": {"elements": "x", "background": 1}, "style_description": {}}
+    cap = {"compositional_deconstruction": {"elements": "x", "background": 1}, "style_description": {"medium": 2}}
     with pytest.raises(CaptionError) as ei:
         validate_caption(cap)
     assert "\n" not in str(ei.value) and len(ei.value.errors) >= 3
@@ -525,3 +559,163 @@ def test_validation_does_not_modify_input():
     validate_caption(cap)
     prepare_caption(cap)
     assert cap == before
+
+
+# --- sd.cpp's documented caption, bbox notice, schema export, errors through files and the CLI ----------------
+
+# Oracle: the caption of the `-p` example in stable-diffusion.cpp's docs/ideogram4.md at commit 97d2990807fe6d5
+# (file last changed in 0321ce17fbf5eec), pasted verbatim. sd.cpp hands it to the encoder as written.
+SDCPP_EXAMPLE = (
+    '{"high_level_description":"A square 1024 x 1024 luxury fashion magazine cover featuring exactly one short '
+    'chubby fluffy cat as the main model. The cat sits on a soft ivory studio floor, facing the viewer with a '
+    'stylish calm expression, wearing tiny black sunglasses, a red silk scarf, and a small gold collar charm. In '
+    'front of the cat on the floor is a wide horizontal luxury nameplate that clearly reads ideogram4.cpp. The '
+    'whole design feels premium, fashionable, clean, and editorial.","style_description":{"aesthetics":"luxury '
+    'fashion magazine cover, high-end pet couture campaign, minimalist editorial design, elegant studio '
+    'photography, soft paper texture, refined typography, fashionable and polished","lighting":"Soft diffused '
+    'studio lighting, gentle spotlight on the cat, subtle floor shadow, warm ivory highlights, clean separation '
+    'between subject and background","photo":"high-resolution fashion editorial photography look, front-facing '
+    'cat portrait, crisp fur details, glossy sunglasses, clear readable nameplate text, shallow depth of '
+    'field","medium":"mixed media fashion photography and premium editorial graphic '
+    'design","color_palette":["#F4EFE7","#111111","#D8B56D","#B73A3A","#FFFFFF","#8A7A6A"]},"compositional_deconstruction":{"canvas":"Square '
+    '1024 x 1024 canvas with a normal upright orientation. Do not rotate the poster or any text. Use a clean '
+    'fashion magazine cover layout.","background":"Warm ivory studio backdrop with subtle paper grain, a soft '
+    'spotlight gradient, faint floor shadow, and a few minimal gold editorial lines. The background is spacious, '
+    'premium, and uncluttered.","layout":"Top center has a small elegant headline. Center area features one cat '
+    'as the main fashion model. Lower foreground has a wide horizontal luxury nameplate placed on the floor in '
+    'front of the cat. Bottom center has a small footer. All text is horizontal, upright, and readable left to '
+    'right.","elements":[{"type":"text","desc":"Top center headline reading LOOK WHAT I FOUND in a refined '
+    'high-fashion serif font. The headline is horizontal, centered, elegant, and secondary to the nameplate '
+    'text."},{"type":"obj","desc":"Exactly one short chubby fluffy cat sitting in the center like a luxury '
+    'fashion model. The cat has a large round head, compact body, short legs, soft detailed fur, expressive '
+    'eyes, and a calm confident pose. The cat is cute and rounded, not tall, not stretched, not '
+    'duplicated."},{"type":"obj","desc":"Tiny glossy black sunglasses worn naturally by the cat, slightly '
+    'oversized but still showing the cat face clearly. The sunglasses add a chic fashion-editorial '
+    'attitude."},{"type":"obj","desc":"A red silk scarf tied neatly around the cat neck, with soft folds and a '
+    'couture feeling. The scarf must not cover the cat face or the nameplate."},{"type":"obj","desc":"A small '
+    'gold collar charm or fashion accessory under the scarf, subtle and premium, adding a luxury campaign '
+    'detail."},{"type":"obj","desc":"In the lower foreground, place a wide horizontal luxury nameplate on the '
+    'floor in front of the cat. The nameplate is low, flat, landscape-oriented, much wider than tall, like a '
+    'fashion show seat card or premium display plaque. It is centered, front-facing, level, and fully visible. '
+    'It must not become vertical, tall, standing, rotated, or side-facing."},{"type":"text","desc":"Print the '
+    'exact text ideogram4.cpp only on the wide horizontal nameplate. Use clean bold black lettering, perfectly '
+    'spelled, lowercase, with the number 4 and .cpp extension. The text must fit completely inside the '
+    'nameplate, stay horizontal, and be readable from left to right."},{"type":"obj","desc":"Add sparse premium '
+    'editorial accents around the edges: thin gold lines, small code brackets, tiny cursor marks, subtle dots, '
+    'and minimal geometric details. No extra cats, no stickers, no animal faces, no busy '
+    'decorations."},{"type":"text","desc":"Bottom center footer reading tiny paws, big compile energy in a small '
+    'refined monospace or editorial font. The footer is horizontal, centered, understated, and much smaller than '
+    'the nameplate text."}]}}'
+)
+
+
+def test_sdcpp_documented_example_is_accepted_and_passed_unchanged(tmp_path):
+    pr = prompt_from_string(SDCPP_EXAMPLE)
+    assert pr.source == "json" and pr.text == SDCPP_EXAMPLE and pr.bboxes_stripped == 0
+    unknown = [w for w in pr.warnings if "unknown key" in w]
+    assert unknown == [
+        "compositional_deconstruction.canvas: unknown key (the spec has background, elements here); kept as written",
+        "compositional_deconstruction.layout: unknown key (the spec has background, elements here); kept as written"]
+    # its text elements carry their words in "desc", not in the spec's "text": a warning each, not a refusal
+    assert sum('no "text"' in w for w in pr.warnings) == 3
+    (from_file,) = read_prompt_file(write(tmp_path, "sdcpp.json", SDCPP_EXAMPLE + "\n"))
+    assert from_file.text == SDCPP_EXAMPLE and from_file.warnings == pr.warnings
+    with pytest.raises(CaptionError, match=r"compositional_deconstruction\.canvas: unknown key.*; "
+                                           r"compositional_deconstruction\.layout: unknown key"):
+        prompt_from_string(SDCPP_EXAMPLE, strict=True)
+
+
+def test_sdcpp_example_with_keys_shuffled_serialises_to_the_same_string():
+    cap = json.loads(SDCPP_EXAMPLE)
+    cd = cap["compositional_deconstruction"]
+    # the known keys swap places; the unknown ones keep theirs
+    shuffled = {"compositional_deconstruction": {"canvas": cd["canvas"], "elements": [_reversed_keys(e) for e in cd["elements"]],
+                                                 "layout": cd["layout"], "background": cd["background"]},
+                "style_description": _reversed_keys(cap["style_description"]),
+                "high_level_description": cap["high_level_description"]}
+    assert prompt_from_string(json.dumps(shuffled)).text == SDCPP_EXAMPLE
+
+
+def test_bbox_notice_is_one_line_counting_bboxes_and_captions(tmp_path):
+    no_bbox = canonical()
+    for el in no_bbox["compositional_deconstruction"]["elements"]:
+        del el["bbox"]
+    p = write(tmp_path, "caps.jsonl", "\n".join(json.dumps(c) for c in (canonical(), no_bbox, canonical())) + "\n")
+    prompts = read_prompt_file(p)
+    assert [x.bboxes_stripped for x in prompts] == [2, 0, 2]
+    assert bbox_notice(prompts) == ("stripped 4 element bboxes from 2 captions, as the official pipeline does "
+                                    "(--keep-bboxes keeps them)")
+    assert bbox_notice(read_prompt_file(p, keep_bboxes=True)) is None
+    assert bbox_notice([prompt_from_string("a cat")]) is None
+
+
+def test_json_schema_export_follows_the_published_order():
+    # Oracle: the key-order tables of the official docs/prompting.md (ideogram4, release-day copy).
+    schema = Caption.model_json_schema()
+    defs = schema["$defs"]
+    assert list(schema["properties"]) == ["high_level_description", "style_description", "compositional_deconstruction"]
+    assert schema["required"] == ["compositional_deconstruction"] and schema["additionalProperties"] is False
+    assert list(defs["StyleDescription"]["properties"]) == ["aesthetics", "lighting", "photo", "medium", "art_style",
+                                                            "color_palette"]
+    assert list(defs["CompositionalDeconstruction"]["properties"]) == ["background", "elements"]
+    assert list(defs["ObjElement"]["properties"]) == ["type", "bbox", "desc", "color_palette"]
+    assert list(defs["TextElement"]["properties"]) == ["type", "bbox", "text", "desc", "color_palette"]
+    assert defs["TextElement"]["properties"]["type"]["const"] == "text"
+    assert defs["ObjElement"]["properties"]["color_palette"]["maxItems"] == 5
+    assert defs["StyleDescription"]["properties"]["color_palette"]["maxItems"] == 16
+    assert all("default" not in prop for d in [schema, *defs.values()] for prop in d["properties"].values())
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (lambda c: c["compositional_deconstruction"]["elements"][0].update(desc=5),
+     "compositional_deconstruction.elements[0].desc: expected a string, got a number"),
+    (lambda c: c["compositional_deconstruction"]["elements"][1].update(type="image"),
+     'compositional_deconstruction.elements[1].type: expected "obj" or "text", got "image"'),
+    (lambda c: c["compositional_deconstruction"]["elements"][1].pop("type"),
+     'compositional_deconstruction.elements[1]: missing required key "type" ("obj" or "text")'),
+    (lambda c: c["compositional_deconstruction"]["elements"][0].update(bbox=[1, 2, True, 4]),
+     "compositional_deconstruction.elements[0].bbox[2]: expected a number, got a boolean"),
+    (lambda c: c["compositional_deconstruction"].pop("background"),
+     'compositional_deconstruction: missing required key "background"'),
+    (lambda c: c["style_description"].update(color_palette=["#FFFFFF", None]),
+     "style_description.color_palette[1]: expected a '#RRGGBB' string, got null"),
+    (lambda c: c.update(compositional_deconstruction=[]),
+     'compositional_deconstruction: expected an object with "background" and "elements", got an array'),
+])
+def test_errors_are_one_line_naming_file_line_and_key_path(tmp_path, mutate, error):
+    bad = canonical()
+    mutate(bad)
+    p = write(tmp_path, "caps.jsonl", json.dumps(canonical()) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(CaptionError) as ei:
+        read_prompt_file(p)
+    assert str(ei.value) == f"{p}: line 2: invalid caption: {error}"
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from gguf_dit.cli import app
+
+    r = CliRunner().invoke(app, ["run", *map(str, args), "--steps", "2"])
+    return r.exit_code, r.stderr
+
+
+def test_cli_strict_refuses_an_unknown_key_in_one_line(tmp_path):
+    p = write(tmp_path, "caps.jsonl", "# sd.cpp's example\n" + SDCPP_EXAMPLE + "\n")
+    code, err = _cli(p, "--strict", "-o", tmp_path / "out", "-q")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {p}: line 2: invalid caption: compositional_deconstruction.canvas: unknown key")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_warns_about_unknown_keys_and_says_once_that_bboxes_were_stripped(tmp_path):
+    caps = [canonical(), canonical()]
+    caps[1]["compositional_deconstruction"]["canvas"] = "square"
+    p = write(tmp_path, "caps.jsonl", "\n".join(json.dumps(c) for c in caps) + "\n")
+    code, err = _cli(p, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert f"warning: {p}:2: compositional_deconstruction.canvas: unknown key" in err
+    notes = [ln for ln in err.splitlines() if "bbox" in ln]
+    assert notes == ["stripped 4 element bboxes from 2 captions, as the official pipeline does (--keep-bboxes keeps them)"]
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2

@@ -298,15 +298,16 @@ def test_inspect_reads_sdcpp_style_files_without_metadata(cli, checkpoints, tmp_
     assert any("detected from tensor names" in w for w in rep["warnings"])
 
 
-def test_inspect_warns_about_missing_and_unexpected_tensors(cli, checkpoints, tmp_path):
+def test_inspect_reports_missing_and_unexpected_tensors_as_problems(cli, checkpoints, tmp_path):
     root, _, _ = checkpoints("f32")
     _convert(cli, root, tmp_path, "--recipe", "f32", "--role", "cond")
     odd = tmp_path / "odd.gguf"
     write_sdcpp_style(tmp_path / "transformer.gguf", odd, drop="layers.1.ffn_norm2.weight", extra="lora_extra.weight")
     code, out, _ = cli("inspect", odd, "--json")
     rep = json.loads(out)
-    assert "tensor layers.1.ffn_norm2.weight: missing tensor" in rep["warnings"]
-    assert "tensor lora_extra.weight: unexpected tensor for an Ideogram 4 backbone" in rep["warnings"]
+    assert code == 2  # run refuses such a file
+    assert "tensor layers.1.ffn_norm2.weight: missing tensor" in rep["problems"]
+    assert "tensor lora_extra.weight: unexpected tensor for an Ideogram 4 backbone" in rep["problems"]
 
 
 def test_inspect_check_reports_non_finite_values(cli, checkpoints, tmp_path):
@@ -320,5 +321,5 @@ def test_inspect_check_reports_non_finite_values(cli, checkpoints, tmp_path):
         f.seek(offset)
         f.write(np.array([np.nan], np.float32).tobytes())
     code, out, _ = cli("inspect", path, "--json", "--check")
-    assert code == 0
-    assert json.loads(out)["warnings"] == ["non-finite values in tensor layers.0.ffn_norm1.weight"]
+    assert code == 2  # run refuses non-finite weights at load
+    assert json.loads(out)["problems"] == ["tensor layers.0.ffn_norm1.weight: non-finite values (NaN/Inf)"]

@@ -1,5 +1,4 @@
-"""Seeded fuzz test over every file gguf-dit reads (issue 10 §3): the four GGUF roles (`run`, and `inspect --check`
-for the backbones), `convert`'s safetensors / config.json / tokenizer.json / index.json inputs, and prompt files.
+"""Seeded fuzz test over every file gguf-dit reads (issue 10 §3): the four GGUF roles (`inspect --check` and `run`), `convert`'s safetensors / config.json / tokenizer.json / index.json inputs, and prompt files.
 
 Each family fails on any signal, traceback, hang, leftover, changed input, foreign stderr line, error that does not
 name the mutated file, or mutation that must be refused but ran; the message lists each failure class with a

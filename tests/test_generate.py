@@ -55,15 +55,15 @@ def test_batch_is_checked_before_work_then_named_seeded_and_reported(tmp_path, m
     with monkeypatch.context() as m:
         m.setattr(Pipeline, "encode", lambda *a, **k: pytest.fail("encoding started before the request was checked"))
         with pytest.raises(OutputError) as e:
-            gen.generate(prompts, seed=7, count=2, settings=settings, out=out)
+            gen.generate(prompts[0], seed=7, settings=settings, out=out / "00001-8.png")
         assert e.value.path == str(out / "00001-8.png") and "already exists" in str(e.value)
         with pytest.raises(InputError, match="outside the model's range 64..64"):
             gen.generate(prompts, width=128)
         with pytest.raises(InputError, match="image count must be at least 1"):
             gen.generate(prompts, count=0)
-    batch = gen.generate(prompts, seed=7, count=2, settings=settings, out=out, force=True)
+    batch = gen.generate(prompts, seed=7, count=2, settings=settings, out=out)  # numbered after 00001-8.png
     assert batch.seeds == [7, 8, 9, 10] and (batch.height, batch.width) == (64, 64)
-    assert [p.name for p in batch.paths] == ["00000-7.png", "00001-8.png", "00002-9.png", "00003-10.png"]
+    assert [p.name for p in batch.paths] == ["00002-7.png", "00003-8.png", "00004-9.png", "00005-10.png"]
     events: list = []
     images = list(batch.run(lambda *ev: events.append(ev)))
     assert [(i.seed, i.prompt.original) for i in images] == [(7, prompts[0]), (8, prompts[0]), (9, prompts[1]), (10, prompts[1])]

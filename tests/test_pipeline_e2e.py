@@ -82,7 +82,7 @@ def test_run_matches_diffusers_pipeline_and_writes_metadata(full, tmp_path, cli)
     info = Image.open(png).info
     params = info["parameters"]
     assert params.startswith(PREPARED + "\n")
-    for part in ("Steps: 12", "Seed: 3", "Size: 64x48", "CFG scale: 7x11+3x1", "Model: transformer.gguf", "Recipe: f32", "Preset: turbo-12"):
+    for part in ("Steps: 12", "Seed: 3", "Size: 64x48", "CFG scale: 7,", "CFG schedule: 7x11+3x1", f"Model: {full['out'].name},", "Recipe: f32", "Preset: turbo-12"):
         assert part in params, part
     full_meta = json.loads(info["gguf-dit"])
     assert full_meta["seed"] == 3 and full_meta["guidance"] == [7.0] * 11 + [3.0] and full_meta["reference"] == "diffusers"
@@ -108,8 +108,9 @@ def test_same_seed_same_png_bytes_and_seeds_increment(full, tmp_path, cli):
     assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(a / names[1])))
     assert not np.array_equal(np.asarray(Image.open(a / names[0])), np.asarray(Image.open(a / names[1])))
-    code, _, err = cli("run", prompt, "--model", full["out"], "-W", 32, "-H", 32, "--steps", 3, "--seed", 10, "-o", a, "-q")
-    assert code == 2 and "--force" in err
+    code, out, err = cli("run", prompt, "--model", full["out"], "-W", 32, "-H", 32, "--steps", 3, "--seed", 10, "-o", a, "--threads", 1, "-q")
+    assert code == 0 and out.split() == [str(a / "00002-10.png")], err  # numbered on, nothing overwritten
+    assert (a / "00002-10.png").read_bytes() == (a / names[0]).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -118,7 +119,7 @@ def test_same_seed_same_png_bytes_and_seeds_increment(full, tmp_path, cli):
         (lambda d: None, ["missing.txt"], "missing.txt"),
         (lambda d: (d / "p.txt").write_text("\n\n"), ["p.txt"], "no prompt"),
         (lambda d: (d / "p.txt").write_text('{"high_level_description": "x",\n "compositional'), ["p.txt"], "invalid JSON"),
-        (lambda d: (d / "p.txt").write_text(json.dumps({"compositional_deconstruction": {"elements": [], "background": ""}})), ["p.txt"], "out of order"),
+        (lambda d: (d / "p.txt").write_text(json.dumps({"compositional_deconstruction": {"elements": "x", "background": ""}})), ["p.txt"], "expected an array"),
         (lambda d: (d / "p.txt").write_text("fox " * 3000), ["p.txt"], "2048"),
         (lambda d: (d / "p.txt").write_text("fox"), ["p.txt", "-W", 40], "multiple of 16"),
     ],

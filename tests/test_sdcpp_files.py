@@ -214,9 +214,9 @@ def test_type_that_does_not_belong_is_refused_before_any_graph(official, tmp_pat
         Ideogram4DiT.load(p, "cpu")
     assert e.value.path == str(p) and e.value.tensor == name
     assert f"stored as {typ.name}, which the graph cannot use for {role}" in str(e.value)
-    code, out, err = cli("inspect", p, "--json", "--check")  # inspect describes it instead of refusing
-    assert code == 0, err
-    assert any(w.startswith(f"tensor {name} stored as {typ.name}") for w in json.loads(out)["warnings"])
+    code, out, err = cli("inspect", p, "--json", "--check")  # inspect describes it, as a problem: exit 2
+    assert code == 2, err
+    assert any(w.startswith(f"tensor {name}: stored as {typ.name}") for w in json.loads(out)["problems"])
 
 
 def test_backend_without_a_matmul_for_a_stored_type_is_refused(official, tmp_path, monkeypatch):

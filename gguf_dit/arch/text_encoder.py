@@ -57,6 +57,12 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{m.group(1)}.{LAYER_MAP[m.group(2)]}"
 
 
+def gguf_tensor_names(n_layers: int) -> list[str]:
+    """Every tensor llama.cpp's qwen3 graph loads from an ``n_layers`` encoder (an lm head ``output.weight`` is optional)."""
+    hf = ["embed_tokens.weight", *(f"layers.{i}.{k}" for i in range(n_layers) for k in LAYER_MAP), "norm.weight"]
+    return [gguf_name(n) for n in hf]
+
+
 def default_taps(n_layers: int) -> list[int]:
     """Tap layers for an ``n_layers`` decoder: the official rule generalised.
 
