@@ -1,7 +1,8 @@
 """FLUX.2 VAE decoder for Ideogram 4: reads ``vae.gguf`` (written by ``gguf-dit convert``), decodes latents.
 
 The decoder runs in PyTorch, not ggml: see ``docs/vae.md`` ("Why torch"). Weights stored as F16 are widened to
-float32 on load; all arithmetic is float32.
+float32 on load; all arithmetic is float32 unless ``compute`` opts into a faster, not bit-identical layout or the
+lossy bfloat16 path (``COMPUTE_MODES``; measured in ``docs/benchmarks.md``).
 
 Decoding a DiT output (``decode_tokens``) follows the official pipeline's ``_decode`` step by step:
 
@@ -29,12 +30,22 @@ import torch
 from gguf_dit import keys
 from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
 from gguf_dit.arch.vae import ARCH as VAE_ARCH, NORM_EPS, VAEConfig, decoder_inventory
-from gguf_dit.errors import InputError, ModelError
+from gguf_dit.errors import InputError, ModelError, OptionError
 from gguf_dit.gguf_header import GGUFHeader, INTEGER_TYPES
 
 from .gguf_file import GGUFFile
 from .vae_modules import VAEDecoderModule
 from .vae_tiling import tiled_apply
+
+
+# compute mode -> (dtype, memory format). "exact" is the layout diffusers runs, so float32 output matches it bit for
+# bit; channels-last picks other oneDNN kernels (different summation order: <= 1 uint8 level on 0.1 % of values at
+# 512²; 0.8x the time on Zen 4, not consistently); bf16 rounds every conv/matmul input (lossy; docs/benchmarks.md).
+COMPUTE_MODES = {
+    "exact": (torch.float32, torch.contiguous_format),
+    "channels_last": (torch.float32, torch.channels_last),
+    "bf16": (torch.bfloat16, torch.channels_last),
+}
 
 
 def inventory_problems(file: GGUFFile, cfg: VAEConfig) -> list[tuple[str, str]]:
@@ -118,10 +129,17 @@ class VAEDecoder:
     ``latent_norm``: ``"official"`` (default; the constants stored in the file, which the converter takes from the
     official ``latent_norm.py``) or ``"checkpoint"`` (the VAE checkpoint's own BatchNorm statistics, shift =
     running_mean, scale = sqrt(running_var + batch_norm_eps), as diffusers' pipeline uses; only if the file has them).
+
+    ``compute``: ``"exact"`` (default; float32, matches diffusers), ``"channels_last"`` (float32, faster, within
+    float32 rounding of exact) or ``"bf16"`` (bfloat16 weights and activations, channels-last; lossy, opt-in only).
     """
 
-    def __init__(self, module: VAEDecoderModule, cfg: VAEConfig, shift: np.ndarray, scale: np.ndarray, *, device="cpu", latent_norm: str = "official", path: Path | None = None):
-        self.module = module.eval()
+    def __init__(self, module: VAEDecoderModule, cfg: VAEConfig, shift: np.ndarray, scale: np.ndarray, *, device="cpu", latent_norm: str = "official", path: Path | None = None, compute: str = "exact"):
+        if compute not in COMPUTE_MODES:
+            raise OptionError(f"unknown VAE compute mode {compute!r}; use one of {', '.join(COMPUTE_MODES)}")
+        self.compute = compute
+        self._dtype, self._layout = COMPUTE_MODES[compute]
+        self.module = module.eval().to(dtype=self._dtype, memory_format=self._layout)
         self.config = cfg
         self.device = torch.device(device)
         self.latent_norm = latent_norm
@@ -130,8 +148,10 @@ class VAEDecoder:
         self.scale = torch.as_tensor(np.asarray(scale, dtype=np.float32), device=self.device)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", *, latent_norm: str = "official") -> "VAEDecoder":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", *, latent_norm: str = "official", compute: str = "exact") -> "VAEDecoder":
         path = Path(path)
+        if compute not in COMPUTE_MODES:
+            raise OptionError(f"unknown VAE compute mode {compute!r}; use one of {', '.join(COMPUTE_MODES)}", path=path)
         if latent_norm not in ("official", "checkpoint"):
             raise ModelError(f"unknown latent_norm {latent_norm!r}; use 'official' or 'checkpoint'", path=path)
         file = GGUFFile(path)
@@ -164,7 +184,7 @@ class VAEDecoder:
         module = VAEDecoderModule(cfg)
         module.load_state_dict(state, strict=True)
         module.to(device=torch.device(device), dtype=torch.float32)
-        return cls(module, cfg, shift, scale, device=device, latent_norm=latent_norm, path=path)
+        return cls(module, cfg, shift, scale, device=device, latent_norm=latent_norm, path=path, compute=compute)
 
     # -- decoding
 
@@ -195,8 +215,9 @@ class VAEDecoder:
         if not torch.isfinite(z).all():
             raise InputError("latents contain NaN or Inf")
         tl = self._check_tile(tile, overlap)
+        z = z.to(dtype=self._dtype, memory_format=self._layout)
         if tl is None or (tl[0] >= z.shape[2] and tl[0] >= z.shape[3]):
-            x = self.module(z)
+            x = self.module(z).to(torch.float32, memory_format=torch.contiguous_format)
         else:
             # The latent-resolution part (with the global mid attention) runs whole; only the up path is tiled.
             h = self.module.low(z)

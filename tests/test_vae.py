@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from _helpers import make_tiny_vae
-from gguf_dit.errors import InputError, ModelError, OutputError, SourceError
+from gguf_dit.errors import InputError, ModelError, OptionError, OutputError, SourceError
 from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT, token_dim
 
 @pytest.fixture(scope="module")
@@ -386,3 +386,45 @@ def test_load_rejects_other_gguf(tmp_path):
     w.close()
     with pytest.raises(ModelError, match="not 'flux2_vae'"):
         VAEDecoder.load(p)
+
+
+# ------------------------------------------------------------------------------------------- (g) compute modes
+
+
+# Measured on the tiny model (vs diffusers float32, output std 0.76): channels_last max 6.7e-6, mean 7.1e-7 (float32
+# summation order of other oneDNN kernels; 0 uint8 levels); bf16 max 0.057, mean 0.0073 (uint8: max 6 levels, 46 % of
+# values differ). The real-shape numbers are in docs/benchmarks.md ("VAE decode").
+@pytest.mark.parametrize("compute,dtype,max_tol,mean_tol,min_err", [
+    ("channels_last", torch.float32, 3e-5, 3e-6, 0.0),
+    ("bf16", torch.bfloat16, 0.2, 0.025, 1e-3),
+])
+def test_compute_modes_against_diffusers(tiny, compute, dtype, max_tol, mean_tol, min_err):
+    from gguf_dit.runtime.vae import VAEDecoder
+
+    dec = VAEDecoder.load(tiny["root"] / "vae_f32.gguf", compute=compute)
+    w = dec.module.decoder.conv_in.weight
+    assert w.dtype == dtype and w.is_contiguous(memory_format=torch.channels_last)
+    z = _z()
+    with torch.no_grad():
+        ref = tiny["model"].decode(z).sample
+    ours = dec.decode_latents(z, clamp=False)
+    assert ours.dtype == torch.float32 and ours.is_contiguous() and ours.shape == ref.shape
+    err = (ours - ref).abs()
+    assert err.max().item() <= max_tol and err.mean().item() <= mean_tol, (err.max().item(), err.mean().item())
+    assert err.max().item() >= min_err  # bf16 really computed in bf16 (not silently float32)
+    tiled = dec.decode_latents(z, tile=8, overlap=2, clamp=False)
+    assert tiled.dtype == torch.float32 and tiled.shape == ref.shape
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randn(1, 30, 128, generator=g)
+    img = dec.decode_tokens(tokens, 5, 6)
+    assert img.dtype == np.uint8 and img.shape == (80, 96, 3)
+
+
+def test_compute_mode_default_is_exact_and_unknown_is_refused(tiny):
+    from gguf_dit.runtime.vae import VAEDecoder
+
+    assert tiny["f32"].compute == "exact"
+    w = tiny["f32"].module.decoder.conv_in.weight
+    assert w.dtype == torch.float32 and w.is_contiguous()
+    with pytest.raises(OptionError, match="unknown VAE compute mode 'fp8'"):
+        VAEDecoder.load(tiny["root"] / "vae_f32.gguf", compute="fp8")
