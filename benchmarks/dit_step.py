@@ -1,13 +1,17 @@
-"""Per-step DiT time and peak memory: gguf-dit's ggml runtime vs diffusers float32, same weights and shapes.
+"""Per-step DiT time and peak memory: gguf-dit's ggml runtime vs diffusers float32 and bfloat16, same weights and shapes.
 
 One "step" = the conditional backbone on (text + image) tokens plus the unconditional backbone on the
 image tokens, as the sampler runs them. Each variant runs in its own subprocess and reports its own peak
 RSS: ``VmHWM`` from its ``/proc/self/status`` (the high-water mark of its own address space, which exec
 starts afresh), not ``ru_maxrss``, which Linux carries over from the parent across fork and exec (see
-benchmarks/convert_block.py). Ratios are against diffusers float32 measured in the same run.
+benchmarks/convert_block.py). Ratios are against diffusers float32 and bfloat16 (what a user of a bf16-capable
+CPU or of a GPU runs) measured in the same run. Every result carries the machine it ran on: the CPU model and
+its ISA flags, the features the ggml CPU backend was built with, torch's CPU capability, the GPU if any.
 
     python benchmarks/dit_step.py                      # mid-size config of issue 3
     python benchmarks/dit_step.py --layers 2 --image-tokens 256 --reps 2   # quick look
+    python benchmarks/dit_step.py --backend cuda --heads 18 --intermediate 12288 --layers 2 --image-tokens 4096 \
+        --grid-h 64 --baselines bf16 --out results.json    # full width on a GPU (benchmarks/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +34,26 @@ def _rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
     raise SystemExit("no VmHWM in /proc/self/status (Linux only)")
+
+
+def machine_info(backend: str = "cpu") -> dict:
+    """What decides the speed of each side: CPU model and flags (as lscpu reads /proc/cpuinfo), the ggml CPU
+    backend's build features, torch's CPU kernel level, and the GPU for a CUDA run."""
+    import torch
+
+    from gguf_dit.ggml_ops import system
+    from gguf_dit.sysinfo import INTERESTING_FLAGS
+
+    flags = system.cpu_flags()
+    cpu_reg = next((r for r in system.registries() if r.name == "CPU"), None)
+    info = {"cpu_model": system.cpu_model(), "cpus": os.cpu_count(),
+            "cpu_flags": [f for f in INTERESTING_FLAGS if f in flags],
+            "amx": any(f.startswith("amx") for f in flags),
+            "ggml_cpu_features": {k: v for k, v in (cpu_reg.features if cpu_reg else {}).items()},
+            "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if backend == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def _inputs(a):
@@ -48,7 +73,9 @@ def worker_diffusers(a) -> dict:
     torch.set_num_threads(a.threads)
     from gguf_dit.runtime.dit import positions
 
-    models = [Ideogram4Transformer2DModel.from_pretrained(a.ckpt, subfolder=s, torch_dtype=torch.float32).eval() for s in ("transformer", "unconditional_transformer")]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    dev = torch.device("cuda" if a.backend == "cuda" else "cpu")
+    models = [Ideogram4Transformer2DModel.from_pretrained(a.ckpt, subfolder=s, torch_dtype=dtype).to(dev).eval() for s in ("transformer", "unconditional_transformer")]
     weight_bytes = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
     grid, x, feats = _inputs(a)
     n_img, n_text = x.shape[0], feats.shape[0]
@@ -63,8 +90,10 @@ def worker_diffusers(a) -> dict:
             enc[0, :nt] = torch.from_numpy(feats)
         ind = torch.full((1, L), 2, dtype=torch.long)
         ind[0, :nt] = 3
-        return m(hidden_states=hs, timestep=torch.tensor([0.5]), encoder_hidden_states=enc,
-                 position_ids=torch.from_numpy(positions(nt, *grid))[None], segment_ids=torch.ones(1, L, dtype=torch.long), indicator=ind).sample
+        # inputs in the model's dtype, as a bf16 user's pipeline feeds them
+        return m(hidden_states=hs.to(dev, dtype), timestep=torch.tensor([0.5], device=dev, dtype=dtype), encoder_hidden_states=enc.to(dev, dtype),
+                 position_ids=torch.from_numpy(positions(nt, *grid))[None].to(dev), segment_ids=torch.ones(1, L, dtype=torch.long, device=dev),
+                 indicator=ind.to(dev)).sample.float().cpu()  # to host, as gguf-dit's velocity() returns numpy: both sides synchronised
 
     times = []
     with torch.no_grad():
@@ -74,7 +103,11 @@ def worker_diffusers(a) -> dict:
             call(models[1], False)
             if r:
                 times.append(time.perf_counter() - t0)
-    return {"step_s": min(times), "weight_bytes": weight_bytes, "peak_rss_mib": _rss_mib()}
+    res = {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_all": times, "weight_bytes": weight_bytes,
+           "peak_rss_mib": _rss_mib(), "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"torch CPU ({torch.backends.cpu.get_cpu_capability()})"}
+    if dev.type == "cuda":
+        res["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return res
 
 
 def worker_ours(a) -> dict:
@@ -94,7 +127,7 @@ def worker_ours(a) -> dict:
         if r:
             times.append(time.perf_counter() - t0)
     compute = sum(g.compute_bytes for m in (cond, uncond) for g in m._graphs.values())
-    return {"step_s": min(times), "weight_bytes": weight_bytes, "compute_buffer_bytes": compute, "peak_rss_mib": _rss_mib(), "device": cond.backend.description}
+    return {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_all": times, "weight_bytes": weight_bytes, "compute_buffer_bytes": compute, "peak_rss_mib": _rss_mib(), "device": cond.backend.description}
 
 
 def _spawn(a, kind: str, **extra) -> dict:
@@ -113,6 +146,7 @@ def main() -> None:
     p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--q8-0-matmul", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=9, help="hidden = heads x 256")
     p.add_argument("--intermediate", type=int, default=6144)
@@ -122,9 +156,13 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--backend", default="cpu")
+    p.add_argument("--backend", default="cpu", help="ggml backend for gguf-dit; 'cuda' also runs diffusers on the GPU")
     p.add_argument("--recipes", default="f16,q8_0,q4_k")
+    p.add_argument("--baselines", default="fp32,bf16", help="diffusers dtypes to measure (comma-separated: fp32, bf16)")
+    p.add_argument("--q8-variants", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time Q8_0 with the direct kernel and dequantized in graph (default: on CPU only)")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write config, machine and rows as JSON here")
     a = p.parse_args()
 
     if a.worker:
@@ -158,21 +196,45 @@ def main() -> None:
             subprocess.run([sys.executable, "-c", "from gguf_dit.cli import app; app()", "convert", str(a.ckpt), "-o", str(out), "--recipe", r, "-q", "--force"], check=True)
         ggufs[r] = out
 
+    config = {k: getattr(a, k) for k in ("layers", "heads", "intermediate", "text_dim", "image_tokens", "grid_h", "text_tokens", "reps", "threads", "backend")}
+    config["hidden"] = a.heads * 256
+    machine = machine_info(a.backend)
     print(f"config: hidden {a.heads * 256} ({a.heads} heads x 256), {a.layers} blocks, intermediate {a.intermediate}, "
-          f"text dim {a.text_dim}; {a.image_tokens} image + {a.text_tokens} text tokens; threads {a.threads}; reps {a.reps} (min)")
-    base = _spawn(a, "diffusers")
-    rows = [("diffusers fp32", base)]
-    for r, d in ggufs.items():
-        rows.append((f"gguf-dit {r}", _spawn(a, "ours", gguf=d)))
-        if r == "q8_0":
-            rows.append(("gguf-dit q8_0 direct kernel", _spawn(a, "ours", gguf=d, q8_0_matmul="direct")))
-            rows.append(("gguf-dit q8_0 dequant in graph", _spawn(a, "ours", gguf=d, q8_0_matmul="dequant")))
-    print(f"{'variant':<32} {'step s':>8} {'speed-up':>9} {'weights MiB':>12} {'w ratio':>8} {'peak RSS MiB':>13} {'RSS ratio':>10}")
-    for name, res in rows:
-        print(f"{name:<32} {res['step_s']:>8.3f} {base['step_s'] / res['step_s']:>8.2f}x {res['weight_bytes'] / 2**20:>12.1f} "
-              f"{res['weight_bytes'] / base['weight_bytes']:>8.3f} {res['peak_rss_mib']:>13.1f} {res['peak_rss_mib'] / base['peak_rss_mib']:>10.3f}")
-    print(json.dumps({"rows": rows}, default=str))
+          f"text dim {a.text_dim}; {a.image_tokens} image + {a.text_tokens} text tokens; threads {a.threads}; reps {a.reps} (median; min in JSON)")
+    print(f"machine: {machine['cpu_model']}, {machine['cpus']} CPUs; flags {' '.join(machine['cpu_flags'])}; AMX {'yes' if machine['amx'] else 'no'}; "
+          f"ggml CPU features {' '.join(f'{k}={v}' for k, v in machine['ggml_cpu_features'].items())}; torch {machine['torch']} ({machine['torch_cpu_capability']})"
+          + (f"; GPU {machine['gpu']}" if "gpu" in machine else ""))
+    baselines = [b for b in a.baselines.split(",") if b]
+    q8_variants = a.backend == "cpu" if a.q8_variants is None else a.q8_variants
+    rows: list = []
+    result = {"config": config, "machine": machine, "rows": rows}
 
+    def add(name: str, res: dict) -> None:
+        """One measured variant: tagged with the machine, kept in the results file at once (a time-boxed run that is
+        cut short, as benchmarks/gpu_check.sh's, still leaves the rows it finished)."""
+        res["machine"] = machine
+        rows.append((name, res))
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    for b in baselines:
+        add(f"diffusers {b}", _spawn(a, "diffusers", dtype=b))
+    for r, d in ggufs.items():
+        add(f"gguf-dit {r}", _spawn(a, "ours", gguf=d))
+        if r == "q8_0" and q8_variants:
+            add("gguf-dit q8_0 direct kernel", _spawn(a, "ours", gguf=d, q8_0_matmul="direct"))
+            add("gguf-dit q8_0 dequant in graph", _spawn(a, "ours", gguf=d, q8_0_matmul="dequant"))
+    bases = dict(rows[:len(baselines)])
+    print(f"{'variant':<32} {'step s':>8}" + "".join(f" {'vs ' + n.split()[1]:>9}" for n in bases) + f" {'weights MiB':>12} {'peak RSS MiB':>13}")
+    for name, res in rows:
+        res["speedup_vs"] = {n.split()[1]: b["step_s"] / res["step_s"] for n, b in bases.items()}
+        print(f"{name:<32} {res['step_s']:>8.3f}" + "".join(f" {v:>8.2f}x" for v in res["speedup_vs"].values())
+              + f" {res['weight_bytes'] / 2**20:>12.1f} {res['peak_rss_mib']:>13.1f}")
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"wrote {a.out}")
+    print(json.dumps(result, default=str))
 
 if __name__ == "__main__":
     main()
