@@ -51,7 +51,9 @@ def _maps_host_memory(dev) -> bool:
     """Whether the device computes from buffers that alias host memory (``buffer_from_host_ptr``: the CPU, not CUDA,
     whose device leaves that function NULL, so calling it would crash). The name and type read back must match the
     device's own getters: a struct that moved between ggml versions then reads as "cannot", never as a wild call."""
-    props = ggml_backend_dev_props()
+    # ggml memsets its own sizeof(props): spare room, so a struct grown in another ggml cannot overwrite the heap
+    room = ctypes.create_string_buffer(ctypes.sizeof(ggml_backend_dev_props) + 256)
+    props = ggml_backend_dev_props.from_buffer(room)
     lib.ggml_backend_dev_get_props(dev, ctypes.byref(props))
     same = props.name == lib.ggml_backend_dev_name(dev) and props.type == lib.ggml_backend_dev_type(dev)
     return bool(same and props.caps.buffer_from_host_ptr)

@@ -74,16 +74,21 @@ def _store(entries: dict[str, dict]) -> None:
         log.debug("hash cache %s not updated: %s", target, e)
 
 
+#: This process's hashes, so that an unwritable cache file means hashing once per process, not once per batch.
+_seen: dict[str, dict] = {}
+
+
 def sha256(path: str | os.PathLike) -> str:
     """The file's full sha256, from the cache while its size and mtime are unchanged, else computed and cached."""
     path = Path(path)
     key, stamp = _key(path)
-    hit = _load().get(key)
+    hit = _seen.get(key) or _load().get(key)
     if isinstance(hit, dict) and all(hit.get(k) == v for k, v in stamp.items()) and isinstance(hit.get("sha256"), str):
         return hit["sha256"]
     log.info("hashing %s (%.1f MB) once for the image metadata", path, stamp["size"] / 1e6)
     digest = sha256_file(path)
-    _store({key: {**stamp, "sha256": digest}})
+    _seen[key] = {**stamp, "sha256": digest}
+    _store({key: _seen[key]})
     return digest
 
 

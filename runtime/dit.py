@@ -51,7 +51,8 @@ class RuntimeOptions:
     exact_conditioning: bool = True
     #: Weights kept in their stored type compute straight from a read-only memory map of the GGUF where the backend
     #: can (the CPU; not CUDA, which copies to the device) and the data is 32-byte aligned; False copies every weight.
-    #: Same bytes either way, so the same results.
+    #: Same bytes either way, so the same results. As with any mmap (llama.cpp's too), a file truncated or rewritten in
+    #: place while mapped kills the process (SIGBUS); `convert` replaces files by rename, which is safe.
     mmap: bool = True
     #: Graphs (each with its compute buffer, ~250 MiB at 256² on the real model) kept per backbone, least recently
     #: used evicted first. One image needs one per backbone (its text length and grid), so 1 keeps memory flat

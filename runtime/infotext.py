@@ -90,6 +90,15 @@ def exif_of(text: dict[str, str]):
     return exif
 
 
+def _is_ours(description) -> bool:
+    """Whether an EXIF ImageDescription is the JSON `exif_of` writes (any other description is left alone)."""
+    try:
+        data = json.loads(description)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(data, dict) and "prompt" in data and "version" in data
+
+
 def _user_comment(raw: bytes, endian: str) -> str:
     """EXIF UserComment: an 8-byte character-code prefix, then the text (UCS-2 in the EXIF header's byte order)."""
     code, body = raw[:8], raw[8:]
@@ -112,7 +121,7 @@ def read_text(path: str | Path) -> dict[str, str]:
             if TEXT_KEY not in text and isinstance(comment, bytes):
                 text[TEXT_KEY] = _user_comment(comment, getattr(exif, "endian", ">"))
             description = exif.get(_IMAGE_DESCRIPTION)
-            if JSON_KEY not in text and isinstance(description, str) and description.startswith('{"prompt"'):
+            if JSON_KEY not in text and _is_ours(description):
                 text[JSON_KEY] = description
             return text
     except UnidentifiedImageError:

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from gguf_dit import keys
+from gguf_dit import hashes, keys
 from gguf_dit.arch import MODEL_FILES
 from gguf_dit.arch.dit import ARCH as DIT_ARCH, is_ideogram4
 from gguf_dit.arch.text_encoder import ACCEPTED_ARCHES
@@ -68,9 +68,9 @@ def _file_as_model(path: Path) -> OptionError:
 
 
 def same_content(a: Path, b: Path, samples: int = 8, block: int = 1 << 20) -> bool:
-    """Whether two files hold the same bytes, from their sizes and ``samples`` blocks spread over them (first and
-    last included): a few MiB read even for 10 GB files. Two different backbones (separately trained weights, or
-    other storage types, which change the size) differ in nearly every block, so a sample tells them apart."""
+    """Whether two files hold the same bytes. Sizes and ``samples`` blocks spread over them (first and last included)
+    tell two different backbones apart after a few MiB (separately trained weights differ in nearly every block);
+    only files that match there are compared by their whole sha256 (cached, and needed for the metadata anyway)."""
     if os.path.samefile(a, b):
         return True
     size = a.stat().st_size
@@ -83,7 +83,7 @@ def same_content(a: Path, b: Path, samples: int = 8, block: int = 1 << 20) -> bo
             fb.seek(off)
             if fa.read(block) != fb.read(block):
                 return False
-    return True
+    return hashes.sha256(a) == hashes.sha256(b)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -220,4 +220,6 @@ def _write(shown: Path, fmt: str, image: np.ndarray, text: dict[str, str], claim
         if isinstance(e, OSError):
             full = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
             raise OutputError(f"cannot write the {fmt}: {e.strerror or e}{full}", path=shown) from None
+        if isinstance(e, ValueError):  # Pillow refuses metadata its format cannot hold (JPEG: EXIF over 64 KiB)
+            raise OutputError(f"cannot write the {fmt}: {e}", path=shown) from None
         raise

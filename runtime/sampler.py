@@ -89,7 +89,7 @@ def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT | None, text_features: np.nd
         with native_call(*(m.backend for m in (cond, uncond) if m is not None)):  # Ctrl-C aborts a graph compute between nodes
             v_c = cond.velocity(z[0], t, feats, grid=grid)
             # g = 1: 1·v_c + 0·v_c is v_c bit for bit; 1·v_c + 0·v_u (finite v_u) differs at most in a zero's sign.
-            v_u = v_c if not needs_uncond((g,)) else uncond.velocity(z[0], t, None, grid=grid)
+            v_u = v_c if g == 1.0 else uncond.velocity(z[0], t, None, grid=grid)
         where = f"at step {i + 1} of {settings.steps} (t={t:.4f})"
         for m, v in ((cond, v_c), (uncond, v_u)):
             if not np.isfinite(v).all():

@@ -180,6 +180,14 @@ def test_show_reads_a1111_text_from_jpeg_exif(tmp_path):
         assert out == text + "\n"
 
 
+def test_another_tools_exif_description_is_not_taken_for_our_json(tmp_path):
+    exif = Image.Exif()
+    exif[0x010E] = '{"title": "Sunset"}'
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.jpg", exif=exif)
+    code, _, err = _cli("show", tmp_path / "x.jpg", "--json")
+    assert code == 2 and "has no gguf-dit metadata" in _one_error_line(err)
+
+
 def test_images_without_our_metadata_are_one_line_errors(tmp_path):
     plain, a1111, text = tmp_path / "plain.png", tmp_path / "a1111.png", tmp_path / "notes.png"
     Image.new("RGB", (16, 16)).save(plain)
