@@ -183,7 +183,7 @@ if [ -z "$PYTEST_ARGS" ]; then
     if [ $DRY = 1 ]; then
         PYTEST_ARGS="tests/test_dit.py tests/test_sampler.py tests/test_ggml_ops.py -k cpu"
     else
-        PYTEST_ARGS="tests/test_dit.py tests/test_sampler.py tests/test_ggml_ops.py tests/test_memory.py -k cuda"
+        PYTEST_ARGS="tests/test_dit.py tests/test_sampler.py tests/test_ggml_ops.py tests/test_memory.py tests/test_memory_modes.py -k cuda"
     fi
 fi
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments

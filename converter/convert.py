@@ -24,13 +24,16 @@ from gguf_dit.arch import MODEL_FILES
 from gguf_dit.arch.dit import ARCH, BACKBONE_DIRS, default_size_problem, size_range_problem, tensor_inventory
 from gguf_dit.arch.latent import PIXELS_PER_TOKEN
 from gguf_dit import keys
-from gguf_dit.errors import OptionError, OutputError, SourceError
+from gguf_dit.errors import ImatrixError, OptionError, OutputError, SourceError
 from gguf_dit.ggml_ops import GGMLType
+from gguf_dit.imatrix import for_backbones
 
 from .encode import REFERENCE, WEIGHTED, encode_rows, stored_nbytes
 from .gguf_out import OutTensor, add_config, write_gguf
 from .output import HEADER_ALLOWANCE, OutputSet, check_location
 from .recipe import Recipe
+from .smooth import Smoothing
+from .importance import Importance, importance_for
 from .reader import CHUNK_BYTES
 from .source import Backbone, open_checkpoint
 
@@ -76,7 +79,8 @@ class SizeHints:
         return cls((lo, hi), default_size)
 
 
-def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path: str, sizes: SizeHints | None = None) -> None:
+def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path: str, sizes: SizeHints | None = None,
+              smoothing: Smoothing | None = None, imp: Importance | None = None) -> None:
     import gguf
 
     cfg = bb.config
@@ -98,6 +102,10 @@ def _metadata(writer, bb: Backbone, recipe: Recipe, plans: list[Plan], q4k_path:
         writer.add_array(keys.SIZE_RANGE, [int(x) for x in sizes.size_range])
     if sizes is not None and sizes.default_size is not None:
         writer.add_uint32(keys.DEFAULT_SIZE, int(sizes.default_size))
+    if smoothing is not None:
+        smoothing.metadata(writer)
+    if imp is not None:
+        imp.metadata(writer)
 
 
 def _patch_hash(path: Path, digest: str) -> None:
@@ -122,16 +130,25 @@ def write_backbone(
     threads: int | None = None,
     progress: Callable[[str, int], None] | None = None,
     sizes: SizeHints | None = None,
+    smoothing: Smoothing | None = None,
+    imp: Importance | None = None,
 ) -> dict:
-    """Write one backbone to ``out_path``; returns a summary dict (role, path, tensors, types, bytes, seconds)."""
+    """Write one backbone to ``out_path``; returns a summary dict (role, path, tensors, types, bytes, seconds).
+    ``smoothing``: activation scales folded into the weights (``smooth.py``); ``imp``: imatrix importance vectors
+    (``importance.py``), measured on the float model, so rescaled here by the smoothing."""
     plans = plan_backbone(bb, recipe)
+    src = bb if smoothing is None else smoothing.scales(bb, {p.name: p.type for p in plans})
+    if imp is not None and smoothing is not None:
+        imp = imp.smoothed(src.col)
+    vectors = imp.vectors if imp is not None else {}
     t0 = time.perf_counter()
     hasher = hashlib.sha256()
-    tensors = [OutTensor(p.name, p.shape, p.type, functools.partial(bb.chunks, p.name, CHUNK_BYTES, hasher), bb.tensors[p.name].parts[0].file, p.name) for p in plans]
+    tensors = [OutTensor(p.name, p.shape, p.type, functools.partial(src.chunks, p.name, CHUNK_BYTES, hasher), bb.tensors[p.name].parts[0].file, p.name,
+                         vectors.get(p.name)) for p in plans]
     bytes_in = write_gguf(
         out_path,
         ARCH,
-        lambda writer: _metadata(writer, bb, recipe, plans, q4k_path, sizes),
+        lambda writer: _metadata(writer, bb, recipe, imp.mark(plans) if imp else plans, q4k_path, sizes, smoothing, imp),
         tensors,
         encode=functools.partial(encode_rows, threads=threads, k_quant_path=q4k_path),
         range_hint="keep this tensor F32 or BF16 (--rule)",
@@ -179,12 +196,20 @@ def convert_checkpoint(
     vae_type: str | None = None,
     progress_factory=None,
     sizes: SizeHints | None = None,
+    smooth: str | Path | None = None,
+    smooth_alpha: float = 0.5,
+    imatrix: str | Path | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[PartResult]:
     """The whole checkpoint: both DiT backbones, the text encoder (+ tokenizer) and the VAE decoder.
 
     ``parts`` None converts every part the checkpoint root holds; naming a part that is absent is an error.
     The encoder's linears default to Q8_0 (F32/F16/BF16 under the matching float recipe), the VAE to F16
     (F32 under the f32 recipe).
+
+    ``imatrix``: a calibration folder (``transformer.imatrix``, ``unconditional_transformer.imatrix``) or one
+    imatrix file (e.g. stable-diffusion.cpp's, holding both backbones' entries); its importances feed every tensor
+    whose type takes them. ``warn(message)`` receives what is not an error (missing or stray entries).
 
     Every source is opened and checked and every tensor's type decided first; then the output folder is checked
     for room, and all outputs are written as one set (``output.OutputSet``): an error or Ctrl-C leaves the folder
@@ -200,6 +225,15 @@ def convert_checkpoint(
     for p in chosen:
         if p not in PARTS:
             raise OptionError(f"unknown part {p!r}; choose from {', '.join(PARTS)}")
+    if smooth is not None and "dit" not in chosen:
+        raise OptionError("--smooth applies to the DiT backbones, which this conversion does not write")
+    imatrices = None
+    if imatrix is not None:
+        if "dit" not in chosen:
+            raise OptionError("--imatrix applies to the DiT backbones, which this conversion does not write")
+        if not Path(imatrix).exists():
+            raise ImatrixError("does not exist (give a calibration folder or an imatrix file)", path=imatrix)
+        imatrices = for_backbones(imatrix)
     te_type = te_type or (recipe.name if recipe.name in ("f32", "f16", "bf16") else "q8_0")
     vae_type = vae_type or ("f32" if recipe.name == "f32" else "f16")
     if "text_encoder" in chosen:
@@ -216,7 +250,9 @@ def convert_checkpoint(
     try:
         if "dit" in chosen:
             for bb in open_checkpoint(src, role):
-                jobs.append(_dit_job(bb, recipe, q4k_path, threads, progress_factory, sizes))
+                jobs.append(_dit_job(bb, recipe, q4k_path, threads, progress_factory, sizes, smooth, smooth_alpha, imatrix, imatrices, warn))
+            if smooth is not None and Path(smooth).is_file() and len(jobs) > 1:
+                raise OptionError("is one activation-maxima file, but both backbones are converted: give the calibration folder, or --role", path=smooth)
         # Output names are known now: refuse an unusable folder or an existing output before reading more.
         check_location(out_dir, [j.name for j in jobs] + [MODEL_FILES[p] for p in ("text_encoder", "vae") if p in chosen], force=force)
         if "text_encoder" in chosen:
@@ -257,9 +293,17 @@ class _Job:
     close: Callable[[], None]
 
 
-def _dit_job(bb: Backbone, recipe: Recipe, q4k_path: str, threads: int | None, progress_factory, sizes: SizeHints | None) -> _Job:
+def _dit_job(bb: Backbone, recipe: Recipe, q4k_path: str, threads: int | None, progress_factory, sizes: SizeHints | None,
+             smooth: str | Path | None = None, smooth_alpha: float = 0.5, imatrix: str | Path | None = None,
+             imatrices: dict | None = None, warn: Callable[[str], None] | None = None) -> _Job:
+    imp = None
     try:
         plans = plan_backbone(bb, recipe)
+        smoothing = None if smooth is None else Smoothing.load(smooth, bb.role, bb.config, smooth_alpha)
+        if imatrices is not None and bb.role in imatrices:
+            imp = importance_for(bb.role, str(bb.directory), plans, imatrices[bb.role], warn or (lambda m: None))
+        elif imatrices is not None and warn is not None:
+            warn(f"{imatrix}: no importance matrix for the {bb.role} backbone; it gets uniform importance")
     except BaseException:
         bb.close()
         raise
@@ -270,7 +314,7 @@ def _dit_job(bb: Backbone, recipe: Recipe, q4k_path: str, threads: int | None, p
         total = sum(int(np.prod(t.shape)) * 4 for t in bb.tensors.values())
         progress = progress_factory(f"{bb.role}: {name}", total, len(bb.tensors)) if progress_factory else None
         try:
-            return write_backbone(bb, recipe, path, q4k_path=q4k_path, threads=threads, progress=progress, sizes=sizes)
+            return write_backbone(bb, recipe, path, q4k_path=q4k_path, threads=threads, progress=progress, sizes=sizes, smoothing=smoothing, imp=imp)
         finally:
             if progress is not None and hasattr(progress, "close"):
                 progress.close()

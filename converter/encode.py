@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gguf_dit.ggml_ops import GGMLType, quantize
+from gguf_dit.imatrix import ggml_weights
 
 #: Uniform importance selects ggml's importance-weighted K-quant search (stable-diffusion.cpp's bytes);
 #: no importance selects the reference search (llama-quantize's bytes without an imatrix).
@@ -12,9 +13,11 @@ WEIGHTED, REFERENCE = "weighted", "reference"
 F16_MAX = 65504.0
 
 
-def encode_rows(x: np.ndarray, t: GGMLType, *, threads: int | None = None, k_quant_path: str = WEIGHTED) -> np.ndarray:
+def encode_rows(x: np.ndarray, t: GGMLType, *, threads: int | None = None, k_quant_path: str = WEIGHTED,
+                importance: np.ndarray | None = None) -> np.ndarray:
     """Rows of float32 (last axis = row) as ``t``, by its ``TypeTraits.encoder``: F32/F16 via NumPy, BF16 via torch
-    (round to nearest even), quantized types via ggml's own ``ggml_quantize_chunk``."""
+    (round to nearest even), quantized types via ggml's own ``ggml_quantize_chunk``; ``importance`` (one value per
+    column, from an imatrix) is ggml's ``quant_weights`` for the types that take one, else ``k_quant_path`` decides."""
     traits = t.traits
     if traits.encoder == "numpy":
         return x.astype(np.float16) if t is GGMLType.F16 else np.ascontiguousarray(x, dtype=np.float32)
@@ -23,8 +26,7 @@ def encode_rows(x: np.ndarray, t: GGMLType, *, threads: int | None = None, k_qua
 
         return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
-    imp = np.ones(x2.shape[1], dtype=np.float32) if traits.k_quant and k_quant_path == WEIGHTED else None
-    return quantize(x2, t, importance=imp, threads=threads)
+    return quantize(x2, t, importance=ggml_weights(t, importance, x2.shape[1], weighted=k_quant_path == WEIGHTED), threads=threads)
 
 
 def check_range(x: np.ndarray, t: GGMLType) -> float | None:

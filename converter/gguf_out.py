@@ -28,6 +28,7 @@ class OutTensor:
     chunks: Callable[[], Iterable[np.ndarray]]  # its float32 row blocks, read when the tensor is written
     path: Path | str  # what a bad value names: the source file and tensor
     source: str
+    importance: np.ndarray | None = None  # per-column quant_weights from an imatrix, passed on to encode
 
 
 def write_gguf(
@@ -110,7 +111,7 @@ def stream_tensor(f: BinaryIO, t: OutTensor, encode, range_hint: str, progress) 
         big = check_range(chunk, t.type)
         if big is not None:
             raise SourceError(f"value of magnitude {big:.4g} is beyond F16's range (65504), which {t.type.name} cannot store; {range_hint}", path=t.path, tensor=t.source)
-        enc = encode(chunk, t.type)
+        enc = encode(chunk, t.type) if t.importance is None else encode(chunk, t.type, importance=t.importance)
         f.write(enc.tobytes())
         written += enc.nbytes
         read += chunk.nbytes

@@ -26,6 +26,10 @@ from gguf_dit.ggml_ops.types import fitting_type
 from .inputs import read_json
 
 PROTECTED_W2 = r"^layers\.\d+\.feed_forward\.w2\.weight$"
+#: q4_k-m's Q6_K set: the linears whose Q4_K rounding alone moved the velocity most, measured one linear at a time
+#: (benchmarks/quant_sensitivity.py; numbers in docs/quantization.md): the FFN down-projections (as the paper
+#: finds), the final projection to latent channels, and the timestep MLP.
+SENSITIVE = r"^(layers\.\d+\.feed_forward\.w2|final_layer\.linear|t_embedding\.mlp_(in|out))\.weight$"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +91,21 @@ BUILTIN: dict[str, Recipe] = {
     "f16": Recipe("f16", GGMLType.F16, description="no quantization, float16 linears"),
     "bf16": Recipe("bf16", GGMLType.BF16, description="no quantization, bfloat16 linears"),
     "q8_0": Recipe("q8_0", GGMLType.Q8_0, description="all linears Q8_0"),
+    "q6_k": Recipe("q6_k", GGMLType.Q6_K, description="all linears Q6_K (Q8_0 where in % 256 != 0, e.g. input_proj)"),
+    "q5_k": Recipe("q5_k", GGMLType.Q5_K, description="all linears Q5_K (Q8_0 where in % 256 != 0, e.g. input_proj)"),
     "q4_k": Recipe("q4_k", GGMLType.Q4_K, description="all linears Q4_K (Q8_0 where in % 256 != 0, e.g. input_proj)"),
     "q4_k-protect": Recipe(
         "q4_k-protect",
         GGMLType.Q4_K,
         builtin_rules=(Rule(PROTECTED_W2, GGMLType.F16, "protected set (paper): FFN down-projection w2 kept F16"),),
         description="as q4_k, with every feed_forward.w2 kept F16 (the paper's protected set)",
+    ),
+    "q4_k-m": Recipe(
+        "q4_k-m",
+        GGMLType.Q4_K,
+        builtin_rules=(Rule(SENSITIVE, GGMLType.Q6_K, "q4_k-m: measured Q4_K-sensitive linear kept Q6_K"),),
+        description="llama.cpp Q4_K_M-style: Q4_K, with the measured most sensitive linears (feed_forward.w2, final_layer.linear, "
+                    "t_embedding) in Q6_K",
     ),
 }
 
@@ -141,8 +154,11 @@ def _from_file(path: Path) -> Recipe:
             text = f"{r['pattern']}={r['type']}"
         except (KeyError, TypeError):
             raise RecipeError(f"rules[{i}] needs 'pattern' and 'type'", path=path) from None
+        reason = r.get("reason")  # calibrate's measured reason for the choice: recorded as the tensor's why
+        if reason is not None and not isinstance(reason, str):
+            raise RecipeError(f"rules[{i}]: 'reason' must be a string, got {type(reason).__name__}", path=path)
         rule = parse_rule(text, path)
-        rules.append(Rule(rule.pattern, rule.type, str(r.get("why", rule.why))))
+        rules.append(Rule(rule.pattern, rule.type, reason or str(r.get("why", rule.why))))
     return Recipe(str(d.get("name", path.stem)), linear, tuple(rules), base.builtin_rules, str(d.get("description", "")))
 
 

@@ -162,10 +162,11 @@ class _Libs:
         fn(b, "ggml_set_name", T, T, c_char_p)
         fn(b, "ggml_set_output", None, T)
         # ops
-        for name in ("ggml_add", "ggml_mul", "ggml_mul_mat"):
+        for name in ("ggml_add", "ggml_mul", "ggml_mul_mat", "ggml_cpy"):
             fn(b, name, T, P, T, T)
-        for name in ("ggml_silu", "ggml_tanh", "ggml_cont", "ggml_neg"):
+        for name in ("ggml_silu", "ggml_tanh", "ggml_cont", "ggml_neg", "ggml_sqr", "ggml_abs", "ggml_sum_rows", "ggml_transpose"):
             fn(b, name, T, P, T)
+        fn(b, "ggml_pool_2d", T, P, T, c_int, c_int, c_int, c_int, c_int, c_float, c_float)
         fn(b, "ggml_rms_norm", T, P, T, c_float)
         fn(b, "ggml_norm", T, P, T, c_float)
         fn(b, "ggml_scale", T, P, T, c_float)
@@ -193,6 +194,13 @@ class _Libs:
         fn(b, "ggml_gallocr_reserve", c_bool, P, P)
         fn(b, "ggml_gallocr_alloc_graph", c_bool, P, P)
         fn(b, "ggml_gallocr_get_buffer_size", c_size_t, P, c_int)
+        fn(b, "ggml_gallocr_reserve_n_size", None, P, P, POINTER(c_int), POINTER(c_int), POINTER(c_size_t))
+        fn(b, "ggml_backend_buft_alloc_buffer", P, P, c_size_t)
+        fn(b, "ggml_backend_buft_get_alignment", c_size_t, P)
+        fn(b, "ggml_backend_buft_get_alloc_size", c_size_t, P, T)
+        fn(b, "ggml_backend_buffer_init_tensor", c_int, P, T)
+        fn(b, "ggml_backend_buffer_get_base", c_void_p, P)
+        fn(b, "ggml_backend_buffer_is_host", c_bool, P)
         # backend
         fn(b, "ggml_backend_alloc_ctx_tensors", P, P, P)
         fn(b, "ggml_backend_tensor_alloc", c_int, P, T, c_void_p)

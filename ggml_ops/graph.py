@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -159,7 +160,9 @@ class TensorStore(Native):
     usual). The arrays are kept referenced until ``close``; ggml never writes to weights, so a read-only map is safe."""
 
     def __init__(self, backend: Backend, specs: Sequence[tuple[str, GGMLType, Sequence[int]]], *, usage_weights: bool = True,
-                 host: dict[str, np.ndarray] | None = None) -> None:
+                 host: dict[str, np.ndarray] | None = None, into: "SharedBuffer | None" = None) -> None:
+        """``into``: place every tensor in that buffer from its start (memory other stores may alias: only one of
+        them is in use at a time, e.g. the weights of one streamed block); the store then allocates nothing."""
         self.backend = backend
         self.ctx = Context(max(1, len(specs)))
         self.tensors: dict[str, Tensor] = {}
@@ -186,7 +189,16 @@ class TensorStore(Native):
             if lib.ggml_backend_tensor_alloc(buf, t.ptr, data.ctypes.data) != 0:
                 raise GGMLError(f"tensor {name}: ggml could not place it in host memory")
             self._host[name] = data
-        if len(self._host) < len(specs):  # ggml allocates only the tensors without data
+        if into is not None:
+            offset = 0
+            for t in self.tensors.values():
+                need = placed_bytes(backend, t)
+                if need > into.nbytes - offset:  # checked here: ggml_backend_tensor_alloc asserts (aborts) on it
+                    raise GGMLError(f"tensor {t.name}: {need} bytes do not fit the {into.nbytes}-byte shared buffer at {offset}")
+                if lib.ggml_backend_tensor_alloc(into.buffer, t.ptr, into.base + offset) != 0:
+                    raise GGMLError(f"tensor {t.name}: ggml could not place it in the shared buffer")
+                offset += into.aligned(need)
+        elif len(self._host) < len(specs):  # ggml allocates only the tensors without data
             self.buffer = lib.ggml_backend_alloc_ctx_tensors(self.ctx.ptr, backend.handle)
             if not self.buffer:
                 total = sum(t.nbytes for n, t in self.tensors.items() if n not in self._host)
@@ -220,6 +232,48 @@ class TensorStore(Native):
         self._host.clear()
         self._free("buffer", lib.ggml_backend_buffer_free)
         self.ctx.close()
+
+
+def placed_bytes(backend: Backend, t: Tensor) -> int:
+    """Bytes ``t`` takes in a buffer of ``backend``: its nbytes, plus the row padding CUDA adds to quantized tensors
+    whose rows are not a multiple of 512 (``ggml_backend_buft_get_alloc_size``)."""
+    return int(lib.ggml_backend_buft_get_alloc_size(backend.buffer_type, t.ptr))
+
+
+class SharedBuffer(Native):
+    """One backend buffer of ``nbytes`` that several TensorStores place their tensors in (``TensorStore(into=)``)."""
+
+    def __init__(self, backend: Backend, nbytes: int) -> None:
+        self.alignment = int(lib.ggml_backend_buft_get_alignment(backend.buffer_type))
+        self.nbytes = self.aligned(max(1, nbytes))
+        self.buffer = lib.ggml_backend_buft_alloc_buffer(backend.buffer_type, self.nbytes)
+        if not self.buffer:
+            raise GGMLError(f"could not allocate {self.nbytes / 2**20:.1f} MiB on backend {backend.name}")
+        lib.ggml_backend_buffer_set_usage(self.buffer, 1)  # weights: the scheduler's placement hint
+        self.base = int(lib.ggml_backend_buffer_get_base(self.buffer))
+        self.is_host = bool(lib.ggml_backend_buffer_is_host(self.buffer))
+
+    def aligned(self, n: int) -> int:
+        return -(-n // self.alignment) * self.alignment
+
+    def close(self) -> None:
+        self._free("buffer", lib.ggml_backend_buffer_free)
+
+
+def read_into(t: Tensor, fd: int, offset: int) -> None:
+    """Fill a tensor in host memory (a CPU buffer) with its bytes read from a file at ``offset``: straight from the
+    kernel's page cache into the tensor, no intermediate copy and no pages of a file mapping left in the process."""
+    buf = tensor_struct(t.ptr).buffer
+    if not buf or not lib.ggml_backend_buffer_is_host(buf) or lib.ggml_backend_buft_name(lib.ggml_backend_buffer_get_type(buf)) == b"CPU_Mapped":
+        raise GGMLError(f"tensor {t.name} is not in writable host memory")
+    n = t.nbytes
+    view = memoryview((ctypes.c_char * n).from_address(tensor_struct(t.ptr).data)).cast("B")
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise GGMLError(f"tensor {t.name}: file ends {n - done} bytes before the tensor does")
+        done += got
 
 
 def upload(t: Tensor, data: np.ndarray) -> None:
@@ -341,13 +395,43 @@ class Builder:
             lib.ggml_prec_set_acc(out.ptr, GGML_PREC_F32)
         return out
 
+    def cpy(self, a: Tensor, dst: Tensor) -> Tensor:
+        """Write ``a`` into ``dst`` (e.g. a persistent tensor that the next graph reads) as the op's result."""
+        self._f32(a, dst, op="cpy")
+        if a.nelements != dst.nelements or not dst.is_contiguous():
+            raise GGMLError(f"cpy: {a!r} does not fit contiguous {dst!r}")
+        return self._t(lib.ggml_cpy(self.ctx.ptr, a.ptr, dst.ptr))
+
     def cast(self, a: Tensor, type_: GGMLType) -> Tensor:
         type_ = GGMLType(type_)
         if type_ not in (GGMLType.F32, GGMLType.F16):
             raise GGMLError(f"cast: only to F32/F16, not {type_.name}")
         return self._t(lib.ggml_cast(self.ctx.ptr, a.ptr, int(type_)))
 
+    # -- reductions (per-column statistics, e.g. calibration's) -------------------------
+    def sqr(self, a: Tensor) -> Tensor:
+        return self._unary(lib.ggml_sqr, a, "sqr")
+
+    def abs(self, a: Tensor) -> Tensor:
+        return self._unary(lib.ggml_abs, a, "abs")
+
+    def sum_rows(self, a: Tensor) -> Tensor:
+        """Sum along dim 0: ne=[n0, n1, ...] -> [1, n1, ...]."""
+        return self._unary(lib.ggml_sum_rows, a, "sum_rows")
+
+    def max_rows(self, a: Tensor) -> Tensor:
+        """Maximum along dim 0: ne=[n0, n1, ...] -> [1, n1, ...] (ggml has no max reduction: a max pool whose one
+        window is the whole row; a 2-D pool of height 1, since CUDA runs POOL_2D but not POOL_1D (ggml's docs/ops.md))."""
+        self._f32(a, op="max_rows")
+        if a.ne[0] >= 2**31:
+            raise GGMLError(f"max_rows: rows of {a.ne[0]} exceed ggml's int pool window")
+        return self._t(lib.ggml_pool_2d(self.ctx.ptr, self._contiguous(a).ptr, 0, a.ne[0], 1, a.ne[0], 1, 0.0, 0.0))  # 0: GGML_OP_POOL_MAX
+
     # -- layout ------------------------------------------------------------------------
+    def transpose(self, a: Tensor) -> Tensor:
+        """Swap dims 0 and 1 (a view; ``cont`` it before a kernel that needs contiguous rows)."""
+        return self._t(lib.ggml_transpose(self.ctx.ptr, a.ptr))
+
     def cont(self, a: Tensor) -> Tensor:
         return self._t(lib.ggml_cont(self.ctx.ptr, a.ptr))
 
@@ -413,7 +497,11 @@ class Graph(Native):
     and named inputs in a separate persistent buffer so values that do not change are uploaded once."""
 
     def __init__(self, backend: Backend, inputs: Sequence[tuple[str, GGMLType, Sequence[int]]],
-                 build: Callable[[Builder, dict[str, Tensor]], dict[str, Tensor]], *, graph_size: int = 8192) -> None:
+                 build: Callable[[Builder, dict[str, Tensor]], dict[str, Tensor]], *, graph_size: int = 8192, measure_only: bool = False,
+                 allocate: bool = True) -> None:
+        """``measure_only`` (or ``allocate=False``): size the compute buffer (``compute_bytes``) without allocating it.
+        A measure-only graph cannot compute (every tensor it reads must still have memory, e.g. weights aliasing
+        untouched host pages); an unallocated one computes once `SharedCompute` has placed it."""
         self.backend = backend
         self.inputs = TensorStore(backend, inputs, usage_weights=False)
         self.ctx = Context(n_tensors=0, graph_size=graph_size)
@@ -425,6 +513,13 @@ class Graph(Native):
             lib.ggml_build_forward_expand(self.graph, t.ptr)
         self.n_nodes = lib.ggml_graph_n_nodes(self.graph)
         self.allocr = lib.ggml_gallocr_new(backend.buffer_type)
+        self.ready = not measure_only and allocate
+        if not self.ready:
+            size = ctypes.c_size_t(0)
+            lib.ggml_gallocr_reserve_n_size(self.allocr, self.graph, None, None, ctypes.byref(size))
+            self.compute_bytes = int(size.value)
+            self._free("allocr", lib.ggml_gallocr_free)
+            return
         if not lib.ggml_gallocr_reserve(self.allocr, self.graph) or not lib.ggml_gallocr_alloc_graph(self.allocr, self.graph):
             raise GGMLError(f"could not allocate the compute buffer on backend {backend.name}")
         self.compute_bytes = int(lib.ggml_gallocr_get_buffer_size(self.allocr, 0))
@@ -435,6 +530,8 @@ class Graph(Native):
         upload(self.inputs[name], data)
 
     def compute(self) -> None:
+        if not self.ready:
+            raise GGMLError("this graph has no compute buffer (measure-only, or not placed by SharedCompute)")
         status = lib.ggml_backend_graph_compute(self.backend.handle, self.graph)
         if status != 0:
             raise GGMLError(f"graph compute failed on backend {self.backend.name} (status {status})")
@@ -443,6 +540,29 @@ class Graph(Native):
         return download(self.outputs[name])
 
     def close(self) -> None:
+        self.ready = False
         self._free("allocr", lib.ggml_gallocr_free)
         self.ctx.close()
         self.inputs.close()
+
+
+class SharedCompute(Native):
+    """One compute buffer for graphs that run one after another and pass nothing through it (their results go to
+    persistent tensors): reserved for each graph in turn, so it ends the size of the largest, then every graph is
+    placed in it. It is never reallocated after that, so each graph's placement stays valid."""
+
+    def __init__(self, backend: Backend, graphs: Sequence[Graph]) -> None:
+        self.allocr = lib.ggml_gallocr_new(backend.buffer_type)
+        if not all(lib.ggml_gallocr_reserve(self.allocr, g.graph) for g in graphs):
+            raise GGMLError(f"could not allocate the compute buffer on backend {backend.name}")
+        size = int(lib.ggml_gallocr_get_buffer_size(self.allocr, 0))
+        for g in graphs:
+            if not lib.ggml_gallocr_alloc_graph(self.allocr, g.graph) or int(lib.ggml_gallocr_get_buffer_size(self.allocr, 0)) != size:
+                raise GGMLError(f"could not place a graph in the shared compute buffer on backend {backend.name}")
+            g.ready = True
+        self.graphs, self.compute_bytes = list(graphs), size
+
+    def close(self) -> None:
+        for g in self.graphs:
+            g.ready = False
+        self._free("allocr", lib.ggml_gallocr_free)

@@ -68,7 +68,8 @@ class TypeTraits:
     scales are F16). ``f32_acc``: matmuls against it ask ggml for F32 accumulation (F16/BF16 weights).
     ``fallback``: the type tried next when a row length is not a multiple of the block size (quantized types fall
     back to Q8_0, then F16; Q8_0 to F16). ``storage``: may hold a weight (Q8_K is an activation-only type:
-    quantizing to it aborts ggml).
+    quantizing to it aborts ggml). ``imatrix``: ggml's quantizer takes an importance vector (``quant_weights``) and
+    its bytes depend on it (every K-quant and the 4/5-bit block types; Q8_0 ignores it).
     """
 
     quantized: bool
@@ -78,6 +79,7 @@ class TypeTraits:
     f32_acc: bool = False
     fallback: "GGMLType | None" = None
     storage: bool = True
+    imatrix: bool = False
 
 
 def _q(fallback: GGMLType | None = GGMLType.Q8_0, **kw) -> TypeTraits:
@@ -90,8 +92,8 @@ TRAITS: dict[GGMLType, TypeTraits] = {
     T.F16: TypeTraits(quantized=False, encoder="numpy", f32_acc=True),
     T.BF16: TypeTraits(quantized=False, encoder="torch", f16_scales=False, f32_acc=True),
     T.Q8_0: _q(fallback=T.F16),
-    T.Q4_0: _q(), T.Q4_1: _q(), T.Q5_0: _q(), T.Q5_1: _q(), T.IQ4_NL: _q(),
-    T.Q2_K: _q(k_quant=True), T.Q3_K: _q(k_quant=True), T.Q4_K: _q(k_quant=True), T.Q5_K: _q(k_quant=True), T.Q6_K: _q(k_quant=True),
+    T.Q4_0: _q(imatrix=True), T.Q4_1: _q(imatrix=True), T.Q5_0: _q(imatrix=True), T.Q5_1: _q(imatrix=True), T.IQ4_NL: _q(imatrix=True),
+    **{t: _q(k_quant=True, imatrix=True) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)},
     T.Q8_K: _q(fallback=None, storage=False),
 }
 del T

@@ -108,7 +108,7 @@ def _progress_factory(quiet: bool):
 def convert(
     src: Path = typer.Argument(..., metavar="SRC", help="Checkpoint root (with transformer/ and unconditional_transformer/), one backbone folder, one backbone .safetensors file, or a VAE by itself (ae.safetensors, flux2-vae.safetensors, a diffusers vae/ folder: writes vae.gguf)."),
     out_dir: Path = typer.Option(..., "-o", "--out-dir", help=f"Output folder; writes {', '.join(MODEL_FILES.values())} (those of the parts converted)."),
-    recipe: str = typer.Option("q8_0", "--recipe", help="f32, f16, bf16, q8_0, q4_k, q4_k-protect, or a recipe .json path."),
+    recipe: str = typer.Option("q8_0", "--recipe", help="f32, f16, bf16, q8_0, q6_k, q5_k, q4_k, q4_k-protect, q4_k-m, or a recipe .json path."),
     type_: Optional[str] = typer.Option(None, "--type", help="Storage type for every linear (e.g. q8_0, q4_k, f16); overrides the recipe's linear type."),
     rule: List[str] = typer.Option([], "--rule", help="REGEX=TYPE for matching tensor names; repeatable; first match wins; checked before the recipe."),
     role: Optional[str] = typer.Option(None, "--role", help="cond or uncond: convert only that backbone (or name the role of a single backbone)."),
@@ -120,6 +120,9 @@ def convert(
     vae_type: Optional[str] = typer.Option(None, "--vae-type", help="VAE decoder weights: f16 (default) or f32 (default under the f32 recipe)."),
     size_range: Optional[str] = typer.Option(None, "--size-range", help="LOW..HIGH image sides the model supports, stored in the backbones for `run` (default: 256..2048 for the real model)."),
     default_size: Optional[int] = typer.Option(None, "--default-size", help="Image side `run` uses when -W/-H are not given (default 1024 for the real model)."),
+    smooth: Optional[Path] = typer.Option(None, "--smooth", metavar="CALIB", help="Fold activation smoothing (SmoothQuant) into the weights, from `calibrate`'s folder (its *.act_absmax.safetensors) or one such file (with --role)."),
+    smooth_alpha: float = typer.Option(0.5, "--smooth-alpha", help="SmoothQuant's alpha in 0..1: how much of the activations' range moves into the weights."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", metavar="CALIB", help="Importance-weighted quantization from `calibrate`'s folder (transformer.imatrix, unconditional_transformer.imatrix) or one imatrix file (llama.cpp/stable-diffusion.cpp layout, e.g. sd-cli --imat-out)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -136,7 +139,8 @@ def convert(
     results = conv.convert_checkpoint(
         src, out_dir, r, parts=chosen, force=force, role=role, q4k_path=q4k_path, threads=threads,
         te_type=te_type, te_down_proj_type=te_down_proj_type, vae_type=vae_type, progress_factory=_progress_factory(quiet),
-        sizes=conv.SizeHints.parse(size_range, default_size),
+        sizes=conv.SizeHints.parse(size_range, default_size), smooth=smooth, smooth_alpha=smooth_alpha,
+        imatrix=imatrix, warn=lambda w: typer.echo(f"warning: {w}", err=True),
     )
     for res in results:
         typer.echo(f"{res.path}: {res.summary}")
@@ -194,6 +198,9 @@ def run(
     out: Path = typer.Option(Path("outputs"), "-o", "--out", help="A folder (NNNNN-SEED.png, numbered on after the images already there), an image path (.png, .jpg, .jpeg, .webp), or a pattern with a printf index (img_%03d.png)."),
     backend: str = typer.Option("auto", "--backend", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: physical cores less those other processes keep busy, at least 1)."),
+    offload: str = typer.Option("auto", "--offload", help="Backbone weights streamed block by block from host memory instead of resident: none, uncond (the unconditional backbone), all, or auto (the fastest mode that fits the budget)."),
+    max_vram: Optional[float] = typer.Option(None, "--max-vram", metavar="GIB", help="Memory budget on a GPU backend, GiB (default: the GPU's free memory); a budget nothing fits is an error before any work."),
+    max_ram: Optional[float] = typer.Option(None, "--max-ram", metavar="GIB", help="Memory budget on the CPU backend, GiB: weights, compute buffers, encoder and decoder (default: MemAvailable)."),
     raw: bool = typer.Option(False, "--raw", help="Pass plain-text prompts to the encoder unchanged instead of wrapping them in a minimal JSON caption."),
     keep_bboxes: bool = typer.Option(False, "--keep-bboxes", help="Keep element bboxes in JSON captions (the official pipeline strips them)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse JSON captions with keys the published caption spec lacks (default: warn and keep them)."),
@@ -234,7 +241,8 @@ def run(
     with native_log.verbose(sys.stderr) if verbose else native_log.hidden():
         settings = resolve_settings(preset, steps=steps, guidance=guidance, mu=mu, std=std)
         gen = Generator(model, diffusion_model=diffusion_model, uncond_diffusion_model=uncond_diffusion_model, text_encoder=text_encoder,
-                        vae=None if vae is None else vae_gguf(vae), backend=backend, threads=threads, reference=reference)
+                        vae=None if vae is None else vae_gguf(vae), backend=backend, threads=threads, reference=reference,
+                        offload=offload, max_vram=max_vram, max_ram=max_ram)
         if gen.demo and not quiet:
             typer.echo(demo.NOTICE, err=True)
         if png is not None and png.model_hash not in (None, used := hashes.autov2(gen.files.transformer)):
@@ -251,6 +259,8 @@ def run(
             typer.echo(note, err=True)
         if seed == RANDOM_SEED:
             typer.echo(f"seed {batch.seeds[0]} (random)", err=True)
+        if not quiet:
+            typer.echo(batch.plan.line(), err=True)
         if quiet:
             for image in batch:
                 typer.echo(str(image.path))
@@ -264,7 +274,7 @@ class _RunLines:
     """`run`'s progress on a stderr that is not a terminal (logs, nohup, CI): one plain line per step and per image,
     with the stage's rate and elapsed time, as tqdm and sd.cpp print there."""
 
-    UNITS = {"encode": "prompt", "sample": "step", "decode": "image"}
+    UNITS = {"encode": "prompt", "load": "backbone", "sample": "step", "decode": "image"}
 
     def __enter__(self):
         return self
@@ -336,6 +346,100 @@ def show(
     if text is None:
         raise InputError(f"has no generation settings (no {TEXT_KEY!r} text, no gguf-dit metadata)", path=image)
     typer.echo(text)
+
+
+@app.command()
+@_errors_to_exit
+def calibrate(
+    model: Path = typer.Argument(..., metavar="MODEL", help="A float conversion (convert --recipe f32, f16 or bf16): folder with both backbones and text_encoder.gguf."),
+    prompts: Path = typer.Option(..., "--prompts", help="Calibration prompts: a prompt file as `run` reads it (plain text lines, JSON captions)."),
+    out_dir: Path = typer.Option(..., "-o", "--out-dir", metavar="CALIB_DIR", help="Output folder: both backbones' .imatrix and .act_absmax.safetensors, recipe.json, calibration.json."),
+    type_: str = typer.Option("q4_k", "--type", help="Type whose fragility is measured and that the recipe uses for the other linears."),
+    budget: str = typer.Option("0.05", "--budget", help="Extra bytes the recipe may spend on fragile linears: MB (1 and above, or 12MB) or a fraction of the --type model (0.05 or 5%)."),
+    preset: str = typer.Option("default-20", "--preset", help="Sampling preset of the trajectories: quality-48, default-20 or turbo-12."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (overrides the preset's)."),
+    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT of the calibration images (default: the model's default size)."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per prompt (0, 1, ...)."),
+    states: int = typer.Option(5, "--states", help="States per trajectory (evenly spaced steps) at which every fragility variant is evaluated."),
+    refine: int = typer.Option(4, "--refine", help="Worst blocks (by their linears quantized together) measured linear by linear."),
+    backend: str = typer.Option("auto", "--backend", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: physical cores less those other processes keep busy, at least 1)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing files in CALIB_DIR."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Measure a float model on its own sampling trajectories: importance matrices and activation maxima of every linear,
+    each linear's fragility at --type, and a recipe protecting the most fragile ones within --budget."""
+    from gguf_dit import calib_dir
+    from gguf_dit.converter.recipe import parse_type
+    from gguf_dit.runtime import native_log
+    from gguf_dit.runtime.calibrate import calibrate as run_calibration, parse_budget, parse_size
+    from gguf_dit.runtime.caption import read_prompt_file
+    from gguf_dit.runtime.model_files import ModelFiles
+
+    qtype, bud, wh = parse_type(type_, "--type"), parse_budget(budget), parse_size(size)
+    files = ModelFiles.find(model)
+    ps = read_prompt_file(prompts)
+    origins = [(prompts, p.line) for p in ps]
+    outs = calib_dir.output_set(out_dir, force=force)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not quiet and done == total:
+            typer.echo(f"{stage}: {total} done", err=True)
+
+    with native_log.hidden():
+        cal = run_calibration(files, ps, qtype=qtype, budget=bud, preset=preset, steps=steps, size=wh, seeds=seeds, states=states, refine=refine,
+                              backend=backend, threads=threads, origins=origins, dataset=prompts.name, progress=progress)
+    with outs:
+        calib_dir.write(outs, cal, dataset=prompts.name)
+    b = cal.report["budget"]
+    typer.echo(f"{out_dir}: {len(cal.recipe['rules'])} linears protected, {b['used_bytes'] / 1e6:.3f} of {b['allowed_bytes'] / 1e6:.3f} MB; "
+               f"{cal.report['forwards']['trajectories'] + cal.report['forwards']['fragility']} forwards in "
+               f"{sum(v for k, v in cal.report['timings'].items() if k.endswith('_s') and k != 'fragility_forward_s'):.1f} s")
+
+
+@app.command("eval")
+@_errors_to_exit
+def eval_(
+    reference: Path = typer.Argument(..., metavar="REFERENCE", help="Model folder (e.g. an f32 conversion) or a backbone GGUF; its text encoder and VAE serve both sides."),
+    candidate: Path = typer.Argument(..., metavar="CANDIDATE", help="Model folder (only its backbones are used) or a backbone GGUF, converted from the same checkpoint."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt file (as for run: JSON caption, JSON Lines or plain text lines)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Folder whose other components complete a backbone-file side (default: REFERENCE if a folder, else the embedded demo model)."),
+    preset: str = typer.Option("default-20", "--preset", help="quality-48, default-20 or turbo-12."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Number of steps (overrides the preset's)."),
+    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels (default: the model's default size)."),
+    seeds: int = typer.Option(1, "--seeds", help="Images per prompt; image J of the whole batch draws seed SEED + J, as in run."),
+    seed: int = typer.Option(0, "--seed", "-s", help="First seed."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report (per step, per image, per side) to this JSON file."),
+    backend: str = typer.Option("auto", "--backend", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads, the same for both sides (default: physical cores less those other processes keep busy)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """Measure what a conversion costs: CANDIDATE against REFERENCE on the same prompts, noise and schedule (velocity error per
+    step of both backbones, final-latent error, image PSNR and SSIM, weight bytes, time; docs/quantization.md)."""
+    from rich.console import Console
+
+    from gguf_dit.errors import OptionError, OutputError
+    from gguf_dit.runtime import evaluate, native_log
+    from gguf_dit.runtime.calibrate import parse_size
+    from gguf_dit.runtime.schedule import resolve_settings
+
+    wh = parse_size(size)
+    if seeds < 1:
+        raise OptionError(f"--seeds must be at least 1, got {seeds}")
+    if json_out is not None and (json_out.is_dir() or (json_out.exists() and not force) or not json_out.parent.is_dir()):
+        why = "is a folder" if json_out.is_dir() else "already exists (use --force to overwrite)" if json_out.exists() else "folder does not exist"
+        raise OutputError(why, path=json_out)
+    if not prompts.is_file():
+        raise OptionError("prompt file not found", path=prompts)
+    with native_log.hidden():
+        report = evaluate.evaluate(reference, candidate, prompts, model=model, settings=resolve_settings(preset, steps=steps), size=wh,
+                                   seeds=seeds, seed=seed, backend=backend, threads=threads,
+                                   progress=None if quiet else lambda line: typer.echo(line, err=True))
+    evaluate.render(report, Console())
+    if json_out is not None:
+        evaluate.write_json(report, json_out, force=force)
+        typer.echo(f"wrote {json_out}")
 
 
 @app.command("tiny-checkpoint")

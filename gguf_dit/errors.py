@@ -44,3 +44,7 @@ class InputError(GgufDitError):
 
 class GGMLError(GgufDitError):
     """The ggml libraries are missing, the wrong version, or refused a request."""
+
+
+class ImatrixError(GgufDitError):
+    """An importance-matrix file is missing, truncated or garbled, or does not fit the model it is applied to."""

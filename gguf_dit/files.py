@@ -61,6 +61,21 @@ def show(v, limit: int | None = 40) -> str:
     return s if limit is None or len(s) <= limit else s[: limit - 3] + "..."
 
 
+def write_json_atomic(path: Path, data, **dump) -> None:
+    """``data`` as JSON under a temporary name in the same folder, then renamed over ``path``: readers see the old
+    file or the whole new one, never a partial one; on any failure the temporary file is removed."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, **dump)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def make_folders(folder: Path, created: list[Path]) -> None:
     """mkdir -p, appending each folder it creates to ``created`` as it goes (so a failure midway still knows them);
     one made by someone else meanwhile is not ours to remove and is not listed."""

@@ -15,9 +15,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from .files import write_json_atomic
 
 log = logging.getLogger("gguf_dit.hashes")
 
@@ -61,15 +62,7 @@ def _store(entries: dict[str, dict]) -> None:
     target = cache_file()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        data = {**_load(), **entries}
-        fd, tmp = tempfile.mkstemp(prefix=".hashes-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=0, sort_keys=True)
-            os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_json_atomic(target, {**_load(), **entries}, indent=0, sort_keys=True)
     except OSError as e:
         log.debug("hash cache %s not updated: %s", target, e)
 

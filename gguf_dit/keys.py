@@ -40,11 +40,24 @@ RECIPE_NAME = "gguf_dit.recipe.name"
 RECIPE_JSON = "gguf_dit.recipe.json"
 RECIPE_TENSORS = "gguf_dit.recipe.tensors"
 Q4K_PATH = "gguf_dit.quantization.q4_k_path"
+#: sha256 of the importance-matrix file a backbone was quantized with (absent: no imatrix).
+IMATRIX_SHA256 = "gguf_dit.quantization.imatrix.sha256"
+
+# -- llama-quantize's own imatrix provenance keys (tools/quantize; gguf-py does not spell them), written alike
+IMATRIX_FILE = "quantize.imatrix.file"
+IMATRIX_DATASET = "quantize.imatrix.dataset"
+IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
+IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
 SOURCE_CONFIG = "gguf_dit.source.config"
 SOURCE_DTYPES = "gguf_dit.source.dtypes"
 SOURCE_FILES = "gguf_dit.source.files"
 SOURCE_LAYOUT = "gguf_dit.source.layout"
 SOURCE_SHA256 = "gguf_dit.source.sha256"
+#: Activation smoothing folded into the weights (``convert --smooth``): method, alpha, calibration file and its hash.
+SMOOTH_METHOD = "gguf_dit.smoothing.method"
+SMOOTH_ALPHA = "gguf_dit.smoothing.alpha"
+SMOOTH_CALIBRATION = "gguf_dit.smoothing.calibration"
+SMOOTH_CALIBRATION_SHA256 = "gguf_dit.smoothing.calibration_sha256"
 
 # -- text encoder (llama.cpp qwen3 file plus ours)
 TE_TAPS = "gguf_dit.text_encoder.taps"

@@ -4,7 +4,9 @@ The graph builder mirrors the official module tree (diffusers' ``transformer_ide
 per module, so ``layers.N.feed_forward.w2`` is consumed in :meth:`_Modules.feed_forward`; weight types come
 from the file, and on the CPU the weights are the file's memory map. A graph is built per (text length, grid) and
 reused every step, a few kept (least recently used evicted); only the latents, the text features and the timestep
-embedding are uploaded per call (RoPE tables once per shape).
+embedding are uploaded per call (RoPE tables once per shape). A streamed backbone (``placement="stream"``) runs the
+same builders as a head graph, one block graph reused for every block, and an output graph, copying each block's
+weights into one slot buffer just before it computes (docs/runtime.md "Memory modes").
 
 Spec: ../shared/docs/ideogram4-model.md §5-§10.
 """
@@ -12,8 +14,12 @@ Spec: ../shared/docs/ideogram4-model.md §5-§10.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import mmap
+import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,7 +28,8 @@ import numpy as np
 from gguf_dit.arch.dit import IMAGE_POSITION_OFFSET, MAX_TEXT_TOKENS, QK_NORM_EPS, Ideogram4Config
 from gguf_dit.arch.latent import PIXELS_PER_TOKEN
 from gguf_dit.errors import InputError, ModelError
-from gguf_dit.ggml_ops import Backend, Builder, Context, GGMLType, Graph, Tensor, TensorStore, upload
+from gguf_dit.ggml_ops import (Backend, Builder, Context, GGMLType, Graph, Native, SharedBuffer, SharedCompute, Tensor, TensorStore, check_row, lib,
+                               placed_bytes, read_into, upload)
 
 from .gguf_file import all_finite
 from .backbone_file import BackboneFile
@@ -58,6 +65,15 @@ class RuntimeOptions:
     #: used evicted first. One image needs one per backbone (its text length and grid), so 1 keeps memory flat
     #: across a batch of prompts of different lengths; a rebuild costs far less than one step.
     max_graphs: int = 1
+    #: Where the blocks' weights live. "resident": every weight in backend memory (on the CPU: the file's memory map).
+    #: "stream": only the tensors outside ``layers.N`` stay; each block's weights are copied into one slot buffer just
+    #: before that block computes (head graph, one block graph per distinct block type signature, final graph), so
+    #: the backend holds one block instead of all of them, at the cost of the copies (docs/runtime.md "Memory modes").
+    placement: str = "resident"
+    #: How a streamed block reaches a slot in host memory (the CPU): "read" (plain reads from the file into the slot:
+    #: the page cache serves them and nothing of the file stays in the process) or "map" (copied from the memory map,
+    #: whose touched pages count in the process's resident set). Other backends always copy from the map.
+    stream_source: str = "read"
 
     def __post_init__(self) -> None:
         if self.t_rounding not in ("bf16", "none"):
@@ -66,6 +82,10 @@ class RuntimeOptions:
             raise InputError(f"attention must be 'flash' or 'softmax', got {self.attention!r}")
         if self.q8_0_matmul not in ("auto", "direct", "dequant"):
             raise InputError(f"q8_0_matmul must be auto, direct or dequant, got {self.q8_0_matmul!r}")
+        if self.placement not in ("resident", "stream"):
+            raise InputError(f"placement must be 'resident' or 'stream', got {self.placement!r}")
+        if self.stream_source not in ("read", "map"):
+            raise InputError(f"stream_source must be 'read' or 'map', got {self.stream_source!r}")
         if isinstance(self.max_graphs, bool) or not isinstance(self.max_graphs, int) or self.max_graphs < 1:
             raise InputError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
         if self.kv_scale is not None and not (self.kv_scale > 0 and math.isfinite(self.kv_scale)):
@@ -131,22 +151,42 @@ class Ideogram4DiT:
     """One Ideogram 4 backbone resident on a ggml backend: linears in their GGUF storage types, norm weights,
     biases and the image-indicator embedding in F32."""
 
-    def __init__(self, file: BackboneFile, backend: Backend, options: RuntimeOptions | None = None) -> None:
+    #: The graph's builders. A subclass may extend them (e.g. calibration adds per-linear activation statistics as
+    #: extra graph outputs, read with ``last_outputs``); the forward itself stays in one place.
+    modules_class: type["_Modules"]
+
+    def __init__(self, file: BackboneFile, backend: Backend, options: RuntimeOptions | None = None, *,
+                 replace: dict[str, tuple[GGMLType, np.ndarray]] | None = None) -> None:
+        """``replace``: linear weight name -> (type, bytes in ggml layout) used instead of the file's tensor (e.g. one
+        linear re-quantized, to measure what quantizing it alone costs)."""
         self.file, self.path, self.config, self.role = file, file.path, file.config, file.role
         self.backend, self.options = backend, options or RuntimeOptions()
         for w in file.warnings:
             log.warning("%s: %s", self.path, w)
-        # Linears stay in their stored type (mul_mat takes any); every other tensor is an F32 operand
-        # of an elementwise op and is widened to F32 here, as stable-diffusion.cpp does.
-        specs = [(n, t.type if file.kinds[n] == "linear" else GGMLType.F32, t.ne) for n, t in file.tensors.items()]
+        replace = dict(replace or {})
+        for n, (type_, data) in replace.items():
+            if file.kinds.get(n) != "linear":
+                raise InputError(f"{self.path}: only linear weights can be replaced, not {n!r}")
+            ne = file.tensors[n].ne
+            check_row(type_, ne[0], what=f"{self.path}: tensor {n}: ")
+            if data.nbytes != type_.row_bytes(ne[0]) * math.prod(ne[1:]):
+                raise InputError(f"{self.path}: tensor {n}: {data.nbytes} bytes given for {type_.name} ne={ne}")
+        specs = self._specs(replace)
         self._check_backend(specs)
-        self.weights = TensorStore(backend, specs, host=self._mappable(specs) if self.options.mmap else None)
+        resident, blocks = _split(specs, self.options.placement == "stream")
+        mappable = {n: a for n, a in self._mappable(resident).items() if n not in replace} if self.options.mmap else None
+        self.weights = TensorStore(backend, resident, host=mappable)
+        self._stream: _BlockStream | None = None
         self._log_copies()
         with file.open() as f:
-            for n, type_, _ in specs:
+            if blocks:
+                self._stream = _BlockStream(self, blocks, replace, f)
+            for n, type_, _ in resident:
                 t = file.tensors[n]
                 if n in self.weights.mapped:
                     data = t.data.view(np.uint8)
+                elif n in replace:
+                    data = np.ascontiguousarray(replace[n][1]).view(np.uint8)
                 else:
                     data = file.read_bytes(n, f) if t.type is type_ else file.read_f32(n, f)
                 # Checked here, not from the velocity: a quantized block with an Inf scale gives finite garbage.
@@ -161,6 +201,12 @@ class Ideogram4DiT:
         log.info("loaded %s: %s", self.path, self.summary())
 
     # -- loading -----------------------------------------------------------------------
+    def _specs(self, replace: dict) -> list[tuple[str, GGMLType, tuple[int, ...]]]:
+        # Linears stay in their stored type (mul_mat takes any); every other tensor is an F32 operand
+        # of an elementwise op and is widened to F32 here, as stable-diffusion.cpp does.
+        kinds = self.file.kinds
+        return [(n, replace[n][0] if n in replace else t.type if kinds[n] == "linear" else GGMLType.F32, t.ne) for n, t in self.file.tensors.items()]
+
     def _mappable(self, specs: list[tuple[str, GGMLType, tuple[int, ...]]]) -> dict[str, np.ndarray]:
         """The file's memory-mapped bytes of each tensor the graph uses in its stored type (the widened ones are
         decoded copies). The header checked every range against the file's size; a map shorter than that (the
@@ -205,23 +251,62 @@ class Ideogram4DiT:
         be = backend if isinstance(backend, Backend) else Backend(backend, threads=threads)
         return cls(BackboneFile(path, strict=True), be, options)
 
+    @classmethod
+    def measure(cls, file: BackboneFile, options: RuntimeOptions | None = None, *, n_text: int, grid: tuple[int, int]) -> dict[str, int]:
+        """What this backbone would hold on a backend, without reading a weight or allocating a compute buffer:
+        ``weights`` (backend memory: all of them, or the non-block ones plus the slot), ``streamed`` (bytes copied
+        into the slot per forward), ``host`` (host copies a streamed backbone keeps: widened or replaced tensors),
+        ``compute`` (ggml's allocator sizing every graph of one forward) and ``inputs`` (graph inputs and state).
+        The graphs are sized on the CPU backend, their weights aliasing one never-touched anonymous mapping."""
+        self = cls.__new__(cls)
+        self.file, self.path, self.config, self.role = file, file.path, file.config, file.role
+        self.options, self.backend = options or RuntimeOptions(), Backend("cpu", threads=1)
+        specs = self._specs({})
+        self._check_backend(specs)
+        resident, blocks = _split(specs, self.options.placement == "stream")
+        sizes = {n: type_.row_bytes(ne[0]) * math.prod(ne[1:]) for n, type_, ne in specs}
+        anon = np.frombuffer(mmap.mmap(-1, max(sizes.values())), dtype=np.uint8)
+        self.weights = TensorStore(self.backend, resident, host={n: anon[: sizes[n]] for n, _, _ in resident})
+        self._stream = _BlockStream(self, blocks, {}, None) if blocks else None
+        try:
+            g = self._build(n_text, *grid, measure_only=True)
+            out = {"weights": sum(sizes[n] for n, _, _ in resident) + (self._stream.buffer.nbytes if self._stream else 0),
+                   "streamed": sum(sizes[n] for sp in blocks.values() for n, _, _ in sp), "compute": g.compute_bytes,
+                   "inputs": g.input_bytes, "host": sum(sizes[n] for sp in blocks.values() for n, t, _ in sp if file.tensors[n].type is not t)}
+            g.close()
+            return out
+        finally:
+            if self._stream:
+                self._stream.close()
+            self.weights.close()
+            self.backend.close()
+
     def summary(self) -> dict:
         types: dict[str, dict[str, int]] = {}
-        for t in self.weights.tensors.values():
-            d = types.setdefault(t.type.name, {"count": 0, "bytes": 0})
+        for n, type_, ne in self._specs({}):
+            d = types.setdefault((self.weights[n].type if n in self.weights else self._stream.type_of(n)).name, {"count": 0, "bytes": 0})
             d["count"] += 1
-            d["bytes"] += t.nbytes
+            d["bytes"] += type_.row_bytes(ne[0]) * math.prod(ne[1:]) if n not in self.weights else self.weights[n].nbytes
+        st = self._stream
         return {"file": str(self.path), "role": self.role, "backend": self.backend.name, "device": self.backend.device_name,
-                "weight_bytes": self.weights.nbytes, "mapped_bytes": self.weights.mapped_bytes, "types": types, "config": self.config.to_metadata()}
+                "placement": self.options.placement, "weight_bytes": self.weights.nbytes + (st.buffer.nbytes if st else 0),
+                "streamed_bytes": st.streamed_bytes if st else 0, "mapped_bytes": self.weights.mapped_bytes, "types": types,
+                "config": self.config.to_metadata()}
 
     def close(self) -> None:
         for g in self._graphs.values():
             g.close()
         self._graphs.clear()
         self._uploaded_text.clear()
+        if self._stream is not None:
+            self._stream.close()
         self.weights.close()
 
     # -- graph -------------------------------------------------------------------------
+    def graph_size(self) -> int:
+        """ggml graph capacity (nodes) for one forward; a modules_class that adds nodes raises it."""
+        return 512 + 160 * self.config.num_layers
+
     def _graph(self, n_text: int, grid_h: int, grid_w: int) -> Graph:
         key = (n_text, grid_h, grid_w)
         if key in self._graphs:
@@ -232,20 +317,29 @@ class Ideogram4DiT:
             self._uploaded_text.pop(old, None)
             g.close()
             log.debug("evicted graph %s", old)
-        cfg = self.config
-        n_img = grid_h * grid_w
-        L = n_text + n_img
-        shapes = {"x": (cfg.in_channels, n_img), "temb": (cfg.emb_dim, 1), "cos": (cfg.head_dim, 1, L), "sin": (cfg.head_dim, 1, L)}
-        if n_text:
-            shapes["text"] = (cfg.llm_features_dim, n_text)
-        inputs = [(name, GGMLType.F32, ne) for name, ne in shapes.items()]
-        g = Graph(self.backend, inputs, lambda b, i: _Modules(self, b).transformer(i, n_text), graph_size=512 + 160 * cfg.num_layers)
-        cos, sin = rope_tables(positions(n_text, grid_h, grid_w), cfg)
-        sin[:, : cfg.head_dim // 2] *= -1.0  # rotate_half's sign, see _Modules.rope
+        g = self._build(n_text, grid_h, grid_w)
+        cos, sin = rope_tables(positions(n_text, grid_h, grid_w), self.config)
+        sin[:, : self.config.head_dim // 2] *= -1.0  # rotate_half's sign, see _Modules.rope
         g.set("cos", cos)
         g.set("sin", sin)
         self._graphs[key] = g
         log.debug("built graph %s: %d nodes, compute buffer %.1f MiB", key, g.n_nodes, g.compute_bytes / 2**20)
+        return g
+
+    def _inputs(self, n_text: int, n_img: int) -> list[tuple[str, GGMLType, tuple[int, ...]]]:
+        cfg = self.config
+        shapes = {"x": (cfg.in_channels, n_img), "temb": (cfg.emb_dim, 1)}
+        if n_text:
+            shapes["text"] = (cfg.llm_features_dim, n_text)
+        return [(name, GGMLType.F32, ne) for name, ne in shapes.items()]
+
+    def _build(self, n_text: int, grid_h: int, grid_w: int, measure_only: bool = False) -> "Graph | _Streamed":
+        if self._stream is not None:
+            return _Streamed(self, n_text, grid_h * grid_w, measure_only)
+        L, hd = n_text + grid_h * grid_w, self.config.head_dim
+        inputs = self._inputs(n_text, grid_h * grid_w) + [("cos", GGMLType.F32, (hd, 1, L)), ("sin", GGMLType.F32, (hd, 1, L))]
+        g = Graph(self.backend, inputs, lambda b, i: self.modules_class(self, b).transformer(i, n_text), graph_size=self.graph_size(), measure_only=measure_only)
+        g.input_bytes = g.inputs.nbytes
         return g
 
     # -- forward -----------------------------------------------------------------------
@@ -288,13 +382,16 @@ class Ideogram4DiT:
             raise InputError(f"t must be in [0, 1] (0 = noise, 1 = clean), got {t}")
         key = (n_text, grid_h, grid_w)
         g = self._graph(*key)
-        g.set("x", np.ascontiguousarray(x))
-        g.set("temb", timestep_embedding(float(t), cfg.emb_dim, self.options.t_rounding))
+        head = g.head if isinstance(g, _Streamed) else g
+        head.set("x", np.ascontiguousarray(x))
+        head.set("temb", timestep_embedding(float(t), cfg.emb_dim, self.options.t_rounding))
         if feats is not None and not (self._uploaded_text.get(key) is feats and not feats.flags.writeable):
-            g.set("text", np.ascontiguousarray(feats))
+            head.set("text", np.ascontiguousarray(feats))
             self._uploaded_text[key] = feats
         g.compute()
-        return g.get("v")
+        # its other outputs (a modules_class's extra statistics) stay readable until the next call
+        self.last_graph = g.final if isinstance(g, _Streamed) else g
+        return self.last_graph.get("v")
 
 
 def _finite(type_: GGMLType, raw: np.ndarray, chunk: int = 16 << 20) -> bool:
@@ -401,7 +498,15 @@ class _Modules:
         return self.linear("final_layer.linear", b.mul(b.norm(h, cfg.final_norm_eps), scale))
 
     def transformer(self, inp: dict[str, Tensor], n_text: int) -> dict[str, Tensor]:
-        """Ideogram4Transformer2DModel on [text tokens, image tokens]; the velocity of the image tokens."""
+        """Ideogram4Transformer2DModel on [text tokens, image tokens]; the velocity of the image tokens. A streamed
+        backbone runs the same three parts (head, each block, output) as separate graphs."""
+        h, c = self.head(inp, n_text)
+        for n in range(self.cfg.num_layers):
+            h = self.block(f"layers.{n}", h, c, inp["cos"], inp["sin"])
+        return {"v": self.output(h, c, n_text, inp["x"].ne[1])}
+
+    def head(self, inp: dict[str, Tensor], n_text: int) -> tuple[Tensor, Tensor]:
+        """The token sequence [text, image] entering the first block, and c, every block's modulation input."""
         b, cfg = self.b, self.cfg
         D = cfg.emb_dim
         indicator = self.weights["embed_image_indicator.weight"]  # ne [D, 2]: row 0 text/pad, row 1 image
@@ -409,11 +514,172 @@ class _Modules:
         if n_text:
             text = self.linear("llm_cond_proj", self.rms_norm("llm_cond_norm", inp["text"], cfg.llm_cond_norm_eps))
             h = b.concat(b.add(text, b.view(indicator, (D,), (), 0)), h, 1)
-        c = b.silu(self.linear("adaln_proj", self.t_embedding(inp["temb"]), per_sample=True))  # every block's modulation input
-        for n in range(cfg.num_layers):
-            h = self.block(f"layers.{n}", h, c, inp["cos"], inp["sin"])
+        return h, b.silu(self.linear("adaln_proj", self.t_embedding(inp["temb"]), per_sample=True))
+
+    def output(self, h: Tensor, c: Tensor, n_text: int, n_img: int) -> Tensor:
+        """The final layer's velocity at the image tokens, ne [C, n_img]."""
         out = self.final_layer(h, c)  # [C, L]
-        return {"v": b.cont(b.view(out, (cfg.in_channels, inp["x"].ne[1]), (out.nb[1],), n_text * out.nb[1]))}
+        return self.b.cont(self.b.view(out, (self.cfg.in_channels, n_img), (out.nb[1],), n_text * out.nb[1]))
+
+
+Ideogram4DiT.modules_class = _Modules
+
+_BLOCK = re.compile(r"layers\.(\d+)\.")
+
+
+def _split(specs: list, stream: bool) -> tuple[list, dict[int, list]]:
+    """The specs that stay resident, and (streamed) each block's specs by block index."""
+    if not stream:
+        return specs, {}
+    blocks: dict[int, list] = {}
+    for sp in specs:
+        if m := _BLOCK.match(sp[0]):
+            blocks.setdefault(int(m.group(1)), []).append(sp)
+    return [sp for sp in specs if not _BLOCK.match(sp[0])], dict(sorted(blocks.items()))
+
+
+class _Weights:
+    """A block graph's view of the weights: the slot's tensors (named as the signature's first block) over the
+    resident ones."""
+
+    def __init__(self, *stores: TensorStore) -> None:
+        self.stores = stores
+
+    def __getitem__(self, name: str) -> Tensor:
+        return next(s[name] for s in self.stores if name in s)
+
+    def __contains__(self, name: str) -> bool:
+        return any(name in s for s in self.stores)
+
+
+class _BlockStream(Native):  # Native: a load that fails after __init__ still closes the file descriptor when collected
+    """A streamed backbone's blocks: one slot buffer the size of the largest block, and per distinct block type
+    signature a set of tensors placed in it (named as that signature's first block, whose names its block graph
+    uses). ``load(N)`` fills the slot with block N's bytes: read from the file, copied from its memory map, or from a
+    host copy (tensors widened to F32 at load, replaced ones). ``f`` None: shapes only, for ``Ideogram4DiT.measure``."""
+
+    def __init__(self, dit: Ideogram4DiT, blocks: dict[int, list], replace: dict, f) -> None:
+        file, backend = dit.file, dit.backend
+        sigs: dict[tuple, int] = {}
+        self.sig_of: list[int] = []
+        self.first: list[int] = []
+        self.sources: list[list] = []
+        for N, specs in blocks.items():
+            p = f"layers.{N}."
+            sig = tuple((n[len(p):], type_, ne) for n, type_, ne in specs)
+            if sig not in sigs:
+                sigs[sig] = len(sigs)
+                self.first.append(N)
+            self.sig_of.append(sigs[sig])
+            if f is None:
+                continue
+            srcs = []
+            for n, type_, _ in specs:
+                t = file.tensors[n]
+                data = (np.ascontiguousarray(replace[n][1]).view(np.uint8) if n in replace else
+                        None if t.type is type_ else file.read_f32(n, f).view(np.uint8))
+                # plain reads, not the map: scanning must not leave the whole file in this process's resident set
+                ok = all(all_finite(type_, raw) for raw in file.row_chunks(n, f, 16 << 20)) if data is None else _finite(type_, data)
+                if not ok:
+                    raise ModelError("non-finite values (NaN/Inf) in the weights", path=dit.path, tensor=n)
+                srcs.append(t if data is None else data)
+            self.sources.append(srcs)
+        align = int(lib.ggml_backend_buft_get_alignment(backend.buffer_type))
+        self.streamed_bytes = sum(type_.row_bytes(ne[0]) * math.prod(ne[1:]) for sp in blocks.values() for _, type_, ne in sp)
+        probe = Context(sum(len(sig) for sig in sigs))
+        try:  # each signature's tensors as TensorStore(into=) places them (CUDA pads quantized rows)
+            need = [sum(-(-placed_bytes(backend, probe.new_tensor(t, ne)) // align) * align for _, t, ne in sig) for sig in sigs]
+        finally:
+            probe.close()
+        self.buffer = SharedBuffer(backend, max(need))
+        self.slots = [TensorStore(backend, [(f"layers.{self.first[i]}.{sfx}", t, ne) for sfx, t, ne in sig], into=self.buffer)
+                      for i, sig in enumerate(sigs)]
+        self.read = self.buffer.is_host and dit.options.stream_source == "read"
+        self.fd = os.dup(f.fileno()) if f is not None else None
+        self.loaded: int | None = None
+        self.sig: int | None = None  # the signature whose tensors the slot holds
+
+    def type_of(self, name: str) -> GGMLType:
+        N = int(_BLOCK.match(name).group(1))
+        return self.slots[self.sig_of[N]][f"layers.{self.first[self.sig_of[N]]}.{name[_BLOCK.match(name).end():]}"].type
+
+    def load(self, N: int) -> None:
+        if self.loaded == N:  # a one-block model keeps its block in the slot
+            return
+        self.loaded, slot = None, self.slots[self.sig_of[N]]
+        if self.sig != self.sig_of[N] and not self.buffer.is_host:
+            # another signature's bytes now lie in this one's row padding (CUDA): ggml zeroes it again, else NaN
+            for t in slot.tensors.values():
+                lib.ggml_backend_buffer_init_tensor(self.buffer.buffer, t.ptr)
+        self.sig = self.sig_of[N]
+        for t, src in zip(slot.tensors.values(), self.sources[N]):
+            if isinstance(src, np.ndarray):
+                upload(t, src)
+            elif self.read:
+                read_into(t, self.fd, src.offset)
+            else:
+                upload(t, src.data.view(np.uint8))
+        self.loaded = N
+
+    def close(self) -> None:
+        for s in self.slots:
+            s.close()
+        self.buffer.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _Streamed:
+    """One shape's graphs for a streamed backbone: head, one block graph per block type signature, output. They pass
+    h and c through a persistent state store on the backend (each graph ends by copying its result there), so
+    nothing returns to the host between blocks."""
+
+    def __init__(self, dit: Ideogram4DiT, n_text: int, n_img: int, measure_only: bool) -> None:
+        cfg, be, st = dit.config, dit.backend, dit._stream
+        L, D, hd = n_text + n_img, cfg.emb_dim, cfg.head_dim
+        self.dit = dit
+        self.state = TensorStore(be, [("h", GGMLType.F32, (D, L)), ("c", GGMLType.F32, (cfg.adaln_dim, 1)), ("cos", GGMLType.F32, (hd, 1, L)),
+                                      ("sin", GGMLType.F32, (hd, 1, L))], usage_weights=False)
+        s = self.state.tensors
+        kw = {"graph_size": dit.graph_size(), "allocate": False}
+
+        def head(b: Builder, inp: dict[str, Tensor]) -> dict[str, Tensor]:
+            h, c = dit.modules_class(dit, b).head(inp, n_text)
+            return {"h": b.cpy(h, s["h"]), "c": b.cpy(c, s["c"])}
+
+        def block(first: int, slot: TensorStore, b: Builder, _) -> dict[str, Tensor]:
+            m = dit.modules_class(dit, b)
+            m.weights = _Weights(slot, dit.weights)
+            return {"h": b.cpy(m.block(f"layers.{first}", s["h"], s["c"], s["cos"], s["sin"]), s["h"])}
+
+        self.head = Graph(be, dit._inputs(n_text, n_img), head, **kw)
+        self.blocks = [Graph(be, [], functools.partial(block, first, slot), **kw) for first, slot in zip(st.first, st.slots)]
+        self.final = Graph(be, [], lambda b, _: {"v": dit.modules_class(dit, b).output(s["h"], s["c"], n_text, n_img)}, **kw)
+        self.graphs = [self.head, *self.blocks, self.final]
+        self.n_nodes = sum(g.n_nodes for g in self.graphs)
+        # They run one after another, so one compute buffer, the size of the largest graph's, serves them all.
+        self.shared = None if measure_only else SharedCompute(be, self.graphs)
+        self.compute_bytes = max(g.compute_bytes for g in self.graphs)
+        self.input_bytes = self.state.nbytes + self.head.inputs.nbytes
+
+    def set(self, name: str, data: np.ndarray) -> None:
+        upload(self.state[name], data)
+
+    def compute(self) -> None:
+        st = self.dit._stream
+        self.head.compute()
+        for N, sig in enumerate(st.sig_of):
+            st.load(N)
+            self.blocks[sig].compute()
+        self.final.compute()
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+        for g in self.graphs:
+            g.close()
+        self.state.close()
 
 
 def check_pair(cond: Ideogram4DiT, uncond: Ideogram4DiT) -> None:

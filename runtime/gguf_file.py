@@ -72,7 +72,7 @@ class GGUFFile:
             raise ModelError("file ends inside the tensor data (truncated?)", path=self.path, tensor=name)
         return buf
 
-    def _row_chunks(self, name: str, f, max_bytes: int) -> Iterator[np.ndarray]:
+    def row_chunks(self, name: str, f, max_bytes: int) -> Iterator[np.ndarray]:
         """A tensor's stored bytes, whole rows at a time, at most ``max_bytes`` (but one row) per read."""
         t = self.tensors[name]
         if not t.nbytes:
@@ -87,7 +87,7 @@ class GGUFFile:
         t = self.tensors[name]
         if t.type not in STORAGE_TYPES:
             raise ModelError(f"cannot decode type {t.type_name}", path=self.path, tensor=name)
-        for raw in self._row_chunks(name, f, max_bytes):
+        for raw in self.row_chunks(name, f, max_bytes):
             yield raw.view(np.float32).reshape(-1, t.shape[-1]) if t.type is GGMLType.F32 else dequantize(raw, t.type, t.shape[-1])
 
     def read_f32(self, name: str, f) -> np.ndarray:
@@ -111,7 +111,7 @@ class GGUFFile:
         whatever the file's size. Types that are not weights are skipped (their owner refuses them)."""
         with self.open() as f:
             return [n for n, t in self.tensors.items()
-                    if t.type in STORAGE_TYPES and not all(all_finite(t.type, raw) for raw in self._row_chunks(n, f, max_bytes))]
+                    if t.type in STORAGE_TYPES and not all(all_finite(t.type, raw) for raw in self.row_chunks(n, f, max_bytes))]
 
 
 _T = GGMLType

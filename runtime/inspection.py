@@ -54,6 +54,8 @@ def _get(h: GGUFHeader, key: str, kind: str = "str"):
         if kv.type.name in INTEGER_TYPES:
             return int(kv.value)
         return [int(x) for x in kv.value] if kv.item_type is not None and kv.item_type.name in INTEGER_TYPES else None
+    if kind == "float":
+        return float(kv.value) if kv.type.name in ("FLOAT32", "FLOAT64") else None
     return len(kv.value) if kv.type.name == "ARRAY" else None  # "len": an array's length
 
 
@@ -81,6 +83,14 @@ def _backbone(f: GGUFFile) -> tuple[GGUFFile, dict, list[str], list[str]]:
         "config": {k: _plain(list(v) if isinstance(v, tuple) else v) for k, v in f.config.to_metadata().items()},
         "recipe": f.recipe,
         "source_sha256": _get(f.header, keys.SOURCE_SHA256),
+        # quantized with an importance matrix (convert --imatrix): which file, its hash
+        "imatrix": {"file": _get(f.header, keys.IMATRIX_FILE), "sha256": _get(f.header, keys.IMATRIX_SHA256),
+                    "entries": _get(f.header, keys.IMATRIX_N_ENTRIES, "ints"), "chunks": _get(f.header, keys.IMATRIX_N_CHUNKS, "ints")}
+        if keys.IMATRIX_FILE in f.header.kv or keys.IMATRIX_SHA256 in f.header.kv else None,
+        # activation smoothing folded into the weights (convert --smooth): method, alpha, calibration file and hash
+        "smoothing": {"method": _get(f.header, keys.SMOOTH_METHOD), "alpha": _get(f.header, keys.SMOOTH_ALPHA, "float"),
+                      "file": _get(f.header, keys.SMOOTH_CALIBRATION), "sha256": _get(f.header, keys.SMOOTH_CALIBRATION_SHA256)}
+        if keys.SMOOTH_METHOD in f.header.kv else None,
     }
     return f, report, list(f.warnings), list(f.problems)
 
@@ -236,6 +246,11 @@ def render(r: dict) -> str:
         add("recipe", r["recipe"] or "unknown")
         if r["source_sha256"]:
             add("source", r["source_sha256"])
+        if r.get("imatrix"):
+            add("imatrix", f"{r['imatrix']['file']} ({r['imatrix']['entries']} entries), {r['imatrix']['sha256']}")
+        if r.get("smoothing"):
+            sm = r["smoothing"]
+            add("smoothing", f"{sm['method']} alpha {sm['alpha']:.3g}, {sm['file']}, {sm['sha256']}" if sm["alpha"] is not None else str(sm["method"]))
     if r["converter_version"]:
         add("converter", f"gguf-dit {r['converter_version']}")
     lines += [f"  warning: {w}" for w in r["warnings"]]

@@ -7,9 +7,11 @@ batch means (seeds, sizes, file names, metadata) is `generate.py`'s policy.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import logging
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +59,25 @@ class Pipeline:
     def __init__(self, files: ModelFiles, *, backend: str = "auto", threads: int | None = None, options: RuntimeOptions | None = None) -> None:
         self.files, self.backend_name, self.threads, self.options = files, backend, threads, options or RuntimeOptions()
         self._cond = self._uncond = self._vae = None
+        #: where each backbone's weights live, and whether they are freed before each decode (`apply`, memory_plan.py)
+        self.placements = {"cond": self.options.placement, "uncond": self.options.placement}
+        self.unload_before_decode = False
+
+    def apply(self, plan) -> None:
+        """Follow a `memory_plan.Plan`: a loaded backbone whose placement changes is freed, to be reloaded."""
+        self.placements.update(plan.placements)
+        self.unload_before_decode = plan.unload_before_decode
+        for role, attr in (("cond", "_cond"), ("uncond", "_uncond")):
+            m = getattr(self, attr)
+            if m is not None and m.options.placement != self.placements[role]:
+                self.unload()
+
+    def unload(self) -> None:
+        """Free both backbones (the next image loads them again; on the CPU from the page cache)."""
+        for m in (self._cond, self._uncond):
+            if m is not None:
+                m.close()
+        self._cond = self._uncond = None
 
     @functools.cached_property
     def header(self):
@@ -95,7 +116,8 @@ class Pipeline:
         enc = TextEncoder.load(self.files.text_encoder, n_threads=self.threads)
         try:
             enc.check_features_dim(self.header.config.llm_features_dim)
-            feats = []
+            # Several prompts' features wait on disk, not in memory (208 KiB per token at the real width).
+            feats: list | _FeatureFiles = _FeatureFiles() if len(captions) > 1 else []
             for i, c in enumerate(captions):
                 try:
                     f = enc.encode(c)
@@ -114,18 +136,26 @@ class Pipeline:
         finally:
             enc.close()
 
-    def load_backbones(self, uncond: bool = True) -> tuple[Ideogram4DiT, Ideogram4DiT | None]:
-        """The conditional backbone and, when ``uncond``, the unconditional one (else None: not loaded)."""
+    def load_backbones(self, uncond: bool = True, progress: Callable[[int, int], None] | None = None) -> tuple[Ideogram4DiT, Ideogram4DiT | None]:
+        """The conditional backbone and, when ``uncond``, the unconditional one (else None: not loaded).
+        ``progress(done, total)`` is called before and after each backbone actually loaded."""
+        todo = [r for r, need in (("cond", self._cond is None), ("uncond", uncond and self._uncond is None)) if need]
+        progress = progress or (lambda done, total: None)
+        if todo:
+            progress(0, len(todo))
+        opts = lambda role: dataclasses.replace(self.options, placement=self.placements[role])  # noqa: E731
         if self._cond is None:
             from gguf_dit.ggml_ops import Backend
 
             be = Backend(self.backend_name, threads=self.threads)
-            self._cond = Ideogram4DiT.load(self.files.transformer, be, options=self.options)
+            self._cond = Ideogram4DiT.load(self.files.transformer, be, options=opts("cond"))
+            progress(1, len(todo))
         if uncond and self._uncond is None:
             if self.files.unconditional_transformer is None:
                 raise OptionError(NO_UNCOND)
-            self._uncond = Ideogram4DiT.load(self.files.unconditional_transformer, self._cond.backend, options=self.options)
+            self._uncond = Ideogram4DiT.load(self.files.unconditional_transformer, self._cond.backend, options=opts("uncond"))
             check_pair(self._cond, self._uncond)
+            progress(len(todo), len(todo))
         return self._cond, self._uncond if uncond else None
 
     def vae(self):
@@ -144,6 +174,8 @@ class Pipeline:
         z = sample(cond, uncond, feats, height, width, settings=settings, seed=seed, callback=step_callback, ts=ts)
         if decode_started is not None:
             decode_started()
+        if self.unload_before_decode:  # the plan found no room for the decode next to the backbones
+            self.unload()
         return Generated(self.decode(z, height, width, tile=tile), z, seed)
 
     def decode(self, z: np.ndarray, height: int, width: int, *, tile: int | None = None) -> np.ndarray:
@@ -161,7 +193,27 @@ class Pipeline:
         return {**files, "backend": cond.backend.name, "device": cond.backend.description}
 
     def close(self) -> None:
-        for m in (self._cond, self._uncond):
-            if m is not None:
-                m.close()
-        self._cond = self._uncond = self._vae = None
+        self.unload()
+        self._vae = None
+
+
+class _FeatureFiles(collections.abc.Sequence):
+    """Text features kept in a temporary folder (removed with this object), each read back when its image samples."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="gguf-dit-features-")
+        self.n = 0
+
+    def append(self, f: np.ndarray) -> None:
+        np.save(Path(self.dir.name) / f"{self.n}.npy", f)
+        self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return np.load(Path(self.dir.name) / f"{i % self.n}.npy")

@@ -31,6 +31,9 @@ class StepInfo:
     guidance: float
     seconds: float
     uncond_ran: bool = True  # False on a guidance-1 step, which skips the unconditional backbone
+    #: (z before the step (1, N, C), v_cond (N, C), v_uncond (N, C), v_uncond being v_cond on a guidance-1 step): for
+    #: callers that measure the trajectory (`gguf-dit eval`). The loop's own arrays, never written after the step.
+    arrays: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def token_grid(height: int, width: int) -> tuple[int, int]:
@@ -94,9 +97,9 @@ def sample(cond: Ideogram4DiT, uncond: Ideogram4DiT | None, text_features: np.nd
         for m, v in ((cond, v_c), (uncond, v_u)):
             if not np.isfinite(v).all():
                 raise ModelError(f"velocity contains NaN/Inf {where}", path=m.path)
-        z = euler_step(z, v_c[None], v_u[None], g, ts[i], ts[i + 1])
+        z_in, z = z, euler_step(z, v_c[None], v_u[None], g, ts[i], ts[i + 1])
         if not np.isfinite(z).all():
             raise ModelError(f"latents overflow to Inf {where}: the velocities of this file{f' and {uncond.path}' if uncond else ''} are too large", path=cond.path)
         if callback is not None:
-            callback(StepInfo(i, settings.steps, t, s, g, time.perf_counter() - t0, v_u is not v_c), z)
+            callback(StepInfo(i, settings.steps, t, s, g, time.perf_counter() - t0, v_u is not v_c, (z_in, v_c, v_u)), z)
     return z

@@ -51,6 +51,8 @@ def roundtrip(x: np.ndarray, weight_type: GGMLType) -> np.ndarray:
     rows, n = x.reshape(-1, x.shape[-1]).shape
     out = np.zeros(rows * int(lib.ggml_row_size(int(vdt), n)), dtype=np.uint8)
     _FROM_FLOAT(_get(int(vdt)).contents.from_float)(x.ctypes.data, out.ctypes.data, rows * n)
+    if vdt is GGMLType.BF16:  # the top 16 bits of a float32
+        return (out.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(x.shape)
     if vdt is GGMLType.Q8_K:
         return _decode_q8_k(out, n).reshape(x.shape)
     return gguf.quants.dequantize(out.reshape(rows, -1), gguf.GGMLQuantizationType(int(vdt))).reshape(x.shape)

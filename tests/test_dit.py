@@ -262,6 +262,9 @@ QUANT_CASES = [
     ("q4_k", RuntimeOptions(t_rounding="none", q8_0_matmul="direct", exact_conditioning=False)),
     ("q4_k", RuntimeOptions(t_rounding="none", q8_0_matmul="direct")),
     ("q4_k-protect", RuntimeOptions(t_rounding="none", q8_0_matmul="direct")),
+    # BF16 weights: ggml's CPU kernel rounds activations to bf16 (vec_dot_type BF16), about 3 bits coarser than
+    # Q8_0's 8-bit blocks on typical rows; the fast path on avx512_bf16/AMX CPUs (docs/benchmarks.md).
+    ("bf16", RuntimeOptions(t_rounding="none")),
 ]
 
 

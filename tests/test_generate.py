@@ -68,7 +68,8 @@ def test_batch_is_checked_before_work_then_named_seeded_and_reported(tmp_path, m
     images = list(batch.run(lambda *ev: events.append(ev)))
     assert [(i.seed, i.prompt.original) for i in images] == [(7, prompts[0]), (8, prompts[0]), (9, prompts[1]), (10, prompts[1])]
     assert events[:3] == [("encode", 0, 2), ("encode", 1, 2), ("encode", 2, 2)]
-    assert events[3:7] == [("sample 1/4", 0, 2), ("sample 1/4", 1, 2), ("sample 1/4", 2, 2), ("decode 1/4", 0, 1)]
+    assert events[3:6] == [("load", 0, 2), ("load", 1, 2), ("load", 2, 2)]  # both backbones, before the first image
+    assert events[6:10] == [("sample 1/4", 0, 2), ("sample 1/4", 1, 2), ("sample 1/4", 2, 2), ("decode 1/4", 0, 1)]
     assert events[-1] == ("decode 4/4", 1, 1)
     for i in images:
         assert np.array_equal(np.asarray(Image.open(i.path)), i.image) and json.loads(Image.open(i.path).info["gguf-dit"])["seed"] == i.seed
