@@ -148,9 +148,11 @@ class Generator:
         n_text = max(text_tokens_bound(p.text, template, MAX_TEXT_TOKENS) for p in prompts)
         uses = [float(g) != 1.0 for g in settings.guidance]
         uncond = BackboneFile(self.files.unconditional_transformer) if any(uses) else None
-        return memory_plan(header, uncond, backend=backend, height=height, width=width, n_text=n_text, offload=self.offload,
+        plan = memory_plan(header, uncond, backend=backend, height=height, width=width, n_text=n_text, offload=self.offload,
                            budget=self.budgets[flag], budget_source=flag if self.budgets[flag] else None, options=self.pipeline.options, tile=tile,
                            encoder=self.files.text_encoder, cfg_steps=sum(uses) / len(uses))
+        # a budget for the other device is said to be unused, not silently dropped (scripts pass both across machines)
+        return dataclasses.replace(plan, ignored=tuple(f for f, v in self.budgets.items() if f != flag and v is not None))
 
     def generate(self, prompts: Prompts, *, seed: int | None = 0, count: int = 1, width: int | None = None, height: int | None = None,
                  settings: SamplerSettings | str = "default-20", tile: int | None = None, out: str | Path | None = None,

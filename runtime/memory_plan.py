@@ -57,6 +57,8 @@ class Plan:
     copy_rate: float
     unload_before_decode: bool  # free both backbones before each decode (reloaded for the next image)
     fits: bool
+    #: Budget options given for the other kind of device (--max-vram on a CPU run, --max-ram on a GPU run): not applied.
+    ignored: tuple[str, ...] = ()
 
     @property
     def extra_s_per_step(self) -> float:
@@ -71,7 +73,8 @@ class Plan:
         cost = (f"; streaming copies {_gib(self.streamed_per_step)} per step, about +{self.extra_s_per_step:.2f} s/step at "
                 f"~{self.copy_rate / 1e9:.2g} GB/s" if self.streamed_per_step else "")
         unload = "; backbones freed before each decode" if self.unload_before_decode else ""
-        return f"memory: {who} (--offload {self.offload}): expected peak {_gib(self.peak)} {self.device}{budget}{cost}{unload}"
+        ignored = "".join(f"; {f} ignored: this run's weights are in {self.device}" for f in self.ignored)
+        return f"memory: {who} (--offload {self.offload}): expected peak {_gib(self.peak)} {self.device}{budget}{cost}{unload}{ignored}"
 
 
 def _gib(n: float) -> str:

@@ -242,10 +242,21 @@ def test_run_offload_all_draws_the_same_image(cli, tmp_path):
     code, _, err = cli("run", "-p", "A red circle.", "-o", b, "--offload", "all", "--steps", "3")
     assert code == 0, err
     assert "memory: both backbones streamed block by block (--offload all)" in err and "per step" in err
-    assert "load: backbone 2/2" in err
+    assert "load: backbone 2/2" in err and "ignored" not in err
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_a_budget_for_the_other_device_is_said_to_be_ignored(tmp_path):
+    from gguf_dit.runtime.generate import Generator
+
+    gen = Generator(backend="cpu", max_vram=0.001)  # a GPU budget that would fit nothing: not applied on the CPU
+    try:
+        line = gen.generate("A red circle.").plan.line()
+    finally:
+        gen.close()
+    assert "--max-vram ignored: this run's weights are in RAM" in line and "does not fit" not in line
 
 
 @pytest.mark.parametrize("args, match", [
