@@ -26,10 +26,12 @@ from gguf_dit.ggml_ops.types import fitting_type
 from .inputs import read_json
 
 PROTECTED_W2 = r"^layers\.\d+\.feed_forward\.w2\.weight$"
-#: q4_k-m's Q6_K set: the linears whose Q4_K rounding alone moved the velocity most, measured one linear at a time
-#: (benchmarks/quant_sensitivity.py; numbers in docs/quantization.md): the FFN down-projections (as the paper
-#: finds), the final projection to latent channels, and the timestep MLP.
-SENSITIVE = r"^(layers\.\d+\.feed_forward\.w2|final_layer\.linear|t_embedding\.mlp_(in|out))\.weight$"
+#: q4_k-m's protected linears, from `gguf-dit calibrate` on the trained demo's float checkpoint (each linear alone at
+#: Q4_K, both backbones; docs/quantization.md "Measurements on the demo model"): the final projection to latent
+#: channels ranks first in both backbones (kept Q8_0, as calibrate's own recipe chose: it is small), every FFN
+#: down-projection next (ranks 2-4, as the paper finds; Q6_K). The timestep MLP ranked 17th-21st and is not kept.
+SENSITIVE_OUTPUT = r"^final_layer\.linear\.weight$"
+SENSITIVE = r"^layers\.\d+\.feed_forward\.w2\.weight$"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +105,10 @@ BUILTIN: dict[str, Recipe] = {
     "q4_k-m": Recipe(
         "q4_k-m",
         GGMLType.Q4_K,
-        builtin_rules=(Rule(SENSITIVE, GGMLType.Q6_K, "q4_k-m: measured Q4_K-sensitive linear kept Q6_K"),),
-        description="llama.cpp Q4_K_M-style: Q4_K, with the measured most sensitive linears (feed_forward.w2, final_layer.linear, "
-                    "t_embedding) in Q6_K",
+        builtin_rules=(Rule(SENSITIVE_OUTPUT, GGMLType.Q8_0, "q4_k-m: the most Q4_K-sensitive linear (measured) kept Q8_0"),
+                       Rule(SENSITIVE, GGMLType.Q6_K, "q4_k-m: measured Q4_K-sensitive linear kept Q6_K")),
+        description="llama.cpp Q4_K_M-style: Q4_K, with the measured most sensitive linears in Q6_K (feed_forward.w2) "
+                    "and Q8_0 (final_layer.linear)",
     ),
 }
 
