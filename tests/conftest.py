@@ -101,3 +101,28 @@ def cli():
 
     return run
 
+
+
+@pytest.fixture
+def graphs_alive(monkeypatch):
+    """``graphs_alive()``: every ggml_ops Graph constructed during the test that is still referenced (after a gc),
+    counted from the constructor, not from the cache under test."""
+    import gc
+    import weakref
+
+    from gguf_dit.ggml_ops import Graph
+
+    built: list[weakref.ref] = []
+    init = Graph.__init__
+
+    def tracked(self, *a, **k):
+        init(self, *a, **k)
+        built.append(weakref.ref(self))
+
+    monkeypatch.setattr(Graph, "__init__", tracked)
+
+    def alive() -> list:
+        gc.collect()
+        return [g for r in built if (g := r()) is not None]
+
+    return alive

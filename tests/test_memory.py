@@ -7,18 +7,16 @@ and the same graph must give the same bits, so every comparison here is exact eq
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 import textwrap
-import weakref
 
 import numpy as np
 import pytest
 
 from _gguf_edit import GGUFFile, KV, V
 from gguf_dit.errors import GGMLError, ModelError
-from gguf_dit.ggml_ops import Backend, GGMLType, Graph, TensorStore, upload
+from gguf_dit.ggml_ops import Backend, GGMLType, TensorStore, upload
 from gguf_dit.ggml_ops._lib import tensor_struct
 from gguf_dit.runtime.backbone_file import BackboneFile
 from gguf_dit.runtime.demo import DEMO_DIR
@@ -213,23 +211,9 @@ def test_store_without_host_memory_is_unchanged():
 
 
 @pytest.fixture
-def live_graphs(monkeypatch):
-    """``live_graphs(dit)``: graphs built for this backbone whose compute buffer is still allocated, counted from
-    every Graph constructed during the test (not from the cache that is under test)."""
-    built: list[weakref.ref] = []
-    init = Graph.__init__
-
-    def tracked(self, *a, **k):
-        init(self, *a, **k)
-        built.append(weakref.ref(self))
-
-    monkeypatch.setattr(Graph, "__init__", tracked)
-
-    def count(dit: Ideogram4DiT) -> int:
-        gc.collect()
-        return sum(1 for r in built if (g := r()) is not None and g.allocr and g.backend is dit.backend)
-
-    return count
+def live_graphs(graphs_alive):
+    """``live_graphs(dit)``: graphs built for this backbone whose compute buffer is still allocated."""
+    return lambda dit: sum(1 for g in graphs_alive() if g.allocr and g.backend is dit.backend)
 
 
 LENGTHS = [3, 17, 1, 9, 30, 5, 12, 2, 25, 7, 17, 3]

@@ -5,14 +5,13 @@ same bits. Then the plan (which mode a budget gets, the error when none fits) an
 from __future__ import annotations
 
 import gc
-import weakref
 
 import numpy as np
 import pytest
 
 from _helpers import backend_names
 from gguf_dit.errors import InputError, OptionError
-from gguf_dit.ggml_ops import GGMLType, Graph
+from gguf_dit.ggml_ops import GGMLType
 from gguf_dit.runtime.backbone_file import BackboneFile
 from gguf_dit.runtime.demo import DEMO_DIR
 from gguf_dit.runtime.dit import Ideogram4DiT, RuntimeOptions
@@ -116,25 +115,16 @@ def test_sampling_with_streamed_backbones_gives_the_same_latents():
     np.testing.assert_array_equal(run("resident"), run("stream"))
 
 
-def test_streamed_graph_cache_stays_bounded(monkeypatch):
+def test_streamed_graph_cache_stays_bounded(graphs_alive):
     """Each cached shape of a streamed backbone is head + one graph per signature + output, sharing one compute buffer
     the size of the largest; with the default bound of one shape, prompts of many lengths leave those and nothing
     more placed."""
-    built: list[weakref.ref] = []
-    init = Graph.__init__
-
-    def tracked(self, *a, **k):
-        init(self, *a, **k)
-        built.append(weakref.ref(self))
-
-    monkeypatch.setattr(Graph, "__init__", tracked)
     dit = Ideogram4DiT.load(COND, "cpu", options=RuntimeOptions(placement="stream"))
     try:
         x = np.zeros((16, dit.config.in_channels), np.float32)
         for n in (3, 17, 1, 9, 30, 5):
             dit.velocity(x, 0.4, np.ones((n, dit.config.llm_features_dim), np.float32), grid=(4, 4))
-            gc.collect()
-            live = [g for r in built if (g := r()) is not None and g.ready]
+            live = [g for g in graphs_alive() if g.ready]
             assert len(dit._graphs) == 1 and len(live) == 2 + len(dit._stream.slots)
             bundle = next(iter(dit._graphs.values()))
             assert not any(g.allocr for g in live) and bundle.compute_bytes == bundle.shared.compute_bytes == max(g.compute_bytes for g in live)
