@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+from typing import Sequence
 
 from gguf_dit.errors import GGMLError
 
@@ -55,6 +57,10 @@ class GGMLType(enum.IntEnum):
     def row_bytes(self, n_per_row: int) -> int:
         check_row(self, n_per_row)
         return int(lib.ggml_row_size(int(self), n_per_row))
+
+    def nbytes(self, ne: Sequence[int]) -> int:
+        """Bytes of a contiguous tensor of this type, ``ne`` in ggml order (row length first)."""
+        return self.row_bytes(ne[0]) * math.prod(ne[1:])
 
 
 @dataclasses.dataclass(frozen=True)

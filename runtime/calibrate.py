@@ -187,7 +187,7 @@ def _rows(file: BackboneFile, name: str) -> tuple[int, int]:
 
 
 def type_bytes(t: GGMLType, shape: tuple[int, ...]) -> int:
-    return t.row_bytes(shape[-1]) * math.prod(shape[:-1])
+    return t.nbytes(shape[::-1])
 
 
 class _Probe:

@@ -169,7 +169,7 @@ class Ideogram4DiT:
                 raise InputError(f"{self.path}: only linear weights can be replaced, not {n!r}")
             ne = file.tensors[n].ne
             check_row(type_, ne[0], what=f"{self.path}: tensor {n}: ")
-            if data.nbytes != type_.row_bytes(ne[0]) * math.prod(ne[1:]):
+            if data.nbytes != type_.nbytes(ne):
                 raise InputError(f"{self.path}: tensor {n}: {data.nbytes} bytes given for {type_.name} ne={ne}")
         specs = self._specs(replace)
         self._check_backend(specs)
@@ -264,7 +264,7 @@ class Ideogram4DiT:
         specs = self._specs({})
         self._check_backend(specs)
         resident, blocks = _split(specs, self.options.placement == "stream")
-        sizes = {n: type_.row_bytes(ne[0]) * math.prod(ne[1:]) for n, type_, ne in specs}
+        sizes = {n: type_.nbytes(ne) for n, type_, ne in specs}
         anon = np.frombuffer(mmap.mmap(-1, max(sizes.values())), dtype=np.uint8)
         self.weights = TensorStore(self.backend, resident, host={n: anon[: sizes[n]] for n, _, _ in resident})
         self._stream = _BlockStream(self, blocks, {}, None) if blocks else None
@@ -286,7 +286,7 @@ class Ideogram4DiT:
         for n, type_, ne in self._specs({}):
             d = types.setdefault((self.weights[n].type if n in self.weights else self._stream.type_of(n)).name, {"count": 0, "bytes": 0})
             d["count"] += 1
-            d["bytes"] += type_.row_bytes(ne[0]) * math.prod(ne[1:]) if n not in self.weights else self.weights[n].nbytes
+            d["bytes"] += type_.nbytes(ne) if n not in self.weights else self.weights[n].nbytes
         st = self._stream
         return {"file": str(self.path), "role": self.role, "backend": self.backend.name, "device": self.backend.device_name,
                 "placement": self.options.placement, "weight_bytes": self.weights.nbytes + (st.buffer.nbytes if st else 0),
@@ -585,7 +585,7 @@ class _BlockStream(Native):  # Native: a load that fails after __init__ still cl
                 srcs.append(t if data is None else data)
             self.sources.append(srcs)
         align = int(lib.ggml_backend_buft_get_alignment(backend.buffer_type))
-        self.streamed_bytes = sum(type_.row_bytes(ne[0]) * math.prod(ne[1:]) for sp in blocks.values() for _, type_, ne in sp)
+        self.streamed_bytes = sum(type_.nbytes(ne) for sp in blocks.values() for _, type_, ne in sp)
         probe = Context(sum(len(sig) for sig in sigs))
         try:  # each signature's tensors as TensorStore(into=) places them (CUDA pads quantized rows)
             need = [sum(-(-placed_bytes(backend, probe.new_tensor(t, ne)) // align) * align for _, t, ne in sig) for sig in sigs]
