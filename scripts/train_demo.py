@@ -92,11 +92,33 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def stage_vae(root: Path, work: Path, steps: int, seed: int, per_combo: int = 24):
-    from diffusers import AutoencoderKLFlux2
-
+@torch.no_grad()
+def fold_latent_norm(vae, mu: torch.Tensor, batch_norm_eps: float) -> None:
+    """Fold a per-channel affine into quant_conv / post_quant_conv: new latent z' = a·z + b, so that
+    (z' − LATENT_SHIFT) / LATENT_SCALE (token layout, averaged over the 4 patch offsets) is standardised over ``mu``
+    (the data set's posterior means); the decoder sees the same z as before."""
     from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
     from gguf_dit.converter.tiny import latent_bn
+
+    m, s = mu.mean(dim=(0, 2, 3)), mu.std(dim=(0, 2, 3))
+    shift = torch.from_numpy(LATENT_SHIFT.reshape(4, 32).mean(0))
+    scale = torch.from_numpy(LATENT_SCALE.reshape(4, 32).mean(0))
+    a = scale / s
+    b = shift - a * m
+    # quant_conv produces [mean, logvar]: scale the mean rows, shift the logvar rows by 2 ln a
+    qw, qb = vae.quant_conv.weight, vae.quant_conv.bias
+    qw[:32] *= a[:, None, None, None]
+    qb[:32] = qb[:32] * a + b
+    qb[32:] += 2 * torch.log(a)
+    pw, pb = vae.post_quant_conv.weight, vae.post_quant_conv.bias
+    pb -= (pw[:, :, 0, 0] * (b / a)[None]).sum(1)
+    pw /= a[None, :, None, None]
+    for k, v in latent_bn(batch_norm_eps).items():
+        vae.get_buffer(k).copy_(v)
+
+
+def stage_vae(root: Path, work: Path, steps: int, seed: int, per_combo: int = 24):
+    from diffusers import AutoencoderKLFlux2
 
     path = work / "vae.pt"
     torch.manual_seed(seed)
@@ -125,25 +147,9 @@ def stage_vae(root: Path, work: Path, steps: int, seed: int, per_combo: int = 24
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step} loss {loss.item():.4f} latent l2 {kl.item():.3f} ({time.time() - t0:.0f} s)")
     vae.eval()
-    # Fold a per-channel affine into post_quant_conv: new latent z' = a·z + b, so that
-    # (z' − LATENT_SHIFT) / LATENT_SCALE (token layout, averaged over the 4 patch offsets) is standardised.
     with torch.no_grad():
         mu = torch.cat([vae.encode(x_all[i:i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
-        m, s = mu.mean(dim=(0, 2, 3)), mu.std(dim=(0, 2, 3))
-        shift = torch.from_numpy(LATENT_SHIFT.reshape(4, 32).mean(0))
-        scale = torch.from_numpy(LATENT_SCALE.reshape(4, 32).mean(0))
-        a = scale / s
-        b = shift - a * m
-        # quant_conv produces [mean, logvar]: scale the mean rows, shift the logvar rows by 2 ln a
-        qw, qb = vae.quant_conv.weight, vae.quant_conv.bias
-        qw[:32] *= a[:, None, None, None]
-        qb[:32] = qb[:32] * a + b
-        qb[32:] += 2 * torch.log(a)
-        pw, pb = vae.post_quant_conv.weight, vae.post_quant_conv.bias
-        pb -= (pw[:, :, 0, 0] * (b / a)[None]).sum(1)
-        pw /= a[None, :, None, None]
-        for k, v in latent_bn(VAE_CONFIG["batch_norm_eps"]).items():
-            vae.get_buffer(k).copy_(v)
+        fold_latent_norm(vae, mu, VAE_CONFIG["batch_norm_eps"])
         rec = vae.decode(vae.encode(x_all[:256]).latent_dist.mean).sample
         log(f"vae reconstruction mse {F.mse_loss(rec, x_all[:256]).item():.5f} (after fold)")
     torch.save(vae.state_dict(), path)
@@ -214,7 +220,7 @@ def batch_inputs(x: torch.Tensor, feats: list[np.ndarray] | None, grid):
     for i, n in enumerate(n_text):
         hs[i, n:n + n_img] = x[i]
         if n:
-            enc[i, :n] = torch.from_numpy(feats[i])
+            enc[i, :n] = torch.as_tensor(feats[i])  # numpy (this script) or torch, any float type
         ind[i, :n] = 3
         ind[i, n:n + n_img] = 2
         seg[i, :n + n_img] = 1
@@ -228,6 +234,51 @@ def dit_forward(model, x, t, feats, grid):
     hs, enc, ind, seg, pos, img_idx = batch_inputs(x, feats, grid)
     out = model(hidden_states=hs, timestep=t, encoder_hidden_states=enc, position_ids=pos, segment_ids=seg, indicator=ind).sample
     return torch.gather(out, 1, img_idx[..., None].expand(-1, -1, out.shape[-1]))
+
+
+def flow_sampling(g: torch.Generator, size: int, mean_latent: torch.Tensor, overshoot: float, schedule_t: float):
+    """``noise(x1)`` and ``sample_t(n)`` for flow-matching training at ``size`` (see ``stage_dit``'s docstring)."""
+    from gguf_dit.runtime.schedule import timesteps
+
+    # The sampler's own t density at the demo size: the official schedule's grid is its quantile function.
+    sampler_t = torch.from_numpy(timesteps(4096, size, size, 0.0, 1.75)[:-1].astype(np.float32))
+
+    def noise(x1):
+        eps = torch.randn(x1.shape, generator=g)
+        if overshoot:
+            c = overshoot * torch.rand(len(x1), generator=g) * (torch.rand(len(x1), generator=g) < 0.5)
+            eps = eps + c[:, None, None] * (x1 - mean_latent)
+        return eps
+
+    def sample_t(n):
+        t = torch.sigmoid(-1.0 + 1.75 * torch.randn(n, generator=g))
+        if schedule_t:
+            pick = torch.rand(n, generator=g) < schedule_t
+            t = torch.where(pick, sampler_t[torch.randint(0, len(sampler_t), (n,), generator=g)], t)
+        return t.clamp(1e-4, 1 - 1e-4).to(torch.bfloat16).float()  # the runtime rounds t to bfloat16 (official pipeline)
+
+    return noise, sample_t
+
+
+def ema_state(model, averaged: list[torch.Tensor]) -> dict:
+    """The model's state dict with its parameters replaced by their moving averages."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for (name, _), a in zip(model.named_parameters(), averaged):
+        sd[name] = a.clone()
+    return sd
+
+
+def dit_step(model, params, opt, sched, averaged, loss, step: int, ema_decay: float, smooth: float | None) -> float:
+    """One optimiser step (gradients clipped to norm 1), the moving average of the weights, the smoothed loss."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    d = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - d)
+    return loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
 
 
 def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: int, batch: int, *, role: str = "cond",
@@ -282,32 +333,7 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     g = torch.Generator().manual_seed(seed + 4 + {"": 0, "late": 1000}.get(tag, 2000) + (0 if role == "cond" else 5000))
 
-    from gguf_dit.runtime.schedule import timesteps
-
-    # The sampler's own t density at the demo size: the official schedule's grid is its quantile function.
-    sampler_t = torch.from_numpy(timesteps(4096, D.SIZE, D.SIZE, 0.0, 1.75)[:-1].astype(np.float32))
-    mean_latent = lat.mean(0)
-
-    def noise(x1):
-        eps = torch.randn(x1.shape, generator=g)
-        if overshoot:
-            c = overshoot * torch.rand(len(x1), generator=g) * (torch.rand(len(x1), generator=g) < 0.5)
-            eps = eps + c[:, None, None] * (x1 - mean_latent)
-        return eps
-
-    def sample_t(n):
-        t = torch.sigmoid(-1.0 + 1.75 * torch.randn(n, generator=g))
-        if schedule_t:
-            pick = torch.rand(n, generator=g) < schedule_t
-            t = torch.where(pick, sampler_t[torch.randint(0, len(sampler_t), (n,), generator=g)], t)
-        return t.clamp(1e-4, 1 - 1e-4).to(torch.bfloat16).float()  # the runtime rounds t to bfloat16 (official pipeline)
-
-    def averaged_state():
-        """The model's state dict with its parameters replaced by their moving averages."""
-        sd = {k: v.clone() for k, v in model.state_dict().items()}
-        for (name, _), a in zip(model.named_parameters(), averaged):
-            sd[name] = a.clone()
-        return sd
+    noise, sample_t = flow_sampling(g, D.SIZE, lat.mean(0), overshoot, schedule_t)
 
     t0 = time.time()
     smooth = None
@@ -325,26 +351,18 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
             combos[wrong] = torch.randint(0, len(D.TRAIN), (int(wrong.sum()),), generator=g)
             fb = [feats[strings[int(k)][form]] for k in combos]
         loss = F.mse_loss(dit_forward(model, xt, t, fb, grid), x1 - eps)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - d)
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        smooth = dit_step(model, params, opt, sched, averaged, loss, step, ema_decay, smooth)
         if step % 50 == 0 or step == steps - 1:
             log(f"dit {path.stem} step {step} loss {smooth:.4f} ({time.time() - t0:.0f} s)")
         if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
-            torch.save(averaged_state(), work / f"snapshot_{path.stem}_{step + 1}.pt")
-    model.load_state_dict(averaged_state())
+            torch.save(ema_state(model, averaged), work / f"snapshot_{path.stem}_{step + 1}.pt")
+    model.load_state_dict(ema_state(model, averaged))
     torch.save(model.state_dict(), path)
     return model.eval()
 
 
 # -- 4. save ------------------------------------------------------------------------------------
-def save(root: Path, vae, cond, unc) -> None:
+def save(root: Path, vae, cond, unc, dit_config: dict | None = None, vae_config: dict | None = None) -> None:
     """The official layout (fused attention names), through the same writer as ``gguf-dit tiny-checkpoint``."""
     from gguf_dit.converter.tiny import DIT_CLASS, VAE_CLASS, official_names, save_folder
 
@@ -355,8 +373,8 @@ def save(root: Path, vae, cond, unc) -> None:
         save_folder(d, {k: v.detach().float() for k, v in sd.items() if not k.endswith("num_batches_tracked")}, config)
 
     for sub, model in (("transformer", cond), ("unconditional_transformer", unc)):
-        fresh(root / sub, official_names(model.state_dict()), {"_class_name": DIT_CLASS, **DIT_CONFIG})
-    fresh(root / "vae", vae.state_dict(), {"_class_name": VAE_CLASS, **VAE_CONFIG})
+        fresh(root / sub, official_names(model.state_dict()), {"_class_name": DIT_CLASS, **(dit_config or DIT_CONFIG)})
+    fresh(root / "vae", vae.state_dict(), {"_class_name": VAE_CLASS, **(vae_config or VAE_CONFIG)})
     log(f"checkpoint written to {root}")
 
 

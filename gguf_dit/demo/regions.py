@@ -10,7 +10,8 @@ way (anti-aliased edges count fractionally); connected components (``skimage.mea
 * size: half the mean bounding-box side is r for all three shapes (a triangle's base and height are both 2r):
   small below ``SIZE_THRESHOLD``;
 * shape: ``extent`` (area / bounding box: square 1, circle π/4, triangle ½) measured on the coverage, with the
-  vertex count of ``approximate_polygon`` on the region's contour and ``solidity`` deciding the close cases.
+  vertex count of ``approximate_polygon`` on the region's contour deciding the close square/circle cases (solidity is
+  reported, not used).
 
 ``match(scene, found)`` pairs the asked objects with the as many largest found regions (``linear_sum_assignment`` on
 the number of agreeing attributes, then distance); an asked object with no partner scores every attribute wrong.
@@ -146,8 +147,9 @@ def score(graded: list[dict[str, list[bool]]]) -> dict:
     return acc
 
 
-def evaluate(model_dir, n: int = 90, seeds=(0,), guidance=None, preset: str = "default-20", size: int | None = None, save=None) -> dict:
-    """Score a model folder on ``n`` held-out (caption, scene) pairs (``captions.pairs("test", n, 0)``), one image per
+def evaluate(model_dir, n: int = 90, seeds=(0,), guidance=None, preset: str = "default-20", size: int | None = None, save=None,
+             part: str = "test", threads: int | None = None) -> dict:
+    """Score a model folder on ``n`` (caption, scene) pairs (``captions.pairs(part, n, 0)``: held out by default), one image per
     (pair, seed) through the real pipeline at ``size`` (default: the model's default size); ``guidance`` overrides the
     preset's (1 = no CFG). Returns ``score`` plus the per-image results."""
     from gguf_dit.runtime.model_files import ModelFiles
@@ -156,8 +158,8 @@ def evaluate(model_dir, n: int = 90, seeds=(0,), guidance=None, preset: str = "d
 
     from . import captions as C
 
-    test = C.pairs("test", n, 0)
-    pipe = Pipeline(ModelFiles.find(model_dir))
+    test = C.pairs(part, n, 0)
+    pipe = Pipeline(ModelFiles.find(model_dir), threads=threads)
     try:
         side = size or pipe.header.default_size
         feats = pipe.encode([C.encoder_string(c) for c, _ in test])
