@@ -179,7 +179,7 @@ def test_minimal_pairs_differ_in_one_synonym():
 
 def test_training_script_128_is_deterministic(tmp_path):
     """Two runs of the work-in-progress scripts/train_demo128.py (a few steps per stage, every stage) write identical
-    checkpoint and tokenizer bytes, and a converted model folder."""
+    checkpoint and tokenizer bytes, and a converted model folder that ``regions.evaluate`` can score."""
     import hashlib
     import subprocess
 
@@ -195,3 +195,8 @@ def test_training_script_128_is_deterministic(tmp_path):
         hashes.append({str(f.relative_to(tmp_path / run)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files})
     assert len(hashes[0]) == 5 and hashes[0] == hashes[1]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.gguf")) == ["text_encoder.gguf", "transformer.gguf", "unconditional_transformer.gguf", "vae.gguf"]
+    # regions.evaluate runs the converted model through the real pipeline at its default size and grades every picture
+    r = R.evaluate(tmp_path / "out", 2, guidance=1.0, part="train", threads=1)
+    assert r["n"] == 2 and [res["caption"] for res in r["results"]] == [C.caption_text(c) for c, _ in C.pairs("train", 2, 0)]
+    assert all(set(res["graded"]) >= {"background", "colour", "position", "shape", "count"} for res in r["results"])
+    assert 0.0 <= r["all_attributes"] <= 1.0
