@@ -200,3 +200,12 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert r["n"] == 2 and [res["caption"] for res in r["results"]] == [C.caption_text(c) for c, _ in C.pairs("train", 2, 0)]
     assert all(set(res["graded"]) >= {"background", "colour", "position", "shape", "count"} for res in r["results"])
     assert 0.0 <= r["all_attributes"] <= 1.0
+    # scripts/demo128_checks.py on that work folder: the caption check prints right/wrong losses at its three t, and
+    # a guidance-1 draw of the weights it saved is scored on the asked number of held-out prompts
+    checks = [sys.executable, str(ROOT / "scripts" / "demo128_checks.py")]
+    work = ["--work", str(tmp_path / "a" / "work"), "--threads", "1"]
+    out = subprocess.run([*checks, "caption", *work, "--feats", "oracle", "--captions", "24", "--steps", "2", "--every", "2", "--batch", "4",
+                          "--save", str(tmp_path / "oracle.pt")], check=True, capture_output=True, text=True).stdout
+    assert re.search(r"^step 2 \| t=0.02: right \d+\.\d+ wrong \d+\.\d+ \| t=0.2: .* \| t=0.5: ", out, re.M), out
+    out = subprocess.run([*checks, "draw", str(tmp_path / "oracle.pt"), *work, "--feats", "oracle", "--n", "3"], check=True, capture_output=True, text=True).stdout
+    assert "'n': 3" in out and "'all_attributes': " in out, out
