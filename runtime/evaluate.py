@@ -96,17 +96,33 @@ def _weights(gen: Generator, components: tuple[str, ...]) -> dict:
     return out
 
 
-def _demo_combos(prompts, height: int, width: int) -> list | None:
-    """Each prompt's demo combination (shape, colour, position), or None where it is not one of the demo's captions
-    (plain or JSON, as the encoder sees them); None when no prompt is, or the size is not the demo's 64×64. Decided by
-    the prompts, not the files: a retrained or re-converted demo model is scored too."""
+DEMO_ATTRIBUTES = {"64": "colour, position, shape", "128": "background; per object colour, position, shape, size"}
+
+
+def _demo_targets(prompts, height: int, width: int) -> list | None:
+    """What each prompt asks of a demo model, or None where it asks nothing the demo scorers read; None when no prompt
+    does. At 64×64, a caption of the 64×64 demo (``demo.data``: plain or JSON, exactly as the encoder sees it) is a
+    ("combo", (shape, colour, position)); any other caption that ``demo.captions.read`` understands is a
+    ("scene", Scene) of the 128×128 demo, read back at any size by ``demo.regions``. Decided by the prompts and the size,
+    not the files: a retrained or re-converted demo model is scored too."""
+    import json
+
+    from gguf_dit.demo import captions
     from gguf_dit.demo.data import COMBOS, SIZE, encoder_strings
 
-    if (height, width) != (SIZE, SIZE):
-        return None
-    known = {s: k for k in COMBOS for s in encoder_strings(*k)}
-    combos = [known.get(p.text) for p in prompts]
-    return combos if any(combos) else None
+    known = {s: k for k in COMBOS for s in encoder_strings(*k)} if (height, width) == (SIZE, SIZE) else {}
+    out: list = []
+    for p in prompts:
+        if p.text in known:
+            out.append(("combo", known[p.text]))
+            continue
+        try:
+            cap = json.loads(p.original) if p.source == "json" else (p.original or p.text)
+        except ValueError:
+            cap = None
+        scene = captions.read(cap) if isinstance(cap, (str, dict)) else None
+        out.append(("scene", scene) if scene is not None else None)
+    return out if any(out) else None
 
 
 def _sample(cond, uncond, feats, h, w, settings, noise, record: bool):
@@ -216,17 +232,30 @@ def evaluate(reference: str | Path, candidate: str | Path, prompts: Prompts, *, 
         im["psnr_db"] = _finite(psnr(mse))
         im["ssim"] = float(structural_similarity(a, b, channel_axis=-1, data_range=255))
 
-    combos = _demo_combos(prompt_of, h, w)
-    if combos is not None:
-        from gguf_dit.demo.score import analyse, score
+    targets = _demo_targets(prompt_of, h, w)
+    if targets is not None:
+        from dataclasses import asdict
 
+        from gguf_dit.demo import regions, score as combo_score
+
+        kinds = {t[0] for t in targets if t is not None}
         for name in ("reference", "candidate"):
-            found = []
-            for im, k, img in zip(images, combos, pix[name]):
-                if k is not None:
-                    found.append((k, analyse(img)))
-                    im.setdefault("demo", {"combo": list(k)})[name] = found[-1][1]
-            sides[name]["demo_score"] = score(found) | {"n": len(found)}
+            combos, graded = [], []
+            for im, target, img in zip(images, targets, pix[name]):
+                if target is None:
+                    continue
+                kind, asked = target
+                if kind == "combo":
+                    found = combo_score.analyse(img)
+                    combos.append((asked, found))
+                    im.setdefault("demo", {"combo": list(asked)})[name] = found
+                else:
+                    found = regions.analyse(img)
+                    graded.append(regions.grade(asked, found))
+                    im.setdefault("demo", {"scene": asdict(asked)})[name] = found | {"graded": graded[-1]}
+            # one world per report: the 128×128 demo's attributes when any prompt is one of its scenes
+            sides[name]["demo_score"] = (regions.score(graded) | {"world": "128", "n": len(graded)} if "scene" in kinds
+                                         else combo_score.score(combos) | {"world": "64", "n": len(combos)})
     for name, gen, secs in (("reference", ref, r_secs), ("candidate", cand, c_secs)):
         wts = _weights(gen, components)
         sides[name] |= {"given": str(reference if name == "reference" else candidate), "backbones": wts,
@@ -325,7 +354,7 @@ def render(report: dict, console) -> None:
     console.print(cost)
     sc = report["reference"]["demo_score"]
     console.print(f"MB: both backbones' weights; s/image: sampling (decoding, by the reference's VAE: {report['decode_seconds_per_image']:.2f} s/image)"
-                  + (f"; score: the demo's prompt following (colour, position, shape) on {sc['n']} image(s)" if sc else ""))
+                  + (f"; score: the demo's prompt following ({DEMO_ATTRIBUTES[sc['world']]}) on {sc['n']} image(s)" if sc else ""))
     for name in ("reference", "candidate"):
         console.print(f"{name}: " + ", ".join(b["path"] for b in report[name]["backbones"].values()), soft_wrap=True)
     console.print(f"eval took {report['wall_seconds']:.1f} s (the candidate's teacher-forced evaluations: "

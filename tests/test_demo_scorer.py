@@ -177,8 +177,46 @@ def test_minimal_pairs_differ_in_one_synonym():
     assert other <= 0.01 * len(pairs), other
 
 
+def test_place_labels_and_the_place_reader_score():
+    """The place reader's targets (per place: present, shape, colour, size) and its "places right" share: a reader
+    that outputs the targets reads every place right; one wrong attribute of one object costs exactly that place."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import torch
+
+        import train_demo128 as T
+    finally:
+        sys.path.pop(0)
+    scenes = [Scene((Obj("triangle", "blue", "top left", "small"), Obj("circle", "white", "right")), "purple"), Scene((Obj("square", "red", "centre", "large"),))]
+    lab = T.place_labels(scenes)
+    places = list(S.POSITIONS)
+    assert lab[0, places.index("top left")].tolist() == [1, 2, 2, 0] and lab[0, places.index("right")].tolist() == [1, 0, 4, 2]
+    assert lab[1, places.index("centre")].tolist() == [1, 1, 0, 1] and int(lab[..., 0].sum()) == 3
+    bg = torch.tensor([3, 0])
+
+    def oracle(lab):
+        class Perfect(torch.nn.Module):
+            def forward(self, feats, valid):
+                parts = [F.one_hot(lab[..., k], n).float() * 50 for k, n in enumerate(T.PlaceReader.OUT.values())]
+                return torch.cat(parts, -1), F.one_hot(bg, len(S.BACKGROUNDS)).float() * 50
+        return Perfect()
+
+    import torch.nn.functional as F
+
+    x, valid = torch.zeros(2, 3, 416), torch.ones(2, 3, dtype=torch.bool)
+    loss, right = T.place_loss(oracle(lab), x, valid, lab, bg)
+    assert right == 1.0 and float(loss) < 1e-6
+    wrong = lab.clone()
+    wrong[0, places.index("right"), 2] = 0  # the white circle read as red
+    _, right = T.place_loss(oracle(wrong), x, valid, lab, bg)
+    assert right == pytest.approx(17 / 18)
+    # the real reader runs on features of the DiT's width and gives one row per place
+    lo, lb = T.PlaceReader()(torch.randn(2, 5, 416), valid[:, :1].expand(2, 5))
+    assert lo.shape == (2, 9, sum(T.PlaceReader.OUT.values())) and lb.shape == (2, 4)
+
+
 def test_training_script_128_is_deterministic(tmp_path):
-    """Two runs of the work-in-progress scripts/train_demo128.py (a few steps per stage, every stage) write identical
+    """Two runs of scripts/train_demo128.py (the embedded demo's recipe; a few steps per stage, every stage) write identical
     checkpoint and tokenizer bytes, and a converted model folder that ``regions.evaluate`` can score."""
     import hashlib
     import subprocess
@@ -186,7 +224,7 @@ def test_training_script_128_is_deterministic(tmp_path):
     hashes = []
     for run in ("a", "b"):
         cmd = [sys.executable, str(ROOT / "scripts" / "train_demo128.py"), "--root", str(tmp_path / run / "ckpt"), "--work", str(tmp_path / run / "work"),
-               "--language-pairs", "40", "--language-steps", "3", "--captions", "24", "--images-per-caption", "1", "--vae-steps", "3",
+               "--language-pairs", "40", "--language-steps", "3", "--place-steps", "3", "--captions", "24", "--images-per-caption", "1", "--vae-steps", "3",
                "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--batch", "4", "--threads", "2"]
         if run == "a":
             cmd += ["--convert-to", str(tmp_path / "out")]
@@ -209,3 +247,20 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert re.search(r"^step 2 \| t=0.02: right \d+\.\d+ wrong \d+\.\d+ \| t=0.2: .* \| t=0.5: ", out, re.M), out
     out = subprocess.run([*checks, "draw", str(tmp_path / "oracle.pt"), *work, "--feats", "oracle", "--n", "3"], check=True, capture_output=True, text=True).stdout
     assert "'n': 3" in out and "'all_attributes': " in out, out
+
+
+def test_read_inverts_the_caption_writer():
+    """captions.read gives back the exact scene of every caption the writer makes (train, test and language parts,
+    plain and JSON: its ``high_level_description``), and None for prompts outside the vocabulary or ambiguous ones."""
+    n = 0
+    for part in ("train", "test", "language"):
+        for cap, scene in C.pairs(part, 1500, 11):
+            assert C.read(cap) == scene, (C.caption_text(cap), scene)
+            n += isinstance(cap, dict)
+    assert n > 500  # JSON captions were among them
+    assert C.read("The README example: A red circle on the left and a blue square on the right.") == Scene(
+        (Obj("circle", "red", "left"), Obj("square", "blue", "right")))
+    for other in ("Something the demo never saw.", "a red circle", "a circle on the left", "a red circle on the left and on the right",
+                  "a red circle on the left on a blue and white background", "three red circles on the left, right and top",
+                  "a white circle on the left on a white background", {"style_description": {}}):
+        assert C.read(other) is None, other

@@ -60,15 +60,16 @@ def test_a_model_against_itself_costs_nothing_and_the_json_has_its_schema(cli, t
     """The embedded demo model against itself: every error exactly 0, PSNR infinite (printed "inf", JSON null), SSIM 1,
     the demo scorer's result identical on both sides; the JSON names every documented field."""
     prompts = tmp_path / "p.txt"
-    prompts.write_text("A red circle on the left.\nSomething the demo never saw.\n")
+    prompts.write_text("A red circle on the left and a blue square on the right.\nSomething the demo never saw.\n")
     out = tmp_path / "r.json"
     code, stdout, err = cli("eval", DEMO, DEMO, "--prompts", prompts, "--steps", "3", "--seeds", "2", "--json", out, "-q")
     assert code == 0, err
     assert "inf" in stdout and "total" in stdout
     r = json.loads(out.read_text())
     assert r["schema"] == "gguf-dit-eval/1"
+    side = int(GGUFReader(DEMO / "transformer.gguf").fields["gguf_dit.default_size"].contents())  # the demo's default size
     s = r["settings"]
-    assert (s["steps"], s["width"], s["height"], s["seeds"]) == (3, 64, 64, [0, 1, 2, 3]) and len(s["guidance"]) == len(s["t"]) == 3
+    assert (s["steps"], s["width"], s["height"], s["seeds"]) == (3, side, side, [0, 1, 2, 3]) and len(s["guidance"]) == len(s["t"]) == 3
     assert len(r["images"]) == 4
     for im in r["images"]:
         assert set(im) >= {"prompt", "line", "seed", "velocity_error", "latent_error", "final_latent_error", "psnr_db", "ssim"}
@@ -83,12 +84,36 @@ def test_a_model_against_itself_costs_nothing_and_the_json_has_its_schema(cli, t
         d = r[side]
         assert d["weight_bytes"] == expected and set(d["backbones"]) == {"transformer", "unconditional_transformer"}
         assert d["sample_seconds_per_image"] > 0 and d["load_seconds"] >= 0
-        assert d["demo_score"]["n"] == 2  # only the demo's own caption is scored (two seeds)
+        assert d["demo_score"]["n"] == 2 and d["demo_score"]["world"] == "128"  # only the demo's own caption is scored (two seeds)
+        assert {"background", "colour", "position", "shape", "size", "all_attributes", "count"} <= set(d["demo_score"])
     assert r["reference"]["demo_score"] == r["candidate"]["demo_score"]
     assert [im["demo"]["reference"] == im["demo"]["candidate"] for im in r["images"][:2]] == [True, True]
+    assert r["images"][0]["demo"]["scene"] == {"objects": [{"shape": "circle", "colour": "red", "position": "left", "size": None},
+                                                           {"shape": "square", "colour": "blue", "position": "right", "size": None}],
+                                               "background": "grey"}
+    assert set(r["images"][0]["demo"]["reference"]["graded"]) == {"background", "colour", "position", "shape", "count"}
     assert "demo" not in r["images"][2]
     code, _, err = cli("eval", DEMO, DEMO, "--prompts", prompts, "--steps", "1", "--json", out, "-q")
     assert code == 2 and "already exists" in err and str(out) in err
+
+
+def test_demo_targets_pick_the_world_by_prompt_and_size():
+    """Which demo scorer reads which prompt: a 64×64 demo caption at 64×64 is a (shape, colour, position) combination;
+    any caption demo.captions.read understands (plain or JSON) is a 128×128-demo scene at any size; others nothing."""
+    from gguf_dit.demo.scene import Obj, Scene
+    from gguf_dit.runtime.caption import prompt_from_string
+    from gguf_dit.runtime.evaluate import _demo_targets
+
+    old = prompt_from_string("A red circle on the left.")
+    two = prompt_from_string("a small crimson disc on the left-hand side and a big box in cobalt on the right, against white")
+    js = prompt_from_string(json.dumps({"high_level_description": "A green triangle at the bottom on a purple background.",
+                                        "compositional_deconstruction": {"background": "Purple.", "elements": [{"type": "obj", "desc": "A green triangle."}]}}))
+    junk = prompt_from_string("Something the demo never saw.")
+    scene2 = Scene((Obj("circle", "red", "left", "small"), Obj("square", "blue", "right", "large")), "white")
+    assert _demo_targets([old, two, js, junk], 64, 64) == [("combo", ("circle", "red", "left")), ("scene", scene2),
+                                                           ("scene", Scene((Obj("triangle", "green", "bottom"),), "purple")), None]
+    assert _demo_targets([old, junk], 128, 128) == [("scene", Scene((Obj("circle", "red", "left"),))), None]
+    assert _demo_targets([junk], 128, 128) is None
 
 
 def test_error_grows_with_the_perturbation_and_is_measured_per_backbone(models, tmp_path):

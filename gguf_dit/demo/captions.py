@@ -297,3 +297,52 @@ def caption_text(caption: str | dict) -> str:
     import json
 
     return caption if isinstance(caption, str) else json.dumps(caption, ensure_ascii=False)
+
+
+_PHRASES = sorted(((w, attr, v) for attr, table in (("shape", SHAPE_WORDS), ("colour", COLOUR_WORDS), ("position", POSITION_WORDS), ("size", SIZE_WORDS))
+                   for v, ws in table.items() for w in ws), key=lambda p: -len(p[0]))
+_LOOKUP = {w: (attr, v) for w, attr, v in _PHRASES}
+_PHRASE_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w, _, _ in _PHRASES) + r")(?![\w])")
+_COLOUR_TO_SHAPE = ("", " ", " coloured ", "-colored ")  # what may stand between an object's colour and its shape
+
+
+def read(caption: str | dict) -> Scene | None:
+    """The scene a caption in this module's vocabulary asks for (a JSON caption: its ``high_level_description``),
+    or None when it is not one: every object is a shape word with its colour just before it ("red circle", "red
+    coloured circle", "red-colored circle") or after it ("circle in red"), an optional size word before that, and
+    one place phrase, places in the same order as the objects; a colour word outside every object is the
+    background (default grey). The inverse of ``pairs``' writer; a prompt written otherwise may be misread."""
+    if isinstance(caption, dict):
+        caption = caption.get("high_level_description")
+        if not isinstance(caption, str):
+            return None
+    text = caption.lower()
+    toks = [(m.start(), m.end(), *_LOOKUP[m.group(1)]) for m in _PHRASE_RE.finditer(text)]
+    used: set[int] = set()
+    objs: list[dict] = []
+    for i, (s0, _, attr, value) in enumerate(toks):
+        if attr != "shape":
+            continue
+        o = {"shape": value}
+        k = i - 1
+        if k >= 0 and toks[k][2] == "colour" and text[toks[k][1]:s0] in _COLOUR_TO_SHAPE:
+            o["colour"], used = toks[k][3], used | {k}
+        elif i + 1 < len(toks) and toks[i + 1][2] == "colour" and text[toks[i][1]:toks[i + 1][0]] == " in ":
+            o["colour"], used = toks[i + 1][3], used | {i + 1}
+            k = i
+        else:
+            return None
+        j = k - 1 if k < i else i - 1
+        if j >= 0 and toks[j][2] == "size" and text[toks[j][1]:toks[j + 1][0]] == " ":
+            o["size"], used = toks[j][3], used | {j}
+        objs.append(o)
+        used.add(i)
+    places = [t[3] for t in toks if t[2] == "position"]
+    rest = [t for i, t in enumerate(toks) if i not in used and t[2] != "position"]
+    if not 1 <= len(objs) <= 2 or len(places) != len(objs) or any(t[2] != "colour" for t in rest) or len({t[3] for t in rest}) > 1:
+        return None
+    try:
+        return Scene(tuple(Obj(o["shape"], o["colour"], p, o.get("size")) for o, p in zip(objs, places)),
+                     rest[0][3] if rest else DEFAULT_BACKGROUND)
+    except ValueError:
+        return None
