@@ -238,6 +238,11 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert r["n"] == 2 and [res["caption"] for res in r["results"]] == [C.caption_text(c) for c, _ in C.pairs("train", 2, 0)]
     assert all(set(res["graded"]) >= {"background", "colour", "position", "shape", "count"} for res in r["results"])
     assert 0.0 <= r["all_attributes"] <= 1.0
+    # scripts/evaluate_demo128.py prints one table row per guidance for the same folder
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_demo128.py"), str(tmp_path / "out"), "--n", "2", "--part", "train",
+                          "--guidance", "1", "--threads", "1"], check=True, capture_output=True, text=True).stdout
+    row = next(ln for ln in out.splitlines() if ln.startswith("| 1 |"))
+    assert row.split("|")[7].strip() == f"{r['all_attributes']:.1%}" and row.split("|")[9].strip() == "2", out
     # scripts/demo128_checks.py on that work folder: the caption check prints right/wrong losses at its three t, and
     # a guidance-1 draw of the weights it saved is scored on the asked number of held-out prompts
     checks = [sys.executable, str(ROOT / "scripts" / "demo128_checks.py")]
