@@ -238,7 +238,9 @@ def evaluate(reference: str | Path, candidate: str | Path, prompts: Prompts, *, 
 
         from gguf_dit.demo import regions, score as combo_score
 
-        kinds = {t[0] for t in targets if t is not None}
+        # one world per report: the 128×128 demo's when any prompt is one of its scenes; the other world's prompts drop out
+        world = "scene" if any(t is not None and t[0] == "scene" for t in targets) else "combo"
+        targets = [t if t is not None and t[0] == world else None for t in targets]
         for name in ("reference", "candidate"):
             combos, graded = [], []
             for im, target, img in zip(images, targets, pix[name]):
@@ -253,8 +255,7 @@ def evaluate(reference: str | Path, candidate: str | Path, prompts: Prompts, *, 
                     found = regions.analyse(img)
                     graded.append(regions.grade(asked, found))
                     im.setdefault("demo", {"scene": asdict(asked)})[name] = found | {"graded": graded[-1]}
-            # one world per report: the 128×128 demo's attributes when any prompt is one of its scenes
-            sides[name]["demo_score"] = (regions.score(graded) | {"world": "128", "n": len(graded)} if "scene" in kinds
+            sides[name]["demo_score"] = (regions.score(graded) | {"world": "128", "n": len(graded)} if world == "scene"
                                          else combo_score.score(combos) | {"world": "64", "n": len(combos)})
     for name, gen, secs in (("reference", ref, r_secs), ("candidate", cand, c_secs)):
         wts = _weights(gen, components)

@@ -2,7 +2,8 @@
 
     python scripts/train_demo128.py --root /tmp/demo128_ckpt --work /tmp/demo128_work --convert-to /tmp/demo128
 
-The defaults are the recipe measured in docs/demo.md ("How the 128×128 recipe was found"); ``--root`` is its float
+The defaults are the recipe measured in docs/demo.md ("Toward a 128×128 demo (issue 13): how the recipe was
+found"); ``--root`` is its float
 checkpoint. About 75 minutes on a 2-core AMD EPYC (Zen 5, AVX512_BF16). Needs the test extras (diffusers,
 transformers).
 
@@ -614,7 +615,7 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
     # "Where am I": RoPE gives attention only relative positions, and a caption's words sit at a different text
     # position in every caption, so an image token cannot match "on the left" by position alone; it must first know
     # its own place. A linear probe on the first block's image tokens, trained with the model and never saved,
-    # asks for it (docs/demo.md, "How the 128×128 recipe was found").
+    # asks for it (docs/demo.md, "Toward a 128×128 demo").
     n_img = (SIZE // 16) ** 2
     where = torch.nn.Linear(DIT_CONFIG["attention_head_dim"] * DIT_CONFIG["num_attention_heads"], n_img) if where_weight else None
     first: dict = {}
@@ -648,7 +649,8 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
             v = dit_forward(model, xt, t, fb, grid)
         if objects is not None and object_weight != 1.0:
             # Objects cover a few percent of a picture: at plain MSE, predicting the background alone from the caption
-            # is almost all the loss there is to gain at small t (measured: E[x1 | caption] showed no objects at all)
+            # is almost all the loss there is to gain at small t (measured: E[x1 | caption] showed no objects at all).
+            # main() passes ``objects`` to the conditional phases only: the image-only backbone trains at plain MSE.
             w = 1 + (object_weight - 1) * objects[idx].float()
             loss = (((v.float() - (x1 - eps)) ** 2).mean(-1) * w).mean() / w.mean()
         else:

@@ -180,10 +180,11 @@ def test_minimal_pairs_differ_in_one_synonym():
 def test_place_labels_and_the_place_reader_score():
     """The place reader's targets (per place: present, shape, colour, size) and its "places right" share: a reader
     that outputs the targets reads every place right; one wrong attribute of one object costs exactly that place."""
+    import torch
+    import torch.nn.functional as F
+
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        import torch
-
         import train_demo128 as T
     finally:
         sys.path.pop(0)
@@ -201,8 +202,6 @@ def test_place_labels_and_the_place_reader_score():
                 return torch.cat(parts, -1), F.one_hot(bg, len(S.BACKGROUNDS)).float() * 50
         return Perfect()
 
-    import torch.nn.functional as F
-
     x, valid = torch.zeros(2, 3, 416), torch.ones(2, 3, dtype=torch.bool)
     loss, right = T.place_loss(oracle(lab), x, valid, lab, bg)
     assert right == 1.0 and float(loss) < 1e-6
@@ -216,7 +215,7 @@ def test_place_labels_and_the_place_reader_score():
 
 
 def test_training_script_128_is_deterministic(tmp_path):
-    """Two runs of scripts/train_demo128.py (the embedded demo's recipe; a few steps per stage, every stage) write identical
+    """Two runs of scripts/train_demo128.py (issue 13's 128×128 recipe; a few steps per stage, every stage) write identical
     checkpoint and tokenizer bytes, and a converted model folder that ``regions.evaluate`` can score."""
     import hashlib
     import subprocess

@@ -67,9 +67,9 @@ def test_a_model_against_itself_costs_nothing_and_the_json_has_its_schema(cli, t
     assert "inf" in stdout and "total" in stdout
     r = json.loads(out.read_text())
     assert r["schema"] == "gguf-dit-eval/1"
-    side = int(GGUFReader(DEMO / "transformer.gguf").fields["gguf_dit.default_size"].contents())  # the demo's default size
+    default = int(GGUFReader(DEMO / "transformer.gguf").fields["gguf_dit.default_size"].contents())  # the demo's default size
     s = r["settings"]
-    assert (s["steps"], s["width"], s["height"], s["seeds"]) == (3, side, side, [0, 1, 2, 3]) and len(s["guidance"]) == len(s["t"]) == 3
+    assert (s["steps"], s["width"], s["height"], s["seeds"]) == (3, default, default, [0, 1, 2, 3]) and len(s["guidance"]) == len(s["t"]) == 3
     assert len(r["images"]) == 4
     for im in r["images"]:
         assert set(im) >= {"prompt", "line", "seed", "velocity_error", "latent_error", "final_latent_error", "psnr_db", "ssim"}
