@@ -15,8 +15,8 @@ mid-range t, x_t already shows the picture and the two are close even in a model
 416-d token per attribute: what perfect features would give; a reference for how fast the DiT can learn),
 ``random`` (noise of the features' shapes: nothing to read).
 
-``draw`` samples held-out prompts with a torch Euler loop on the runtime's default-20 schedule (guidance 1: the
-conditional backbone alone), decodes with the work folder's VAE and scores with ``regions``. A quick look at a
+``draw`` samples held-out prompts with a torch Euler loop on the runtime's default-20 schedule (by default guidance
+1, the conditional backbone alone; ``--uncond STATE --guidance preset`` for the preset's guidance), decodes with the work folder's VAE and scores with ``regions``. A quick look at a
 snapshot, not the shipped path (``regions.evaluate`` runs converted files through the real pipeline).
 """
 
@@ -137,21 +137,41 @@ def draw(a) -> None:
         finally:
             enc.close()
     model = new_dit(a.state).eval()
-    st = resolve_settings("default-20", guidance=1.0)
+    unc = new_dit(a.uncond).eval() if a.uncond else None
+    st = resolve_settings(a.preset, guidance=None if a.guidance == "preset" else a.guidance)
+    if unc is None and any(g != 1.0 for g in st.guidance):
+        raise SystemExit("guidance other than 1 needs --uncond")
     ts = timesteps(st.steps, S.SIZE, S.SIZE, st.mu, st.std)
     z = torch.randn(len(test), GRID[0] * GRID[1], 128, generator=torch.Generator().manual_seed(0))
     vae = AutoencoderKLFlux2(**T.VAE_CONFIG)
-    vae.load_state_dict(torch.load(a.work / "vae.pt"))
+    vae.load_state_dict(torch.load(a.vae or a.work / "vae_decoder.pt"))
     with torch.no_grad():
         for k in range(st.steps):
             t = torch.full((len(test),), float(ts[k])).to(torch.bfloat16).float()
-            z = z + dit_forward(model, z, t, feats, GRID) * (float(ts[k + 1]) - float(ts[k]))
+            v = dit_forward(model, z, t, feats, GRID)
+            if st.guidance[k] != 1.0:
+                vu = dit_forward(unc, z, t, None, GRID)
+                if a.trace:  # the table of docs/demo.md: how far the two backbones disagree along the guided path
+                    print(f"step {k} t {float(ts[k]):.3f} rms x {z.pow(2).mean().sqrt():.2f} rms v_c - v_u {(v - vu).pow(2).mean().sqrt():.3f}")
+                v = vu + st.guidance[k] * (v - vu)
+            z = z + v * (float(ts[k + 1]) - float(ts[k]))
         lat = z * torch.from_numpy(LATENT_SCALE.copy()) + torch.from_numpy(LATENT_SHIFT.copy())  # inverse of latent_tokens
         lat = lat.view(-1, *GRID, 2, 2, 32).permute(0, 5, 1, 3, 2, 4).reshape(-1, 32, 2 * GRID[0], 2 * GRID[1])
         img = vae.eval().decode(lat).sample
     img = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    r = R.score([R.grade(sc, R.analyse(im)) for (_, sc), im in zip(test, img)])
-    print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
+    graded = [R.grade(sc, R.analyse(im)) for (_, sc), im in zip(test, img)]
+    for label, keep in (("all", lambda sc: True), ("one object", lambda sc: len(sc.objects) == 1), ("two objects", lambda sc: len(sc.objects) == 2)):
+        r = R.score([g for (_, sc), g in zip(test, graded) if keep(sc)])
+        print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
+    # Per object: is its colour drawn right, split by whether training ever showed that colour on that background
+    # and that (shape, colour, place) triple (captions.SPLIT holds both out).
+    for label, held in (("held-out colour/background", lambda o, sc: (o.colour, sc.background) in C.SPLIT.colour_bg),
+                        ("held-out triple", lambda o, sc: (o.shape, o.colour, o.position) in C.SPLIT.triples)):
+        for inside in (True, False):
+            objs = [(o, f) for (_, sc), im in zip(test, img) for o, f in zip(sc.objects, R.match(sc, R.analyse(im)["objects"])) if held(o, sc) == inside]
+            if objs:
+                right = {k: np.mean([f is not None and f[k] == getattr(o, k) for o, f in objs]) for k in ("colour", "shape", "position")}
+                print(f"{label} {'yes' if inside else 'no'} ({len(objs)} objects): " + ", ".join(f"{k} {v:.3f}" for k, v in right.items()))
     if a.save:
         from PIL import Image
 
@@ -179,6 +199,11 @@ def main(argv=None) -> None:
     d.add_argument("state", type=Path, help="a conditional DiT state dict (a snapshot, cond.pt, or caption --save)")
     d.add_argument("--n", type=int, default=30)
     d.add_argument("--part", default="test", help="captions.pairs part: test (held out) or train")
+    d.add_argument("--uncond", type=Path, help="the unconditional backbone's state dict (for guidance other than 1)")
+    d.add_argument("--preset", default="default-20")
+    d.add_argument("--vae", type=Path, help="VAE state dict (default: the work folder's vae_decoder.pt)")
+    d.add_argument("--trace", action="store_true", help="print, per guided step, rms of x and of v_cond - v_uncond")
+    d.add_argument("--guidance", default="1", help="guidance schedule (parse_guidance syntax); \"preset\": the preset's own")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     (caption if a.cmd == "caption" else draw)(a)

@@ -4,7 +4,7 @@
 
 The defaults are the recipe measured in docs/demo.md ("Toward a 128×128 demo (issue 13): how the recipe was
 found"); ``--root`` is its float
-checkpoint. About 75 minutes on a 2-core AMD EPYC (Zen 5, AVX512_BF16). Needs the test extras (diffusers,
+checkpoint. About 85 minutes on a 2-core AMD EPYC (Zen 5, AVX512_BF16; docs/demo.md has the stage times). Needs the test extras (diffusers,
 transformers).
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
@@ -34,8 +34,10 @@ Stages, each cached under --work (delete a file to redo its stage):
    one trained on image-only samples, so that the two make the same errors where the caption no longer matters.
    Saved weights are exponential moving averages. The matmuls run under bfloat16 autocast (``--precision``). The
    tokens an object covers weigh 10× in the loss (``--object-weight``), and a probe on the first block's image tokens
-   that must name each token's place (``--where-weight``) is trained with it and dropped.
-5. decoder: the VAE decoder is fine-tuned on full 128×128 pictures with the encoder frozen (same latent space).
+   that must name each token's place (``--where-weight``) is trained with the first phase and dropped. Last, two
+   rounds of ``stage_guided``: both backbones learn the states the preset's own guidance puts them in.
+5. decoder: the VAE decoder is fine-tuned on full 128×128 pictures of every attribute combination with the encoder
+   frozen (same latent space; ``image_scenes``).
 6. save: ``text_encoder/``, ``transformer/``, ``unconditional_transformer/`` and ``vae/`` in the official layout;
    with ``--convert-to``, the ``CONVERT`` commands below (the real ``gguf-dit convert``).
 
@@ -74,6 +76,16 @@ SIZE = S.SIZE
 # -- data ---------------------------------------------------------------------------------------
 def train_pairs(n: int, seed: int) -> list[tuple[str | dict, S.Scene]]:
     return C.pairs("train", n, seed)
+
+
+def image_scenes(n: int, seed: int) -> list[S.Scene]:
+    """n scenes of every combination, for the decoder's fine-tune. The autoencoder never sees a caption, and like a
+    real one (FLUX.2's has seen every colour on every colour) it must draw any picture: fine-tuned on the training
+    captions' scenes only, it had never drawn a blue object on yellow or a white one on purple (the split's held-out
+    colour/background pairs) and drew half of those objects' colours wrong after a round trip (docs/demo.md). The
+    encoder, hence the latent space the DiT learns, stays on the training scenes, and the DiT, which reads the
+    captions, never sees a held-out combination."""
+    return [s for _, s in C.pairs("language", n, seed + 99)]
 
 
 def render_all(scenes, per_scene: int, seed: int) -> np.ndarray:
@@ -650,7 +662,6 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
         if objects is not None and object_weight != 1.0:
             # Objects cover a few percent of a picture: at plain MSE, predicting the background alone from the caption
             # is almost all the loss there is to gain at small t (measured: E[x1 | caption] showed no objects at all).
-            # main() passes ``objects`` to the conditional phases only: the image-only backbone trains at plain MSE.
             w = 1 + (object_weight - 1) * objects[idx].float()
             loss = (((v.float() - (x1 - eps)) ** 2).mean(-1) * w).mean() / w.mean()
         else:
@@ -668,6 +679,97 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
     model.load_state_dict(ema_state(model, averaged))
     torch.save(model.state_dict(), path)
     return model.eval()
+
+
+def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, guidance: float = 7.0):
+    """n states of the sampler's own guided trajectories: a training sample's caption, fresh noise, then k (uniform in
+    1..k_max) Euler steps of the default-20 schedule at ``guidance``. Returns (sample index, state, its t)."""
+    from gguf_dit.runtime.schedule import timesteps
+
+    lat, cap_idx = data
+    ts = [float(x) for x in timesteps(20, SIZE, SIZE, 0.0, 1.75)]
+    grid = (SIZE // 16, SIZE // 16)
+    idx_all = pool[torch.randint(0, len(pool), (n,), generator=g)]
+    k_all = torch.randint(1, k_max + 1, (n,), generator=g)
+    states = torch.empty(n, *lat.shape[1:])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in range(0, n, 64):
+            idx, ks = idx_all[s:s + 64], k_all[s:s + 64]
+            z = torch.randn(len(idx), *lat.shape[1:], generator=g)
+            fb = [feats[int(cap_idx[i])] for i in idx]
+            for k in range(k_max):
+                t = torch.full((len(idx),), ts[k]).to(torch.bfloat16).float()
+                vc, vu = dit_forward(cond, z, t, fb, grid).float(), dit_forward(unc, z, t, None, grid).float()
+                z = z + (vu + guidance * (vc - vu)) * (ts[k + 1] - ts[k])
+                states[s:s + 64][ks == k + 1] = z[ks == k + 1]
+    t_all = torch.tensor([ts[int(k)] for k in k_all]).to(torch.bfloat16).float()  # the runtime rounds t to bfloat16
+    return idx_all, states, t_all
+
+
+def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int], steps: int, seed: int, batch: int, *,
+                 n_states: int = 2048, share: float = 0.5, objects: torch.Tensor | None = None, object_weight: float = 1.0,
+                 bf16: bool = True):
+    """Teach both backbones the states the preset's guidance puts them in. At 128×128 the schedule's first step goes
+    from t = 0 to 0.184 with seven times the two backbones' disagreement about the whole picture, which no training
+    sample looks like; guidance 7 on that step alone cost as much as the whole preset (docs/demo.md). Per round
+    (``rounds``: its k_max), states of the current backbones' guided trajectories (``guided_states``) make up
+    ``share`` of each batch, with the target that leads straight to the sample's own picture, v = (x1 − x_t)/(1 − t)
+    (the rest are ordinary samples at t from the sampler's schedule); ``steps`` steps for the conditional backbone,
+    then as many for the image-only one on the same states (image tokens only). Later rounds start from the earlier
+    rounds' backbones, so their states are the ones the sampler now reaches."""
+    from diffusers import Ideogram4Transformer2DModel
+
+    lat, cap_idx = data
+    grid = (SIZE // 16, SIZE // 16)
+    # Plain text only: run wraps plain text, and the states need one caption form per batch for short padding.
+    pool = torch.nonzero(~is_json[cap_idx]).flatten()
+    if len(pool) == 0:
+        pool = torch.arange(len(lat))
+    for r, k_max in enumerate(rounds):
+        paths = [work / f"{role}_guided{r + 1}.pt" for role in ("cond", "uncond")]
+        models = []
+        for path, init in zip(paths, (cond, unc)):
+            m = Ideogram4Transformer2DModel(**DIT_CONFIG)
+            m.load_state_dict((torch.load(path) if path.exists() else init.state_dict()))
+            models.append(m)
+        if all(p.exists() for p in paths):
+            cond, unc = (m.eval() for m in models)
+            continue
+        g = torch.Generator().manual_seed(seed + 40 + r)
+        t0 = time.time()
+        idx_s, states, t_s = guided_states(cond.eval(), unc.eval(), data, feats, pool, n_states, k_max, g)
+        log(f"guided round {r + 1}: {n_states} states, k <= {k_max} ({time.time() - t0:.0f} s)")
+        noise, sample_t = flow_sampling(g, SIZE, lat[:4096].float().mean(0), 0.0, 0.5)
+        n_g = int(batch * share)
+        for model, path, role in zip(models, paths, ("cond", "uncond")):
+            torch.manual_seed(seed + 41 + r)
+            model.train()
+            params = list(model.parameters())
+            averaged = [p.detach().clone() for p in params]
+            opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.99))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+            smooth = None
+            for step in range(steps):
+                j = torch.randint(0, n_states, (n_g,), generator=g)
+                idx = torch.cat([idx_s[j], pool[torch.randint(0, len(pool), (batch - n_g,), generator=g)]])
+                x1 = lat[idx].float()
+                eps = noise(x1[n_g:])
+                t_r = sample_t(batch - n_g)
+                xt = torch.cat([states[j], t_r[:, None, None] * x1[n_g:] + (1 - t_r[:, None, None]) * eps])
+                t = torch.cat([t_s[j], t_r])
+                target = torch.cat([(x1[:n_g] - states[j]) / (1 - t_s[j])[:, None, None], x1[n_g:] - eps])
+                fb = [feats[int(cap_idx[i])] for i in idx] if role == "cond" else None
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    v = dit_forward(model, xt, t, fb, grid)
+                w = 1 + (object_weight - 1) * objects[idx].float() if objects is not None else torch.ones(len(idx), xt.shape[1])
+                loss = (((v.float() - target) ** 2).mean(-1) * w).mean() / w.mean()
+                smooth = dit_step(model, params, opt, sched, averaged, loss, step, 0.99, smooth)
+                if step % 50 == 0 or step == steps - 1:
+                    log(f"guided round {r + 1} {role} step {step} loss {smooth:.4f} ({time.time() - t0:.0f} s)")
+            model.load_state_dict(ema_state(model, averaged))
+            torch.save(model.state_dict(), path)
+        cond, unc = (m.eval() for m in models)
+    return cond, unc
 
 
 # -- 6. convert ---------------------------------------------------------------------------------
@@ -694,7 +796,10 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-steps", type=int, default=2400)
     ap.add_argument("--dit-steps", type=int, default=6000, help="phase 1 of the conditional backbone")
     ap.add_argument("--late-steps", type=int, default=300, help="phase 2 of the conditional backbone: half the t drawn from the sampler's schedule, half the noise over-shot (see stage_dit)")
-    ap.add_argument("--uncond-steps", type=int, default=300, help="the unconditional backbone: a copy of the conditional one, trained on image-only samples")
+    ap.add_argument("--uncond-steps", type=int, default=600, help="the unconditional backbone: a copy of the conditional one, trained on image-only samples")
+    ap.add_argument("--guided-steps", type=int, default=300, help="steps per backbone per round of training on the preset's own guided states (stage_guided; 0: none)")
+    ap.add_argument("--guided-states", type=int, default=2048, help="guided states per round")
+    ap.add_argument("--guided-rounds", type=lambda v: [int(k) for k in v.split(",")], default=[3, 5], help="k_max of each round: states after up to k guided steps")
     ap.add_argument("--where-weight", type=float, default=0.1, help="weight of the conditional backbone's auxiliary \"where am I\" loss (0: none)")
     ap.add_argument("--object-weight", type=float, default=10.0, help="loss weight of the DiT tokens an object covers (1: plain MSE)")
     ap.add_argument("--caption-noise", type=float, default=0.1, help="share of conditional samples paired with another caption")
@@ -738,18 +843,23 @@ def main(argv=None) -> None:
     cond = stage_dit(a.work, data, feats, is_json, a.dit_steps, a.seed, a.batch, caption_noise=a.caption_noise, snapshot_every=a.snapshot_every, bf16=bf16,
                      where_weight=a.where_weight, objects=objects, object_weight=a.object_weight)
     if a.late_steps:
+        # No "where" probe here: a fresh head would start at chance and pull on the first block, which already knows.
         cond = stage_dit(a.work, data, feats, is_json, a.late_steps, a.seed, a.batch, caption_noise=a.caption_noise,
-                         lr=5e-4, warm=50, schedule_t=0.5, overshoot=3.0, init=cond, tag="late", bf16=bf16, where_weight=a.where_weight,
+                         lr=5e-4, warm=50, schedule_t=0.5, overshoot=3.0, init=cond, tag="late", bf16=bf16,
                          objects=objects, object_weight=a.object_weight)
     # The image-only backbone starts as a copy of the conditional one: guidance multiplies whatever the two
     # backbones disagree on, and two separately initialised networks disagree by their own, unrelated errors
     # where the picture is already decided (docs/demo.md: the first 64×64 release ran away that way).
+    # Its loss weighs objects as the conditional one's does, so that the two weigh their errors alike.
     unc = stage_dit(a.work, data, feats, is_json, a.uncond_steps, a.seed, a.batch, role="uncond",
-                    lr=5e-4, warm=50, schedule_t=0.5, init=cond, tag="copy", bf16=bf16)
+                    lr=5e-4, warm=50, schedule_t=0.5, init=cond, tag="copy", bf16=bf16, objects=objects, object_weight=a.object_weight)
+    if a.guided_steps:
+        cond, unc = stage_guided(a.work, cond, unc, data, feats, is_json, a.guided_rounds, a.guided_steps, a.seed, a.batch,
+                                 n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
     log(f"dit ready ({time.time() - t0:.0f} s)")
     if a.stop_after == "dit":
         return
-    vae = stage_decoder(a.work, vae, scenes[:8000], a.decoder_steps, a.seed)
+    vae = stage_decoder(a.work, vae, image_scenes(8000, a.seed), a.decoder_steps, a.seed)
     log(f"decoder fine-tuned ({time.time() - t0:.0f} s)")
     save(a.root, vae, cond, unc, DIT_CONFIG, VAE_CONFIG)
     if a.convert_to:

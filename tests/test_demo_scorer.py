@@ -224,7 +224,8 @@ def test_training_script_128_is_deterministic(tmp_path):
     for run in ("a", "b"):
         cmd = [sys.executable, str(ROOT / "scripts" / "train_demo128.py"), "--root", str(tmp_path / run / "ckpt"), "--work", str(tmp_path / run / "work"),
                "--language-pairs", "40", "--language-steps", "3", "--place-steps", "3", "--captions", "24", "--images-per-caption", "1", "--vae-steps", "3",
-               "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--batch", "4", "--threads", "2"]
+               "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--guided-steps", "3", "--guided-states", "8",
+               "--batch", "4", "--threads", "2"]
         if run == "a":
             cmd += ["--convert-to", str(tmp_path / "out")]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -251,6 +252,51 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert re.search(r"^step 2 \| t=0.02: right \d+\.\d+ wrong \d+\.\d+ \| t=0.2: .* \| t=0.5: ", out, re.M), out
     out = subprocess.run([*checks, "draw", str(tmp_path / "oracle.pt"), *work, "--feats", "oracle", "--n", "3"], check=True, capture_output=True, text=True).stdout
     assert "'n': 3" in out and "'all_attributes': " in out, out
+    # the preset's guidance with the run's two final backbones: every step is guided (7 × 18, 3 × 2) and traced
+    out = subprocess.run([*checks, "draw", str(tmp_path / "a" / "work" / "cond_guided2.pt"), *work, "--n", "2", "--uncond",
+                          str(tmp_path / "a" / "work" / "uncond_guided2.pt"), "--guidance", "preset", "--trace"], check=True, capture_output=True, text=True).stdout
+    assert [int(m) for m in re.findall(r"^step (\d+) t [\d.]+ rms x [\d.]+ rms v_c - v_u [\d.]+$", out, re.M)] == list(range(20)), out
+    assert re.search(r"^all \{.*'n': 2\}$", out, re.M), out
+
+
+def test_guided_states_are_the_presets_own_euler_steps():
+    """train_demo128.guided_states: each state is fresh noise followed by k Euler steps of the default-20 schedule at
+    128×128 with v = v_u + 7·(v_c − v_u), the conditional backbone given the sample's caption features and the
+    image-only one none; k is drawn per state and its t is the schedule's k-th value (rounded to bfloat16)."""
+    import torch
+    from diffusers import Ideogram4Transformer2DModel
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_demo128 as T
+        from train_demo import dit_forward
+    finally:
+        sys.path.pop(0)
+    from gguf_dit.runtime.schedule import timesteps
+
+    torch.manual_seed(0)
+    cond, unc = (Ideogram4Transformer2DModel(**T.DIT_CONFIG).eval() for _ in range(2))
+    lat = torch.zeros(6, 64, 128)
+    cap_idx = torch.tensor([0, 1, 2, 0, 1, 2])
+    feats = [torch.randn(n, 416).half() for n in (5, 7, 6)]
+    idx, states, t = T.guided_states(cond, unc, (lat, cap_idx), feats, torch.arange(6), 5, 2, torch.Generator().manual_seed(3))
+    # the same draws, replayed in the function's order: indices, k, then one noise tensor for the chunk
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(idx, torch.randint(0, 6, (5,), generator=g))
+    ks = torch.randint(1, 3, (5,), generator=g)
+    z = torch.randn(5, 64, 128, generator=g)
+    ts = [float(x) for x in timesteps(20, 128, 128, 0.0, 1.75)]
+    assert ts[1] == pytest.approx(0.184, abs=1e-3)  # the schedule's first step at 128×128 (docs/demo.md)
+    fb = [feats[int(cap_idx[i])] for i in idx]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for k in range(2):
+            tk = torch.full((5,), ts[k]).to(torch.bfloat16).float()
+            vc, vu = dit_forward(cond, z, tk, fb, (8, 8)).float(), dit_forward(unc, z, tk, None, (8, 8)).float()
+            z = z + (vu + 7.0 * (vc - vu)) * (ts[k + 1] - ts[k])
+            for i in torch.nonzero(ks == k + 1).flatten().tolist():
+                assert torch.equal(states[i], z[i]), (k, i)
+                assert t[i].item() == torch.tensor(ts[k + 1]).to(torch.bfloat16).float().item()
+    assert sorted(set(ks.tolist())) == [1, 2]  # both depths were checked
 
 
 def test_read_inverts_the_caption_writer():
