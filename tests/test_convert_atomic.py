@@ -23,6 +23,16 @@ from gguf_dit.converter import output as outmod
 NAMES = ["text_encoder.gguf", "transformer.gguf", "unconditional_transformer.gguf", "vae.gguf"]
 
 
+@pytest.fixture(autouse=True)
+def real_ctrl_c():
+    """SIGINT raises KeyboardInterrupt during every test here, as in a terminal. A process started in the background
+    by a non-interactive shell (``pytest &``, ``nohup``) inherits SIGINT ignored, and Python then installs no handler:
+    the simulated Ctrl-C would do nothing and the interrupt tests would fail for a reason that is not the converter's."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.fixture(scope="module")
 def old_set(tiny_checkpoints, tmp_path_factory):
     """A finished f16 conversion: the 'old state' that failing --force reruns must leave intact."""

@@ -238,8 +238,11 @@ def test_empty_token_sequence_names_the_encoder():
 def _interrupt(args, marker: str, delay: float):
     """Start `run -v`, send SIGINT `delay` s after the stderr line containing `marker`; return
     (exit code, stderr, seconds from the signal to the `interrupted` line, seconds to the exit)."""
+    # The child gets SIGINT's default disposition, as from a terminal: a test process started in the background by a
+    # non-interactive shell has it ignored, and a child inheriting that would never see the Ctrl-C.
     p = subprocess.Popen([sys.executable, "-m", "gguf_dit.cli", "run", *map(str, args), "-v"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines, t_sig, t_msg = [], None, None
     try:
         for line in p.stderr:
