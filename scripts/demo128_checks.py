@@ -16,7 +16,9 @@ mid-range t, x_t already shows the picture and the two are close even in a model
 ``random`` (noise of the features' shapes: nothing to read).
 
 ``draw`` samples held-out prompts with a torch Euler loop on the runtime's default-20 schedule (by default guidance
-1, the conditional backbone alone; ``--uncond STATE --guidance preset`` for the preset's guidance), decodes with the work folder's VAE and scores with ``regions``. A quick look at a
+1, the conditional backbone alone; ``--uncond STATE --guidance preset`` for the preset's guidance, ``--trace`` for
+the two backbones' disagreement per step), decodes with the work folder's fine-tuned decoder (``--vae`` for
+another) and scores with ``regions``, also split by object count and by held-out combination. A quick look at a
 snapshot, not the shipped path (``regions.evaluate`` runs converted files through the real pipeline).
 """
 
@@ -159,16 +161,17 @@ def draw(a) -> None:
         lat = lat.view(-1, *GRID, 2, 2, 32).permute(0, 5, 1, 3, 2, 4).reshape(-1, 32, 2 * GRID[0], 2 * GRID[1])
         img = vae.eval().decode(lat).sample
     img = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    graded = [R.grade(sc, R.analyse(im)) for (_, sc), im in zip(test, img)]
+    found = [R.analyse(im) for im in img]
+    graded = [R.grade(sc, f) for (_, sc), f in zip(test, found)]
     for label, keep in (("all", lambda sc: True), ("one object", lambda sc: len(sc.objects) == 1), ("two objects", lambda sc: len(sc.objects) == 2)):
         r = R.score([g for (_, sc), g in zip(test, graded) if keep(sc)])
         print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
-    # Per object: is its colour drawn right, split by whether training ever showed that colour on that background
-    # and that (shape, colour, place) triple (captions.SPLIT holds both out).
+    # Per object: its colour, shape and place, split by whether training ever showed that colour on that background
+    # and that (shape, colour, place) triple (captions.SPLIT holds both kinds out).
     for label, held in (("held-out colour/background", lambda o, sc: (o.colour, sc.background) in C.SPLIT.colour_bg),
                         ("held-out triple", lambda o, sc: (o.shape, o.colour, o.position) in C.SPLIT.triples)):
         for inside in (True, False):
-            objs = [(o, f) for (_, sc), im in zip(test, img) for o, f in zip(sc.objects, R.match(sc, R.analyse(im)["objects"])) if held(o, sc) == inside]
+            objs = [(o, f) for (_, sc), fd in zip(test, found) for o, f in zip(sc.objects, R.match(sc, fd["objects"])) if held(o, sc) == inside]
             if objs:
                 right = {k: np.mean([f is not None and f[k] == getattr(o, k) for o, f in objs]) for k in ("colour", "shape", "position")}
                 print(f"{label} {'yes' if inside else 'no'} ({len(objs)} objects): " + ", ".join(f"{k} {v:.3f}" for k, v in right.items()))

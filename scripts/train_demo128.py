@@ -681,13 +681,14 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
     return model.eval()
 
 
-def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, guidance: float = 7.0):
+def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: str = "default-20"):
     """n states of the sampler's own guided trajectories: a training sample's caption, fresh noise, then k (uniform in
-    1..k_max) Euler steps of the default-20 schedule at ``guidance``. Returns (sample index, state, its t)."""
-    from gguf_dit.runtime.schedule import timesteps
+    1..k_max) Euler steps of ``preset``'s schedule at its guidance. Returns (sample index, state, its t)."""
+    from gguf_dit.runtime.schedule import PRESETS, timesteps
 
     lat, cap_idx = data
-    ts = [float(x) for x in timesteps(20, SIZE, SIZE, 0.0, 1.75)]
+    st = PRESETS[preset]
+    ts = [float(x) for x in timesteps(st.steps, SIZE, SIZE, st.mu, st.std)]
     grid = (SIZE // 16, SIZE // 16)
     idx_all = pool[torch.randint(0, len(pool), (n,), generator=g)]
     k_all = torch.randint(1, k_max + 1, (n,), generator=g)
@@ -700,7 +701,7 @@ def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, guidance:
             for k in range(k_max):
                 t = torch.full((len(idx),), ts[k]).to(torch.bfloat16).float()
                 vc, vu = dit_forward(cond, z, t, fb, grid).float(), dit_forward(unc, z, t, None, grid).float()
-                z = z + (vu + guidance * (vc - vu)) * (ts[k + 1] - ts[k])
+                z = z + (vu + st.guidance[k] * (vc - vu)) * (ts[k + 1] - ts[k])
                 states[s:s + 64][ks == k + 1] = z[ks == k + 1]
     t_all = torch.tensor([ts[int(k)] for k in k_all]).to(torch.bfloat16).float()  # the runtime rounds t to bfloat16
     return idx_all, states, t_all
