@@ -4,7 +4,8 @@
 
 The defaults are the recipe measured in docs/demo.md ("Toward a 128×128 demo (issue 13): how the recipe was
 found"); ``--root`` is its float
-checkpoint. About 85 minutes on a 2-core AMD EPYC (Zen 5, AVX512_BF16; docs/demo.md has the stage times). Needs the test extras (diffusers,
+checkpoint. About 85 minutes on a 2-core AMD EPYC (Zen 5, AVX512_BF16): 75 measured end to end on 2 December, plus
+the guided rounds and the longer image-only copy measured on 3 December (docs/demo.md has the stage times). Needs the test extras (diffusers,
 transformers).
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
@@ -728,12 +729,13 @@ def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int],
         pool = torch.arange(len(lat))
     for r, k_max in enumerate(rounds):
         paths = [work / f"{role}_guided{r + 1}.pt" for role in ("cond", "uncond")]
+        done = all(p.exists() for p in paths)  # a round cut short is redone whole, so a resumed run equals an unbroken one
         models = []
         for path, init in zip(paths, (cond, unc)):
             m = Ideogram4Transformer2DModel(**DIT_CONFIG)
-            m.load_state_dict((torch.load(path) if path.exists() else init.state_dict()))
+            m.load_state_dict(torch.load(path) if done else init.state_dict())
             models.append(m)
-        if all(p.exists() for p in paths):
+        if done:
             cond, unc = (m.eval() for m in models)
             continue
         g = torch.Generator().manual_seed(seed + 40 + r)
@@ -743,7 +745,6 @@ def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int],
         noise, sample_t = flow_sampling(g, SIZE, lat[:4096].float().mean(0), 0.0, 0.5)
         n_g = int(batch * share)
         for model, path, role in zip(models, paths, ("cond", "uncond")):
-            torch.manual_seed(seed + 41 + r)
             model.train()
             params = list(model.parameters())
             averaged = [p.detach().clone() for p in params]
