@@ -4,8 +4,9 @@
 
 The defaults are the recipe measured in docs/demo.md ("Toward a 128×128 demo (issue 13): how the recipe was
 found"); ``--root`` is its float
-checkpoint. About 85 minutes on a 2-core AMD EPYC (Zen 5, AVX512_BF16): 75 measured end to end on 2 December, plus
-the guided rounds and the longer image-only copy measured on 3 December (docs/demo.md has the stage times). Needs the test extras (diffusers,
+checkpoint. About 90 minutes on a 2-core AMD EPYC (Zen 5, AVX512_BF16): 75 measured end to end on 2 December, plus
+the guided rounds, the longer image-only copy and the agreement stage measured on 3 December (docs/demo.md has the
+stage times). Needs the test extras (diffusers,
 transformers).
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
@@ -35,8 +36,11 @@ Stages, each cached under --work (delete a file to redo its stage):
    one trained on image-only samples, so that the two make the same errors where the caption no longer matters.
    Saved weights are exponential moving averages. The matmuls run under bfloat16 autocast (``--precision``). The
    tokens an object covers weigh 10× in the loss (``--object-weight``), and a probe on the first block's image tokens
-   that must name each token's place (``--where-weight``) is trained with the first phase and dropped. Last, two
-   rounds of ``stage_guided``: both backbones learn the states the preset's own guidance puts them in.
+   that must name each token's place (``--where-weight``) is trained with the first phase and dropped. Then two
+   rounds of ``stage_guided``: both backbones learn the states the preset's own guidance puts them in; last,
+   ``stage_agree``: the image-only backbone learns the conditional one's prediction where t >= 0.3, so the preset's
+   guidance acts where the picture is made and no longer multiplies the two backbones' estimation errors after.
+   (``stage_own``, before the guided rounds, is off by default: ``--own-steps``.)
 5. decoder: the VAE decoder is fine-tuned on full 128×128 pictures of every attribute combination with the encoder
    frozen (same latent space; ``image_scenes``).
 6. save: ``text_encoder/``, ``transformer/``, ``unconditional_transformer/`` and ``vae/`` in the official layout;
@@ -682,13 +686,24 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
     return model.eval()
 
 
-def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: str = "default-20"):
+def plain_pool(data, is_json) -> torch.Tensor:
+    """Indices of the training samples with plain-text captions (all of them in a tiny check run that has none):
+    ``run`` wraps plain text, and sampler states need one caption form per batch for short padding."""
+    lat, cap_idx = data
+    pool = torch.nonzero(~is_json[cap_idx]).flatten()
+    return pool if len(pool) else torch.arange(len(lat))
+
+
+def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: str = "default-20", guidance=None):
     """n states of the sampler's own guided trajectories: a training sample's caption, fresh noise, then k (uniform in
-    1..k_max) Euler steps of ``preset``'s schedule at its guidance. Returns (sample index, state, its t)."""
+    1..k_max) Euler steps of ``preset``'s schedule at its guidance (or at ``guidance``, one value per step).
+    Returns (sample index, state, its t)."""
     from gguf_dit.runtime.schedule import PRESETS, timesteps
 
     lat, cap_idx = data
     st = PRESETS[preset]
+    gs = st.guidance if guidance is None else tuple(guidance)
+    assert len(gs) == st.steps, (len(gs), st.steps)
     ts = [float(x) for x in timesteps(st.steps, SIZE, SIZE, st.mu, st.std)]
     grid = (SIZE // 16, SIZE // 16)
     idx_all = pool[torch.randint(0, len(pool), (n,), generator=g)]
@@ -702,7 +717,7 @@ def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: s
             for k in range(k_max):
                 t = torch.full((len(idx),), ts[k]).to(torch.bfloat16).float()
                 vc, vu = dit_forward(cond, z, t, fb, grid).float(), dit_forward(unc, z, t, None, grid).float()
-                z = z + (vu + st.guidance[k] * (vc - vu)) * (ts[k + 1] - ts[k])
+                z = z + (vu + gs[k] * (vc - vu)) * (ts[k + 1] - ts[k])
                 states[s:s + 64][ks == k + 1] = z[ks == k + 1]
     t_all = torch.tensor([ts[int(k)] for k in k_all]).to(torch.bfloat16).float()  # the runtime rounds t to bfloat16
     return idx_all, states, t_all
@@ -722,11 +737,7 @@ def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int],
     from diffusers import Ideogram4Transformer2DModel
 
     lat, cap_idx = data
-    grid = (SIZE // 16, SIZE // 16)
-    # Plain text only: run wraps plain text, and the states need one caption form per batch for short padding.
-    pool = torch.nonzero(~is_json[cap_idx]).flatten()
-    if len(pool) == 0:
-        pool = torch.arange(len(lat))
+    pool = plain_pool(data, is_json)
     for r, k_max in enumerate(rounds):
         paths = [work / f"{role}_guided{r + 1}.pt" for role in ("cond", "uncond")]
         done = all(p.exists() for p in paths)  # a round cut short is redone whole, so a resumed run equals an unbroken one
@@ -743,35 +754,170 @@ def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int],
         idx_s, states, t_s = guided_states(cond.eval(), unc.eval(), data, feats, pool, n_states, k_max, g)
         log(f"guided round {r + 1}: {n_states} states, k <= {k_max} ({time.time() - t0:.0f} s)")
         noise, sample_t = flow_sampling(g, SIZE, lat[:4096].float().mean(0), 0.0, 0.5)
-        n_g = int(batch * share)
         for model, path, role in zip(models, paths, ("cond", "uncond")):
-            model.train()
-            params = list(model.parameters())
-            averaged = [p.detach().clone() for p in params]
-            opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.99))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-            smooth = None
-            for step in range(steps):
-                j = torch.randint(0, n_states, (n_g,), generator=g)
-                idx = torch.cat([idx_s[j], pool[torch.randint(0, len(pool), (batch - n_g,), generator=g)]])
-                x1 = lat[idx].float()
-                eps = noise(x1[n_g:])
-                t_r = sample_t(batch - n_g)
-                xt = torch.cat([states[j], t_r[:, None, None] * x1[n_g:] + (1 - t_r[:, None, None]) * eps])
-                t = torch.cat([t_s[j], t_r])
-                target = torch.cat([(x1[:n_g] - states[j]) / (1 - t_s[j])[:, None, None], x1[n_g:] - eps])
-                fb = [feats[int(cap_idx[i])] for i in idx] if role == "cond" else None
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    v = dit_forward(model, xt, t, fb, grid)
-                w = 1 + (object_weight - 1) * objects[idx].float() if objects is not None else torch.ones(len(idx), xt.shape[1])
-                loss = (((v.float() - target) ** 2).mean(-1) * w).mean() / w.mean()
-                smooth = dit_step(model, params, opt, sched, averaged, loss, step, 0.99, smooth)
-                if step % 50 == 0 or step == steps - 1:
-                    log(f"guided round {r + 1} {role} step {step} loss {smooth:.4f} ({time.time() - t0:.0f} s)")
-            model.load_state_dict(ema_state(model, averaged))
+            train_on_states(model, role, (idx_s, states, t_s), data, feats, pool, steps, g, batch, noise, sample_t, share=share,
+                            objects=objects, object_weight=object_weight, bf16=bf16, label=f"guided round {r + 1} {role}")
             torch.save(model.state_dict(), path)
         cond, unc = (m.eval() for m in models)
     return cond, unc
+
+
+def train_on_states(model, role: str, found, data, feats, pool, steps: int, g, batch: int, noise, sample_t, *, share: float = 0.5,
+                    objects: torch.Tensor | None = None, object_weight: float = 1.0, bf16: bool = True, label: str = "", targets=None,
+                    late_weight: float = 0.0):
+    """Train ``model`` (``role`` "cond" reads the captions, "uncond" image tokens only) ``steps`` steps, lr 5e-4 after
+    a 50-step warm-up, on batches of which ``share`` are sampler states ``found`` = (training sample index, state,
+    its t) with the target that leads straight to that sample's picture, v = (x1 − x_t)/(1 − t), and the rest
+    ordinary samples (``noise``, ``sample_t`` from ``flow_sampling``). ``targets(xt, t, fb, target)`` may replace
+    targets (``stage_agree``). ``late_weight`` > 0: a state's loss is weighted by min(1, ((1 − t)/late_weight)²), i.e.
+    measured on the clean-picture estimate x_t + (1 − t)·v once t > 1 − late_weight: near t = 1 the target divides
+    the state's distance from its picture by 1 − t (70× at the last step) and would swamp the batch. Loads the
+    exponential moving average (0.99) into ``model`` at the end."""
+    lat, cap_idx = data
+    idx_s, states, t_s = found
+    grid = (SIZE // 16, SIZE // 16)
+    n_g = int(batch * share)
+    model.train()
+    params = list(model.parameters())
+    averaged = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    smooth, t0 = None, time.time()
+    for step in range(steps):
+        j = torch.randint(0, len(states), (n_g,), generator=g)
+        idx = torch.cat([idx_s[j], pool[torch.randint(0, len(pool), (batch - n_g,), generator=g)]])
+        x1 = lat[idx].float()
+        eps = noise(x1[n_g:])
+        t_r = sample_t(batch - n_g)
+        xt = torch.cat([states[j], t_r[:, None, None] * x1[n_g:] + (1 - t_r[:, None, None]) * eps])
+        t = torch.cat([t_s[j], t_r])
+        target = torch.cat([(x1[:n_g] - states[j]) / (1 - t_s[j])[:, None, None], x1[n_g:] - eps])
+        fb = [feats[int(cap_idx[i])] for i in idx]
+        if targets is not None:
+            target = targets(xt, t, fb, target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            v = dit_forward(model, xt, t, fb if role == "cond" else None, grid)
+        w = 1 + (object_weight - 1) * objects[idx].float() if objects is not None else torch.ones(len(idx), xt.shape[1])
+        if late_weight:
+            w[:n_g] *= ((1 - t[:n_g]) / late_weight).pow(2).clamp(max=1.0)[:, None]
+        loss = (((v.float() - target) ** 2).mean(-1) * w).mean() / w.mean()
+        smooth = dit_step(model, params, opt, sched, averaged, loss, step, 0.99, smooth)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{label} step {step} loss {smooth:.4f} ({time.time() - t0:.0f} s)")
+    model.load_state_dict(ema_state(model, averaged))
+    return model.eval()
+
+
+def own_states(cond, data, feats, pool, n: int, k_range: tuple[int, int], g, preset: str = "default-20"):
+    """n states of the conditional backbone's own trajectories from a known picture: a training latent x1 noised to
+    the schedule's k_a-th t (k_a uniform in ``k_range``, both ends included), then Euler steps of ``preset``'s
+    schedule at guidance 1 up to a later step k_b (uniform in k_a+1 .. steps-1). Returns (sample index, state, its t
+    rounded to bfloat16)."""
+    from gguf_dit.runtime.schedule import PRESETS, timesteps
+
+    lat, cap_idx = data
+    st = PRESETS[preset]
+    ts = [float(x) for x in timesteps(st.steps, SIZE, SIZE, st.mu, st.std)]
+    grid = (SIZE // 16, SIZE // 16)
+    k_lo, k_hi = k_range
+    idx_all = pool[torch.randint(0, len(pool), (n,), generator=g)]
+    ka_all = torch.randint(k_lo, k_hi + 1, (n,), generator=g)
+    kb_all = (ka_all + 1 + (torch.rand(n, generator=g) * (st.steps - 1 - ka_all)).long()).clamp(max=st.steps - 1)
+    states = torch.empty(n, *lat.shape[1:])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in range(0, n, 64):
+            idx, ka, kb = idx_all[s:s + 64], ka_all[s:s + 64], kb_all[s:s + 64]
+            x1 = lat[idx].float()
+            eps = torch.randn(x1.shape, generator=g)
+            fb = [feats[int(cap_idx[i])] for i in idx]
+            z = torch.empty_like(x1)
+            for k in range(k_lo, int(kb.max())):
+                start = ka == k
+                z[start] = ts[k] * x1[start] + (1 - ts[k]) * eps[start]
+                on = torch.nonzero((ka <= k) & (kb > k)).flatten()
+                if len(on):
+                    tk = torch.full((len(on),), ts[k]).to(torch.bfloat16).float()
+                    z[on] = z[on] + dit_forward(cond, z[on], tk, [fb[i] for i in on.tolist()], grid).float() * (ts[k + 1] - ts[k])
+            states[s:s + 64] = z
+    t_all = torch.tensor([ts[int(k)] for k in kb_all]).to(torch.bfloat16).float()
+    return idx_all, states, t_all
+
+
+def stage_own(work: Path, cond, unc, data, feats, is_json, steps: int, k_range: tuple[int, int], seed: int, batch: int, *,
+              n_states: int = 2048, share: float = 0.5, objects: torch.Tensor | None = None, object_weight: float = 1.0,
+              bf16: bool = True):
+    """Teach the backbones to finish their own trajectories. The conditional backbone's one-step estimate of the
+    clean picture from a noised training picture is sharp (squares square, circles round, at t = 0.3 and 0.6), yet
+    twenty Euler steps from noise end in ragged blobs, squares and circles alike (docs/demo.md): each step starts
+    where the previous step's error put it, a state no training sample looks like. Half of each batch are such
+    states (``own_states``: a training picture noised to a t at which its layout is set, then the conditional
+    backbone's own steps), with the target that leads back to that picture, v = (x1 − x_t)/(1 − t), weighted on the
+    clean-picture estimate late (``train_on_states``' late_weight 0.5); half ordinary samples at the sampler's t.
+    The image-only backbone then trains on the same states, image tokens only, as in ``stage_guided``: changed
+    alone, the conditional backbone disagreed with it at the guided first steps (preset with guidance 7 on the first
+    two steps only: 84.2 % before, 72.1 % after, 120 held-out captions). Off by default: with both trained, the
+    guided rounds after it undid the gain (docs/demo.md)."""
+    paths = [work / f"{role}_own.pt" for role in ("cond", "uncond")]
+    if all(p.exists() for p in paths):
+        cond.load_state_dict(torch.load(paths[0]))
+        unc.load_state_dict(torch.load(paths[1]))
+        return cond.eval(), unc.eval()
+    lat, cap_idx = data
+    pool = plain_pool(data, is_json)
+    g = torch.Generator().manual_seed(seed + 70)
+    t0 = time.time()
+    found = own_states(cond.eval(), data, feats, pool, n_states, k_range, g)
+    log(f"own: {n_states} states ({time.time() - t0:.0f} s)")
+    noise, sample_t = flow_sampling(g, SIZE, lat[:4096].float().mean(0), 0.0, 0.5)
+    for model, path, role in zip((cond, unc), paths, ("cond", "uncond")):
+        train_on_states(model, role, found, data, feats, pool, steps, g, batch, noise, sample_t, share=share, objects=objects,
+                        object_weight=object_weight, bf16=bf16, label=f"own {role}", late_weight=0.5)
+        torch.save(model.state_dict(), path)
+    return cond, unc
+
+
+def agree_targets(cond, xt: torch.Tensor, t: torch.Tensor, fb: list, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """``target`` with every row whose t >= ``tau`` replaced by the conditional backbone's own prediction for it
+    (bfloat16 autocast, as the sampler runs it), given that row's caption features ``fb``."""
+    out = target.clone()
+    late = torch.nonzero(t >= tau).flatten()
+    if len(late):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out[late] = dit_forward(cond, xt[late], t[late], [fb[i] for i in late.tolist()], (SIZE // 16, SIZE // 16)).float()
+    return out
+
+
+def stage_agree(work: Path, cond, unc, data, feats, is_json, steps: int, tau: float, seed: int, batch: int, *,
+                n_states: int = 2048, share: float = 0.5, objects: torch.Tensor | None = None, object_weight: float = 1.0,
+                bf16: bool = True):
+    """Teach the image-only backbone to agree with the conditional one where the picture is already decided (t >= tau).
+    There the two should predict the same velocity, and what they still disagree on is their two estimation errors,
+    which guidance 7 multiplies by six at every step: the specks and stripes of the preset's pictures (docs/demo.md).
+    Half of each batch are states along the preset's whole guided trajectory (``guided_states`` with k up to the
+    last step), half ordinary samples at t from the sampler's schedule; for t >= tau the target is the conditional
+    backbone's prediction with the sample's caption, below it the usual target (as in ``stage_guided``), so guidance
+    keeps its full effect where the picture is made."""
+    from gguf_dit.runtime.schedule import PRESETS, timesteps
+
+    path = work / "uncond_agree.pt"
+    if path.exists():
+        unc.load_state_dict(torch.load(path))
+        return unc.eval()
+    lat, cap_idx = data
+    pool = plain_pool(data, is_json)
+    g = torch.Generator().manual_seed(seed + 60)
+    t0 = time.time()
+    # The states of the trajectories the sampler follows once the two agree: the preset's guidance before tau, none after.
+    st = PRESETS["default-20"]
+    ts = timesteps(st.steps, SIZE, SIZE, st.mu, st.std)
+    interval = [gk if float(ts[k]) < tau else 1.0 for k, gk in enumerate(st.guidance)]
+    found = guided_states(cond.eval(), unc.eval(), data, feats, pool, n_states, st.steps - 1, g, guidance=interval)
+    log(f"agree: {n_states} guided states ({time.time() - t0:.0f} s)")
+    noise, sample_t = flow_sampling(g, SIZE, lat[:4096].float().mean(0), 0.0, 0.5)
+    train_on_states(unc, "uncond", found, data, feats, pool, steps, g, batch, noise, sample_t, share=share, objects=objects,
+                    object_weight=object_weight, bf16=bf16, label="agree", targets=lambda xt, t, fb, target: agree_targets(cond, xt, t, fb, target, tau))
+    torch.save(unc.state_dict(), path)
+    return unc
 
 
 # -- 6. convert ---------------------------------------------------------------------------------
@@ -802,6 +948,10 @@ def main(argv=None) -> None:
     ap.add_argument("--guided-steps", type=int, default=300, help="steps per backbone per round of training on the preset's own guided states (stage_guided; 0: none)")
     ap.add_argument("--guided-states", type=int, default=2048, help="guided states per round")
     ap.add_argument("--guided-rounds", type=lambda v: [int(k) for k in v.split(",")], default=[3, 5], help="k_max of each round: states after up to k guided steps")
+    ap.add_argument("--own-steps", type=int, default=0, help="before the guided rounds, train both backbones on the conditional one's own trajectories from noised training pictures (stage_own; 0: none, the default: docs/demo.md)")
+    ap.add_argument("--own-from", type=lambda v: tuple(int(k) for k in v.split(",")), default=(2, 8), help="own_states start steps k_a: first,last")
+    ap.add_argument("--agree-steps", type=int, default=400, help="then train the image-only backbone to agree with the conditional one where t >= --agree-tau (stage_agree; 0: none)")
+    ap.add_argument("--agree-tau", type=float, default=0.3, help="from this t on, the image-only backbone learns the conditional one's prediction")
     ap.add_argument("--where-weight", type=float, default=0.1, help="weight of the conditional backbone's auxiliary \"where am I\" loss (0: none)")
     ap.add_argument("--object-weight", type=float, default=10.0, help="loss weight of the DiT tokens an object covers (1: plain MSE)")
     ap.add_argument("--caption-noise", type=float, default=0.1, help="share of conditional samples paired with another caption")
@@ -855,9 +1005,15 @@ def main(argv=None) -> None:
     # Its loss weighs objects as the conditional one's does, so that the two weigh their errors alike.
     unc = stage_dit(a.work, data, feats, is_json, a.uncond_steps, a.seed, a.batch, role="uncond",
                     lr=5e-4, warm=50, schedule_t=0.5, init=cond, tag="copy", bf16=bf16, objects=objects, object_weight=a.object_weight)
+    if a.own_steps:
+        cond, unc = stage_own(a.work, cond, unc, data, feats, is_json, a.own_steps, a.own_from, a.seed, a.batch,
+                              n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
     if a.guided_steps:
         cond, unc = stage_guided(a.work, cond, unc, data, feats, is_json, a.guided_rounds, a.guided_steps, a.seed, a.batch,
                                  n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
+    if a.agree_steps:
+        unc = stage_agree(a.work, cond, unc, data, feats, is_json, a.agree_steps, a.agree_tau, a.seed, a.batch,
+                          n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
     log(f"dit ready ({time.time() - t0:.0f} s)")
     if a.stop_after == "dit":
         return

@@ -17,6 +17,17 @@ from gguf_dit.demo.scene import Obj, Scene
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+def _training_script():
+    """scripts/train_demo128.py as a module, and the DiT forward it trains with (scripts/ is not a package)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_demo128
+        from train_demo import dit_forward
+    finally:
+        sys.path.pop(0)
+    return train_demo128, dit_forward
+
 def _lower_text(cap) -> str:
     return (cap if isinstance(cap, str) else json.dumps(cap)).lower()
 
@@ -160,11 +171,7 @@ def test_minimal_pairs_differ_in_one_synonym():
     """scripts/train_demo128.py's language stage twins: the same caption with one word choice swapped for another word of the same value.
     Case is kept (the twin draws the same case); the only other difference allowed is the documented one (a place
     phrase deciding the background phrase's form), in at most 1 % of the pairs (measured 5 of 2000)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_demo128 as T
-    finally:
-        sys.path.pop(0)
+    T, _ = _training_script()
     values = [ws for table in (C.SHAPE_WORDS, C.COLOUR_WORDS, C.POSITION_WORDS, C.SIZE_WORDS) for ws in table.values()]
     other = 0
     pairs = T.language_pairs(400, 0)
@@ -183,11 +190,7 @@ def test_place_labels_and_the_place_reader_score():
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_demo128 as T
-    finally:
-        sys.path.pop(0)
+    T, _ = _training_script()
     scenes = [Scene((Obj("triangle", "blue", "top left", "small"), Obj("circle", "white", "right")), "purple"), Scene((Obj("square", "red", "centre", "large"),))]
     lab = T.place_labels(scenes)
     places = list(S.POSITIONS)
@@ -224,7 +227,7 @@ def test_training_script_128_is_deterministic(tmp_path):
     for run in ("a", "b"):
         cmd = [sys.executable, str(ROOT / "scripts" / "train_demo128.py"), "--root", str(tmp_path / run / "ckpt"), "--work", str(tmp_path / run / "work"),
                "--language-pairs", "40", "--language-steps", "3", "--place-steps", "3", "--captions", "24", "--images-per-caption", "1", "--vae-steps", "3",
-               "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--guided-steps", "3", "--guided-states", "8",
+               "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--guided-steps", "3", "--guided-states", "8", "--own-steps", "3", "--agree-steps", "3",
                "--batch", "4", "--threads", "2"]
         if run == "a":
             cmd += ["--convert-to", str(tmp_path / "out")]
@@ -254,7 +257,7 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert "'n': 3" in out and "'all_attributes': " in out, out
     # the preset's guidance with the run's two final backbones: every step is guided (7 × 18, 3 × 2) and traced
     out = subprocess.run([*checks, "draw", str(tmp_path / "a" / "work" / "cond_guided2.pt"), *work, "--n", "2", "--uncond",
-                          str(tmp_path / "a" / "work" / "uncond_guided2.pt"), "--guidance", "preset", "--trace"], check=True, capture_output=True, text=True).stdout
+                          str(tmp_path / "a" / "work" / "uncond_agree.pt"), "--guidance", "preset", "--trace"], check=True, capture_output=True, text=True).stdout
     assert [int(m) for m in re.findall(r"^step (\d+) t [\d.]+ rms x [\d.]+ rms v_c - v_u [\d.]+$", out, re.M)] == list(range(20)), out
     assert re.search(r"^all \{.*'n': 2\}$", out, re.M), out
 
@@ -266,12 +269,7 @@ def test_guided_states_are_the_presets_own_euler_steps():
     import torch
     from diffusers import Ideogram4Transformer2DModel
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_demo128 as T
-        from train_demo import dit_forward
-    finally:
-        sys.path.pop(0)
+    T, dit_forward = _training_script()
     from gguf_dit.runtime.schedule import timesteps
 
     torch.manual_seed(0)
@@ -297,6 +295,21 @@ def test_guided_states_are_the_presets_own_euler_steps():
                 assert torch.equal(states[i], z[i]), (k, i)
                 assert t[i].item() == torch.tensor(ts[k + 1]).to(torch.bfloat16).float().item()
     assert sorted(set(ks.tolist())) == [1, 2]  # both depths were checked
+    # a guidance schedule of its own (stage_agree's: the preset's guidance before tau, none after) replaces the preset's
+    own = (7.0, 2.5) + (1.0,) * 18
+    idx, states, t = T.guided_states(cond, unc, (lat, cap_idx), feats, torch.arange(6), 5, 2, torch.Generator().manual_seed(3), guidance=own)
+    g = torch.Generator().manual_seed(3)  # the same draws as above, so the same samples and depths
+    torch.randint(0, 6, (5,), generator=g), torch.randint(1, 3, (5,), generator=g)
+    z = torch.randn(5, 64, 128, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for k in range(2):
+            tk = torch.full((5,), ts[k]).to(torch.bfloat16).float()
+            vc, vu = dit_forward(cond, z, tk, fb, (8, 8)).float(), dit_forward(unc, z, tk, None, (8, 8)).float()
+            z = z + (vu + own[k] * (vc - vu)) * (ts[k + 1] - ts[k])
+            for i in torch.nonzero(ks == k + 1).flatten().tolist():
+                assert torch.equal(states[i], z[i]), (k, i)
+    with pytest.raises(AssertionError):
+        T.guided_states(cond, unc, (lat, cap_idx), feats, torch.arange(6), 5, 2, torch.Generator().manual_seed(3), guidance=(7.0,) * 19)
 
 
 def test_read_inverts_the_caption_writer():
@@ -314,3 +327,62 @@ def test_read_inverts_the_caption_writer():
                   "a red circle on the left on a blue and white background", "three red circles on the left, right and top",
                   "a white circle on the left on a white background", {"style_description": {}}):
         assert C.read(other) is None, other
+
+
+def test_agree_targets_are_the_conditional_backbones_own_prediction_from_tau_on():
+    """train_demo128.agree_targets: rows with t >= tau get the conditional backbone's bfloat16 prediction with that row's
+    caption features (each row its own, however many rows are late); the other rows keep their target."""
+    import torch
+    from diffusers import Ideogram4Transformer2DModel
+
+    T, dit_forward = _training_script()
+
+    torch.manual_seed(0)
+    cond = Ideogram4Transformer2DModel(**T.DIT_CONFIG).eval()
+    xt, target = torch.randn(4, 64, 128), torch.randn(4, 64, 128)
+    fb = [torch.randn(n, 416).half() for n in (5, 7, 6, 4)]
+    t = torch.tensor([0.2, 0.5, 0.49, 0.9])
+    out = T.agree_targets(cond, xt, t, fb, target, 0.5)
+    assert torch.equal(out[[0, 2]], target[[0, 2]])
+    for i in (1, 3):  # one at a time: the late rows must not depend on which other rows were late with them
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            alone = dit_forward(cond, xt[i:i + 1], t[i:i + 1], [fb[i]], (8, 8)).float()[0]
+        assert torch.allclose(out[i], alone, atol=0.01), (i, (out[i] - alone).abs().max())  # 0 here; bf16 kernels may block batches differently
+        assert (out[i] - target[i]).abs().mean() > 0.5  # replaced, not kept
+    assert torch.equal(T.agree_targets(cond, xt, t, fb, target, 0.95), target)  # nothing late: nothing replaced
+
+
+def test_own_states_are_the_conditional_backbones_own_steps_from_a_noised_picture():
+    """train_demo128.own_states: each state is the sample's own latent noised to the schedule's k_a-th t, followed by
+    Euler steps at guidance 1 (the conditional backbone with the sample's caption) up to step k_b > k_a; its t is the
+    schedule's k_b-th value (rounded to bfloat16)."""
+    import torch
+    from diffusers import Ideogram4Transformer2DModel
+
+    T, dit_forward = _training_script()
+    from gguf_dit.runtime.schedule import timesteps
+
+    torch.manual_seed(0)
+    cond = Ideogram4Transformer2DModel(**T.DIT_CONFIG).eval()
+    lat = torch.randn(6, 64, 128)
+    cap_idx = torch.tensor([0, 1, 2, 0, 1, 2])
+    feats = [torch.randn(n, 416).half() for n in (5, 7, 6)]
+    n = 12
+    idx, states, t = T.own_states(cond, (lat, cap_idx), feats, torch.arange(6), n, (2, 4), torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the function's draws, replayed: indices, k_a, k_b, then the chunk's noise
+    assert torch.equal(idx, torch.randint(0, 6, (n,), generator=g))
+    ka = torch.randint(2, 5, (n,), generator=g)
+    kb = (ka + 1 + (torch.rand(n, generator=g) * (19 - ka)).long()).clamp(max=19)
+    eps = torch.randn(n, 64, 128, generator=g)
+    ts = [float(x) for x in timesteps(20, 128, 128, 0.0, 1.75)]
+    checked = set()
+    for i in range(n):
+        z = ts[int(ka[i])] * lat[int(idx[i])] + (1 - ts[int(ka[i])]) * eps[i]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for k in range(int(ka[i]), int(kb[i])):
+                tk = torch.full((1,), ts[k]).to(torch.bfloat16).float()
+                z = z + dit_forward(cond, z[None], tk, [feats[int(cap_idx[idx[i]])]], (8, 8)).float()[0] * (ts[k + 1] - ts[k])
+        assert torch.allclose(states[i], z, atol=1e-2), (i, (states[i] - z).abs().max())
+        assert t[i].item() == torch.tensor(ts[int(kb[i])]).to(torch.bfloat16).float().item()
+        checked.add((int(ka[i]), int(kb[i]) - int(ka[i]) > 1))
+    assert {k for k, _ in checked} == {2, 3, 4} and any(several for _, several in checked)  # every start, and multi-step runs
