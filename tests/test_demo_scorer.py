@@ -17,7 +17,6 @@ from gguf_dit.demo.scene import Obj, Scene
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def _training_script():
     """scripts/train_demo128.py as a module, and the DiT forward it trains with (scripts/ is not a package)."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -27,6 +26,7 @@ def _training_script():
     finally:
         sys.path.pop(0)
     return train_demo128, dit_forward
+
 
 def _lower_text(cap) -> str:
     return (cap if isinstance(cap, str) else json.dumps(cap)).lower()
