@@ -736,7 +736,7 @@ def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int],
     rounds' backbones, so their states are the ones the sampler now reaches."""
     from diffusers import Ideogram4Transformer2DModel
 
-    lat, cap_idx = data
+    lat = data[0]
     pool = plain_pool(data, is_json)
     for r, k_max in enumerate(rounds):
         paths = [work / f"{role}_guided{r + 1}.pt" for role in ("cond", "uncond")]
@@ -760,6 +760,12 @@ def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int],
             torch.save(model.state_dict(), path)
         cond, unc = (m.eval() for m in models)
     return cond, unc
+
+
+def late_weights(t: torch.Tensor, late_weight: float) -> torch.Tensor:
+    """min(1, ((1 − t)/late_weight)²): a velocity error's weight once measured on the clean-picture estimate
+    x_t + (1 − t)·v, relative to the weight 1 it has up to t = 1 − late_weight."""
+    return ((1 - t) / late_weight).pow(2).clamp(max=1.0)
 
 
 def train_on_states(model, role: str, found, data, feats, pool, steps: int, g, batch: int, noise, sample_t, *, share: float = 0.5,
@@ -799,7 +805,7 @@ def train_on_states(model, role: str, found, data, feats, pool, steps: int, g, b
             v = dit_forward(model, xt, t, fb if role == "cond" else None, grid)
         w = 1 + (object_weight - 1) * objects[idx].float() if objects is not None else torch.ones(len(idx), xt.shape[1])
         if late_weight:
-            w[:n_g] *= ((1 - t[:n_g]) / late_weight).pow(2).clamp(max=1.0)[:, None]
+            w[:n_g] *= late_weights(t[:n_g], late_weight)[:, None]
         loss = (((v.float() - target) ** 2).mean(-1) * w).mean() / w.mean()
         smooth = dit_step(model, params, opt, sched, averaged, loss, step, 0.99, smooth)
         if step % 50 == 0 or step == steps - 1:
@@ -862,7 +868,7 @@ def stage_own(work: Path, cond, unc, data, feats, is_json, steps: int, k_range: 
         cond.load_state_dict(torch.load(paths[0]))
         unc.load_state_dict(torch.load(paths[1]))
         return cond.eval(), unc.eval()
-    lat, cap_idx = data
+    lat = data[0]
     pool = plain_pool(data, is_json)
     g = torch.Generator().manual_seed(seed + 70)
     t0 = time.time()
@@ -903,7 +909,7 @@ def stage_agree(work: Path, cond, unc, data, feats, is_json, steps: int, tau: fl
     if path.exists():
         unc.load_state_dict(torch.load(path))
         return unc.eval()
-    lat, cap_idx = data
+    lat = data[0]
     pool = plain_pool(data, is_json)
     g = torch.Generator().manual_seed(seed + 60)
     t0 = time.time()

@@ -382,7 +382,18 @@ def test_own_states_are_the_conditional_backbones_own_steps_from_a_noised_pictur
             for k in range(int(ka[i]), int(kb[i])):
                 tk = torch.full((1,), ts[k]).to(torch.bfloat16).float()
                 z = z + dit_forward(cond, z[None], tk, [feats[int(cap_idx[idx[i]])]], (8, 8)).float()[0] * (ts[k + 1] - ts[k])
+        # 0 here (one row against a batch of them); bf16 kernels may block batches differently on another CPU
         assert torch.allclose(states[i], z, atol=1e-2), (i, (states[i] - z).abs().max())
         assert t[i].item() == torch.tensor(ts[int(kb[i])]).to(torch.bfloat16).float().item()
         checked.add((int(ka[i]), int(kb[i]) - int(ka[i]) > 1))
     assert {k for k, _ in checked} == {2, 3, 4} and any(several for _, several in checked)  # every start, and multi-step runs
+
+
+def test_late_weights_measure_late_states_on_the_clean_picture_estimate():
+    """train_demo128.late_weights: weight 1 up to t = 1 − late_weight, then ((1 − t)/late_weight)², the factor by which
+    (1 − t) scales a velocity error into the clean-picture estimate x_t + (1 − t)·v."""
+    import torch
+
+    T, _ = _training_script()
+    w = T.late_weights(torch.tensor([0.0, 0.3, 0.5, 0.75, 0.9, 0.986]), 0.5)
+    assert torch.allclose(w, torch.tensor([1.0, 1.0, 1.0, 0.25, 0.04, 0.000784]), rtol=1e-5)
