@@ -4,7 +4,7 @@
 
 The defaults are the recipe measured in docs/demo.md ("Toward a 128×128 demo (issue 13): how the recipe was
 found"); ``--root`` is its float
-checkpoint. About 90 minutes on a 2-core AMD EPYC (Zen 5, AVX512_BF16): 75 measured end to end on 2 December, plus
+checkpoint. About 100 minutes on a 2-core AMD EPYC (Zen 5, AVX512_BF16): 75 measured end to end on 2 December, plus
 the guided rounds, the longer image-only copy and the agreement stage measured on 3 December (docs/demo.md has the
 stage times). Needs the test extras (diffusers,
 transformers).
@@ -36,10 +36,13 @@ Stages, each cached under --work (delete a file to redo its stage):
    one trained on image-only samples, so that the two make the same errors where the caption no longer matters.
    Saved weights are exponential moving averages. The matmuls run under bfloat16 autocast (``--precision``). The
    tokens an object covers weigh 10× in the loss (``--object-weight``), and a probe on the first block's image tokens
-   that must name each token's place (``--where-weight``) is trained with the first phase and dropped. Then two
-   rounds of ``stage_guided``: both backbones learn the states the preset's own guidance puts them in; last,
-   ``stage_agree``: the image-only backbone learns the conditional one's prediction where t >= 0.3, so the preset's
-   guidance acts where the picture is made and no longer multiplies the two backbones' estimation errors after.
+   that must name each token's place (``--where-weight``) is trained with the first phase and dropped. Then three
+   rounds of ``stage_guided``: both backbones learn the states the preset's own guidance puts them in; then
+   ``stage_finish``: the conditional backbone learns the states of its whole trajectory; last, ``stage_agree``: the
+   image-only backbone learns the conditional one's prediction where t >= 0.3, so the preset's guidance acts where
+   the picture is made and no longer multiplies the two backbones' estimation errors after. A sampler state has no
+   picture of its own: each is pulled to the layout of its caption's scene nearest to where it is heading
+   (``matched_pictures``, ``--match``), not to a training picture drawn at random, whose mean is a blob.
    (``stage_own``, before the guided rounds, is off by default: ``--own-steps``.)
 5. decoder: the VAE decoder is fine-tuned on full 128×128 pictures of every attribute combination with the encoder
    frozen (same latent space; ``image_scenes``).
@@ -563,6 +566,15 @@ def stage_latents(work: Path, vae, train, per_caption: int, seed: int) -> tuple[
     return lat, cap_idx
 
 
+def cover_tokens(lay) -> np.ndarray:
+    """(tokens,) bool: the DiT tokens (16×16-pixel patches) a layout's objects cover by at least 5 %."""
+    patch = 16
+    cover = np.zeros((SIZE, SIZE))
+    for o, cx, cy, r in lay:
+        cover = np.maximum(cover, S.mask(o.shape, cx, cy, r))
+    return cover.reshape(SIZE // patch, patch, SIZE // patch, patch).mean(axis=(1, 3)).ravel() > 0.05
+
+
 def object_tokens(work: Path, train, per_caption: int, seed: int) -> torch.Tensor:
     """(N, tokens) bool, aligned with ``stage_latents``: which DiT tokens (16×16-pixel patches) an object covers by
     at least 5 %. The layouts are redrawn with the latents' own generator (``render`` draws only through ``layout``),
@@ -571,15 +583,7 @@ def object_tokens(work: Path, train, per_caption: int, seed: int) -> torch.Tenso
     if path.exists():
         return torch.load(path)
     rng = np.random.default_rng(seed + 3)
-    patch = 16
-    out = []
-    for _, s in train:
-        for _ in range(per_caption):
-            cover = np.zeros((SIZE, SIZE))
-            for o, cx, cy, r in S.layout(s, rng):
-                cover = np.maximum(cover, S.mask(o.shape, cx, cy, r))
-            out.append(cover.reshape(SIZE // patch, patch, SIZE // patch, patch).mean(axis=(1, 3)).ravel() > 0.05)
-    mask = torch.from_numpy(np.stack(out))
+    mask = torch.from_numpy(np.stack([cover_tokens(S.layout(s, rng)) for _, s in train for _ in range(per_caption)]))
     torch.save(mask, path)
     return mask
 
@@ -694,6 +698,72 @@ def plain_pool(data, is_json) -> torch.Tensor:
     return pool if len(pool) else torch.arange(len(lat))
 
 
+def token_pictures(vae, tokens: torch.Tensor) -> np.ndarray:
+    """Normalised DiT tokens (B, N, 128) -> uint8 pictures (B, SIZE, SIZE, 3): the inverse of ``latent_tokens``."""
+    from gguf_dit.arch.latent import LATENT_SCALE, LATENT_SHIFT
+
+    g = SIZE // 16
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(tokens), 64):
+            lat = tokens[i:i + 64] * torch.from_numpy(LATENT_SCALE.copy()) + torch.from_numpy(LATENT_SHIFT.copy())
+            lat = lat.view(-1, g, g, 2, 2, lat.shape[-1] // 4).permute(0, 5, 1, 3, 2, 4).reshape(-1, lat.shape[-1] // 4, 2 * g, 2 * g)
+            out.append(((vae.decode(lat).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def nearest_layout(scene: S.Scene, img: np.ndarray, rng: np.random.Generator, m: int) -> list:
+    """Of ``m`` training-style draws of each object's jittered place and size (``S.layout``'s ranges), the one whose
+    rendering is nearest to ``img`` in pixels, around the object's place; two objects keep ``S.layout``'s gap."""
+    img = img.astype(np.float32)
+    bg = np.array(S.BACKGROUNDS[scene.background], np.float32)
+    reach = S.JITTER + max(S.SIZES["large"]) + 2
+    ranked = []
+    for o in scene.objects:
+        col = np.array(S.COLOURS[o.colour], np.float32)
+        px, py = S.POSITIONS[o.position]
+        win = (slice(max(int(py - reach), 0), min(int(py + reach) + 1, SIZE)), slice(max(int(px - reach), 0), min(int(px + reach) + 1, SIZE)))
+        cands = []
+        for _ in range(m):
+            size = o.size or ("small", "large")[int(rng.integers(2))]
+            cx, cy, r = px + rng.uniform(-S.JITTER, S.JITTER), py + rng.uniform(-S.JITTER, S.JITTER), rng.uniform(*S.SIZES[size])
+            cover = S.mask(o.shape, cx, cy, r, ss=2)[win][..., None]
+            err = float(((img[win] - bg - cover * (col - bg)) ** 2).sum())
+            cands.append((err, (S.Obj(o.shape, o.colour, o.position, size), cx, cy, r)))
+        ranked.append([c for _, c in sorted(cands, key=lambda c: c[0])])
+    if len(ranked) == 1:
+        return [ranked[0][0]]
+    pairs = sorted(((i + j, i, j) for i in range(m) for j in range(m)))
+    for _, i, j in pairs:
+        if S._apart(ranked[0][i][1:], ranked[1][j][1:]):
+            return [ranked[0][i], ranked[1][j]]
+    return S.layout(scene, rng)
+
+
+def matched_pictures(cond, vae, found, data, feats, scenes, seed: int, m: int = 48):
+    """For each sampler state, the training-style picture of its caption's scene nearest to the picture the state is
+    heading for (the conditional backbone's clean-picture estimate x_t + (1 − t)·v, decoded), as normalised tokens,
+    and the tokens its objects cover. A state from fresh noise has no picture of its own: the training picture of
+    its caption that ``train_on_states`` would otherwise pull it to is drawn at random among layouts (place jittered
+    ±5 px, size in its range), and the backbone learns the mean of those pulls: a blob (docs/demo.md)."""
+    idx_s, states, t_s = found
+    cap_idx = data[1]
+    rng = np.random.default_rng(seed)
+    grid = (SIZE // 16, SIZE // 16)
+    x1, covers = [], []
+    for s in range(0, len(idx_s), 64):
+        idx, z, t = idx_s[s:s + 64], states[s:s + 64], t_s[s:s + 64]
+        fb = [feats[int(cap_idx[i])] for i in idx]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            v = dit_forward(cond, z, t, fb, grid).float()
+        heading = token_pictures(vae, z + (1 - t)[:, None, None] * v)
+        lays = [nearest_layout(scenes[int(cap_idx[i])], im, rng, m) for i, im in zip(idx, heading)]
+        pics = np.stack([S.render(scenes[int(cap_idx[i])], lay=lay) for i, lay in zip(idx, lays)])
+        x1.append(latent_tokens(vae, pics))
+        covers.append(torch.from_numpy(np.stack([cover_tokens(lay) for lay in lays])))
+    return torch.cat(x1), torch.cat(covers)
+
+
 def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: str = "default-20", guidance=None):
     """n states of the sampler's own guided trajectories: a training sample's caption, fresh noise, then k (uniform in
     1..k_max) Euler steps of ``preset``'s schedule at its guidance (or at ``guidance``, one value per step).
@@ -725,7 +795,7 @@ def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: s
 
 def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int], steps: int, seed: int, batch: int, *,
                  n_states: int = 2048, share: float = 0.5, objects: torch.Tensor | None = None, object_weight: float = 1.0,
-                 bf16: bool = True):
+                 bf16: bool = True, match: int = 0, vae=None, scenes=None):
     """Teach both backbones the states the preset's guidance puts them in. At 128×128 the schedule's first step goes
     from t = 0 to 0.184 with seven times the two backbones' disagreement about the whole picture, which no training
     sample looks like; guidance 7 on that step alone cost as much as the whole preset (docs/demo.md). Per round
@@ -752,10 +822,13 @@ def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int],
         g = torch.Generator().manual_seed(seed + 40 + r)
         t0 = time.time()
         idx_s, states, t_s = guided_states(cond.eval(), unc.eval(), data, feats, pool, n_states, k_max, g)
+        found = (idx_s, states, t_s)
+        if match:
+            found = (*found, *matched_pictures(cond, vae, found, data, feats, scenes, seed + 80 + r, match))
         log(f"guided round {r + 1}: {n_states} states, k <= {k_max} ({time.time() - t0:.0f} s)")
         noise, sample_t = flow_sampling(g, SIZE, lat[:4096].float().mean(0), 0.0, 0.5)
         for model, path, role in zip(models, paths, ("cond", "uncond")):
-            train_on_states(model, role, (idx_s, states, t_s), data, feats, pool, steps, g, batch, noise, sample_t, share=share,
+            train_on_states(model, role, found, data, feats, pool, steps, g, batch, noise, sample_t, share=share,
                             objects=objects, object_weight=object_weight, bf16=bf16, label=f"guided round {r + 1} {role}")
             torch.save(model.state_dict(), path)
         cond, unc = (m.eval() for m in models)
@@ -780,7 +853,8 @@ def train_on_states(model, role: str, found, data, feats, pool, steps: int, g, b
     the state's distance from its picture by 1 − t (70× at the last step) and would swamp the batch. Loads the
     exponential moving average (0.99) into ``model`` at the end."""
     lat, cap_idx = data
-    idx_s, states, t_s = found
+    idx_s, states, t_s = found[:3]
+    matched = found[3:]  # (pictures, their object tokens) from matched_pictures, else each state's training sample
     grid = (SIZE // 16, SIZE // 16)
     n_g = int(batch * share)
     model.train()
@@ -793,6 +867,8 @@ def train_on_states(model, role: str, found, data, feats, pool, steps: int, g, b
         j = torch.randint(0, len(states), (n_g,), generator=g)
         idx = torch.cat([idx_s[j], pool[torch.randint(0, len(pool), (batch - n_g,), generator=g)]])
         x1 = lat[idx].float()
+        if matched:
+            x1[:n_g] = matched[0][j]
         eps = noise(x1[n_g:])
         t_r = sample_t(batch - n_g)
         xt = torch.cat([states[j], t_r[:, None, None] * x1[n_g:] + (1 - t_r[:, None, None]) * eps])
@@ -804,6 +880,8 @@ def train_on_states(model, role: str, found, data, feats, pool, steps: int, g, b
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             v = dit_forward(model, xt, t, fb if role == "cond" else None, grid)
         w = 1 + (object_weight - 1) * objects[idx].float() if objects is not None else torch.ones(len(idx), xt.shape[1])
+        if matched and objects is not None:
+            w[:n_g] = 1 + (object_weight - 1) * matched[1][j].float()
         if late_weight:
             w[:n_g] *= late_weights(t[:n_g], late_weight)[:, None]
         loss = (((v.float() - target) ** 2).mean(-1) * w).mean() / w.mean()
@@ -882,6 +960,15 @@ def stage_own(work: Path, cond, unc, data, feats, is_json, steps: int, k_range: 
     return cond, unc
 
 
+def resume(model, path: Path) -> bool:
+    """Load a stage's saved weights into ``model`` (in eval mode) if the stage ran before."""
+    if not path.exists():
+        return False
+    model.load_state_dict(torch.load(path))
+    model.eval()
+    return True
+
+
 def agree_targets(cond, xt: torch.Tensor, t: torch.Tensor, fb: list, target: torch.Tensor, tau: float) -> torch.Tensor:
     """``target`` with every row whose t >= ``tau`` replaced by the conditional backbone's own prediction for it
     (bfloat16 autocast, as the sampler runs it), given that row's caption features ``fb``."""
@@ -895,7 +982,7 @@ def agree_targets(cond, xt: torch.Tensor, t: torch.Tensor, fb: list, target: tor
 
 def stage_agree(work: Path, cond, unc, data, feats, is_json, steps: int, tau: float, seed: int, batch: int, *,
                 n_states: int = 2048, share: float = 0.5, objects: torch.Tensor | None = None, object_weight: float = 1.0,
-                bf16: bool = True):
+                bf16: bool = True, match: int = 0, vae=None, scenes=None, r: int = 0):
     """Teach the image-only backbone to agree with the conditional one where the picture is already decided (t >= tau).
     There the two should predict the same velocity, and what they still disagree on is their two estimation errors,
     which guidance 7 multiplies by six at every step: the specks and stripes of the preset's pictures (docs/demo.md).
@@ -903,27 +990,65 @@ def stage_agree(work: Path, cond, unc, data, feats, is_json, steps: int, tau: fl
     last step), half ordinary samples at t from the sampler's schedule; for t >= tau the target is the conditional
     backbone's prediction with the sample's caption, below it the usual target (as in ``stage_guided``), so guidance
     keeps its full effect where the picture is made."""
-    from gguf_dit.runtime.schedule import PRESETS, timesteps
-
-    path = work / "uncond_agree.pt"
-    if path.exists():
-        unc.load_state_dict(torch.load(path))
-        return unc.eval()
+    path = work / ("uncond_agree.pt" if r == 0 else f"uncond_agree{r + 1}.pt")
+    if resume(unc, path):
+        return unc
     lat = data[0]
     pool = plain_pool(data, is_json)
-    g = torch.Generator().manual_seed(seed + 60)
+    g = torch.Generator().manual_seed(seed + 60 + 1000 * r)
     t0 = time.time()
-    # The states of the trajectories the sampler follows once the two agree: the preset's guidance before tau, none after.
-    st = PRESETS["default-20"]
-    ts = timesteps(st.steps, SIZE, SIZE, st.mu, st.std)
-    interval = [gk if float(ts[k]) < tau else 1.0 for k, gk in enumerate(st.guidance)]
-    found = guided_states(cond.eval(), unc.eval(), data, feats, pool, n_states, st.steps - 1, g, guidance=interval)
+    found = trajectory_states(cond, unc, data, feats, pool, n_states, tau, g)
+    if match:
+        found = (*found, *matched_pictures(cond, vae, found, data, feats, scenes, seed + 90 + 1000 * r, match))
     log(f"agree: {n_states} guided states ({time.time() - t0:.0f} s)")
     noise, sample_t = flow_sampling(g, SIZE, lat[:4096].float().mean(0), 0.0, 0.5)
     train_on_states(unc, "uncond", found, data, feats, pool, steps, g, batch, noise, sample_t, share=share, objects=objects,
                     object_weight=object_weight, bf16=bf16, label="agree", targets=lambda xt, t, fb, target: agree_targets(cond, xt, t, fb, target, tau))
     torch.save(unc.state_dict(), path)
     return unc
+
+
+def interval_guidance(tau: float, preset: str = "default-20") -> list[float]:
+    """``preset``'s guidance per step where the step's t < tau, 1 after it: the trajectories the sampler follows once
+    the image-only backbone agrees with the conditional one from tau on (``stage_agree``)."""
+    from gguf_dit.runtime.schedule import PRESETS, timesteps
+
+    st = PRESETS[preset]
+    ts = timesteps(st.steps, SIZE, SIZE, st.mu, st.std)
+    return [gk if float(ts[k]) < tau else 1.0 for k, gk in enumerate(st.guidance)]
+
+
+def trajectory_states(cond, unc, data, feats, pool, n: int, tau: float, g):
+    """``guided_states`` along the whole trajectory the sampler follows once the two backbones agree from ``tau`` on
+    (k up to the last step; ``interval_guidance``)."""
+    interval = interval_guidance(tau)
+    return guided_states(cond.eval(), unc.eval(), data, feats, pool, n, len(interval) - 1, g, guidance=interval)
+
+
+def stage_finish(work: Path, cond, unc, data, feats, is_json, steps: int, tau: float, seed: int, batch: int, *, r: int = 0,
+                 n_states: int = 2048, share: float = 0.5, objects: torch.Tensor | None = None, object_weight: float = 1.0,
+                 bf16: bool = True, match: int = 48, vae=None, scenes=None):
+    """Teach the conditional backbone to finish its own pictures. States along the whole trajectory the sampler
+    follows (``guided_states``, k up to the last step, the preset's guidance before ``tau`` and none after, as after
+    ``stage_agree``), each pulled to the layout of its caption's scene nearest to where it is heading
+    (``matched_pictures``), weighted on the clean-picture estimate late (``late_weights``, 0.5); half of each batch,
+    the rest ordinary samples. The guided rounds teach the first steps (k <= 8); here a blob that is neither round nor
+    square at t = 0.5 learns to become the square its caption asks for (docs/demo.md)."""
+    path = work / f"cond_finish{r + 1}.pt"
+    if resume(cond, path):
+        return cond
+    lat = data[0]
+    pool = plain_pool(data, is_json)
+    g = torch.Generator().manual_seed(seed + 100 + 1000 * r)
+    t0 = time.time()
+    found = trajectory_states(cond, unc, data, feats, pool, n_states, tau, g)
+    found = (*found, *matched_pictures(cond, vae, found, data, feats, scenes, seed + 101 + 1000 * r, match))
+    log(f"finish round {r + 1}: {n_states} matched states ({time.time() - t0:.0f} s)")
+    noise, sample_t = flow_sampling(g, SIZE, lat[:4096].float().mean(0), 0.0, 0.5)
+    train_on_states(cond, "cond", found, data, feats, pool, steps, g, batch, noise, sample_t, share=share, objects=objects,
+                    object_weight=object_weight, bf16=bf16, label=f"finish round {r + 1}", late_weight=0.5)
+    torch.save(cond.state_dict(), path)
+    return cond
 
 
 # -- 6. convert ---------------------------------------------------------------------------------
@@ -953,9 +1078,12 @@ def main(argv=None) -> None:
     ap.add_argument("--uncond-steps", type=int, default=600, help="the unconditional backbone: a copy of the conditional one, trained on image-only samples")
     ap.add_argument("--guided-steps", type=int, default=300, help="steps per backbone per round of training on the preset's own guided states (stage_guided; 0: none)")
     ap.add_argument("--guided-states", type=int, default=2048, help="guided states per round")
-    ap.add_argument("--guided-rounds", type=lambda v: [int(k) for k in v.split(",")], default=[3, 5], help="k_max of each round: states after up to k guided steps")
+    ap.add_argument("--guided-rounds", type=lambda v: [int(k) for k in v.split(",")], default=[3, 5, 8], help="k_max of each round: states after up to k guided steps (a third round, k <= 8, hurt the preset with unmatched targets and helps with --match: docs/demo.md)")
     ap.add_argument("--own-steps", type=int, default=0, help="before the guided rounds, train both backbones on the conditional one's own trajectories from noised training pictures (stage_own; 0: none, the default: docs/demo.md)")
     ap.add_argument("--own-from", type=lambda v: tuple(int(k) for k in v.split(",")), default=(2, 8), help="own_states start steps k_a: first,last")
+    ap.add_argument("--match", type=int, default=48, help="sampler states from fresh noise are pulled to the nearest of this many layouts of their caption's scene (matched_pictures; 0: to a random training picture of it, as before)")
+    ap.add_argument("--finish-rounds", type=int, default=1, help="rounds of stage_finish (the conditional backbone on matched states of its whole trajectory), each followed by the agreement (a second round did not help: docs/demo.md)")
+    ap.add_argument("--finish-steps", type=int, default=600, help="steps per finish round")
     ap.add_argument("--agree-steps", type=int, default=400, help="then train the image-only backbone to agree with the conditional one where t >= --agree-tau (stage_agree; 0: none)")
     ap.add_argument("--agree-tau", type=float, default=0.3, help="from this t on, the image-only backbone learns the conditional one's prediction")
     ap.add_argument("--where-weight", type=float, default=0.1, help="weight of the conditional backbone's auxiliary \"where am I\" loss (0: none)")
@@ -969,6 +1097,8 @@ def main(argv=None) -> None:
     ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
     ap.add_argument("--stop-after", choices=("language", "features", "vae", "latents", "dit"), default=None, help="stop after this stage (for checks)")
     a = ap.parse_args(argv)
+    if a.finish_rounds and not a.match:
+        ap.error("--finish-rounds needs --match (its states have no picture of their own)")
     torch.set_num_threads(a.threads)
     torch.use_deterministic_algorithms(True)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -1016,10 +1146,17 @@ def main(argv=None) -> None:
                               n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
     if a.guided_steps:
         cond, unc = stage_guided(a.work, cond, unc, data, feats, is_json, a.guided_rounds, a.guided_steps, a.seed, a.batch,
-                                 n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
-    if a.agree_steps:
-        unc = stage_agree(a.work, cond, unc, data, feats, is_json, a.agree_steps, a.agree_tau, a.seed, a.batch,
-                          n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
+                                 n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
+                                 match=a.match, vae=vae, scenes=scenes)
+    for r in range(max(a.finish_rounds, 1)):  # each finish round, then the agreement with the new conditional backbone
+        if a.finish_rounds:
+            cond = stage_finish(a.work, cond, unc, data, feats, is_json, a.finish_steps, a.agree_tau, a.seed, a.batch, r=r,
+                                n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
+                                match=a.match, vae=vae, scenes=scenes)
+        if a.agree_steps:
+            unc = stage_agree(a.work, cond, unc, data, feats, is_json, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
+                              n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
+                              match=a.match, vae=vae, scenes=scenes)
     log(f"dit ready ({time.time() - t0:.0f} s)")
     if a.stop_after == "dit":
         return

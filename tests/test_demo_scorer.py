@@ -228,6 +228,7 @@ def test_training_script_128_is_deterministic(tmp_path):
         cmd = [sys.executable, str(ROOT / "scripts" / "train_demo128.py"), "--root", str(tmp_path / run / "ckpt"), "--work", str(tmp_path / run / "work"),
                "--language-pairs", "40", "--language-steps", "3", "--place-steps", "3", "--captions", "24", "--images-per-caption", "1", "--vae-steps", "3",
                "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--guided-steps", "3", "--guided-states", "8", "--own-steps", "3", "--agree-steps", "3",
+               "--match", "4", "--finish-rounds", "2", "--finish-steps", "3",
                "--batch", "4", "--threads", "2"]
         if run == "a":
             cmd += ["--convert-to", str(tmp_path / "out")]
@@ -255,9 +256,13 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert re.search(r"^step 2 \| t=0.02: right \d+\.\d+ wrong \d+\.\d+ \| t=0.2: .* \| t=0.5: ", out, re.M), out
     out = subprocess.run([*checks, "draw", str(tmp_path / "oracle.pt"), *work, "--feats", "oracle", "--n", "3"], check=True, capture_output=True, text=True).stdout
     assert "'n': 3" in out and "'all_attributes': " in out, out
-    # the preset's guidance with the run's two final backbones: every step is guided (7 × 18, 3 × 2) and traced
-    out = subprocess.run([*checks, "draw", str(tmp_path / "a" / "work" / "cond_guided2.pt"), *work, "--n", "2", "--uncond",
-                          str(tmp_path / "a" / "work" / "uncond_agree.pt"), "--guidance", "preset", "--trace"], check=True, capture_output=True, text=True).stdout
+    # the preset's guidance with the run's two final backbones (second finish round, second agreement): every step is
+    # guided (7 × 18, 3 × 2) and traced
+    work_a = tmp_path / "a" / "work"
+    assert {p.name for p in work_a.glob("*_finish*.pt")} == {"cond_finish1.pt", "cond_finish2.pt"}
+    assert {p.name for p in work_a.glob("uncond_agree*.pt")} == {"uncond_agree.pt", "uncond_agree2.pt"}
+    out = subprocess.run([*checks, "draw", str(work_a / "cond_finish2.pt"), *work, "--n", "2", "--uncond",
+                          str(work_a / "uncond_agree2.pt"), "--guidance", "preset", "--trace"], check=True, capture_output=True, text=True).stdout
     assert [int(m) for m in re.findall(r"^step (\d+) t [\d.]+ rms x [\d.]+ rms v_c - v_u [\d.]+$", out, re.M)] == list(range(20)), out
     assert re.search(r"^all \{.*'n': 2\}$", out, re.M), out
 
@@ -310,6 +315,66 @@ def test_guided_states_are_the_presets_own_euler_steps():
                 assert torch.equal(states[i], z[i]), (k, i)
     with pytest.raises(AssertionError):
         T.guided_states(cond, unc, (lat, cap_idx), feats, torch.arange(6), 5, 2, torch.Generator().manual_seed(3), guidance=(7.0,) * 19)
+
+
+def test_nearest_layout_finds_the_drawn_layout():
+    """train_demo128.nearest_layout: given a rendering of one of a scene's training layouts, it returns a layout of the
+    same objects, in the training ranges (place ±JITTER, size in its range, the two-object gap), near the drawn one."""
+    T, _ = _training_script()
+    rng = np.random.default_rng(0)
+    err = []
+    for _, sc in C.pairs("train", 80, 0):
+        lay = S.layout(sc, rng)
+        got = T.nearest_layout(sc, S.render(sc, lay=lay), rng, 48)
+        assert len(got) == len(lay)
+        for (o, cx, cy, r), (p, gx, gy, gr) in zip(lay, got):
+            assert p == o  # the same shape, colour and place, and the drawn size where the caption names none
+            px, py = S.POSITIONS[p.position]
+            assert abs(gx - px) <= S.JITTER and abs(gy - py) <= S.JITTER and S.SIZES[p.size][0] <= gr <= S.SIZES[p.size][1]
+            err.append(np.hypot(gx - cx, gy - cy))
+        if len(got) == 2:
+            assert S._apart(got[0][1:], got[1][1:])
+    assert any(o.size is None for _, sc in C.pairs("train", 80, 0) for o in sc.objects)  # unnamed sizes were resolved
+    # observed 1.2 px from 48 draws; a choice that ignored the picture would be ~5 px off (two uniform points, ±5 px)
+    assert np.mean(err) < 2.0, np.mean(err)
+
+
+def test_matched_pictures_pull_each_state_to_the_layout_it_is_heading_for(monkeypatch):
+    """train_demo128.matched_pictures: each state's target picture is its caption's scene drawn in the layout nearest
+    to the decoded clean-picture estimate x_t + (1 − t)·v, encoded, with the tokens its objects cover. Stand-ins for
+    the backbone (v = 4 everywhere, given the state's own caption) and the autoencoder (a state's first token names
+    the picture it decodes to)."""
+    import torch
+
+    T, _ = _training_script()
+    scenes = [s for _, s in C.pairs("train", 4, 0)]
+    cap_idx = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # two training samples per caption
+    idx_s = torch.tensor([7, 2, 4, 0, 5])
+    feats = [torch.randn(n, 416).half() for n in (5, 7, 6, 4)]
+    rng = np.random.default_rng(1)
+    lays = [S.layout(scenes[int(cap_idx[i])], rng) for i in idx_s]
+    heading = np.stack([S.render(scenes[int(cap_idx[i])], lay=lay) for i, lay in zip(idx_s, lays)])
+    t = torch.full((len(idx_s),), 0.75)
+    states = torch.zeros(len(idx_s), 64, 128)
+    states[:, 0, 0] = torch.arange(len(idx_s)).float() - 1.0  # + (1 − 0.75)·4 = the picture's index
+
+    def backbone(model, x, tt, fb, grid):
+        assert [f is feats[int(cap_idx[i])] for f, i in zip(fb, idx_s)] == [True] * len(idx_s) and torch.equal(tt, t)
+        return torch.full_like(x, 4.0)
+
+    monkeypatch.setattr(T, "dit_forward", backbone)
+    monkeypatch.setattr(T, "token_pictures", lambda vae, tok: heading[tok[:, 0, 0].round().long().numpy()])
+    encode = lambda vae, imgs: torch.from_numpy(imgs.astype(np.float32)).reshape(len(imgs), 64, -1)[..., :128]
+    monkeypatch.setattr(T, "latent_tokens", encode)
+    x1, covers = T.matched_pictures(None, None, (idx_s, states, t), (torch.zeros(8, 64, 128), cap_idx), feats, scenes, seed=3, m=48)
+    rng = np.random.default_rng(3)  # replayed: one nearest_layout per state, in order
+    for k, i in enumerate(idx_s.tolist()):
+        sc = scenes[int(cap_idx[i])]
+        near = T.nearest_layout(sc, heading[k], rng, 48)
+        assert torch.equal(x1[k], encode(None, S.render(sc, lay=near)[None])[0]), k
+        assert torch.equal(covers[k], torch.from_numpy(T.cover_tokens(near))), k
+        assert [p for p, *_ in near] == [o for o, *_ in lays[k]]
+        assert max(np.hypot(g[1] - d[1], g[2] - d[2]) for g, d in zip(near, lays[k])) < 4.0  # near the picture it heads for
 
 
 def test_read_inverts_the_caption_writer():
@@ -397,3 +462,18 @@ def test_late_weights_measure_late_states_on_the_clean_picture_estimate():
     T, _ = _training_script()
     w = T.late_weights(torch.tensor([0.0, 0.3, 0.5, 0.75, 0.9, 0.986]), 0.5)
     assert torch.allclose(w, torch.tensor([1.0, 1.0, 1.0, 0.25, 0.04, 0.000784]), rtol=1e-5)
+
+
+def test_interval_guidance_keeps_the_presets_guidance_before_tau_only(tmp_path):
+    """train_demo128.interval_guidance: the default-20 preset's guidance (7 on the first 18 steps, 3 on the last 2) on
+    the steps whose t is below tau at 128×128, 1 from there on; the first three steps (t = 0, 0.184, 0.298) are the
+    ones before 0.3 (docs/demo.md). --finish-rounds without --match is refused before anything is written."""
+    import subprocess
+
+    T, _ = _training_script()
+    assert T.interval_guidance(0.3) == [7.0] * 3 + [1.0] * 17
+    assert T.interval_guidance(0.1) == [7.0] + [1.0] * 19
+    assert T.interval_guidance(1.0) == [7.0] * 18 + [3.0] * 2
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo128.py"), "--root", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
+                        "--match", "0", "--finish-rounds", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--finish-rounds needs --match" in r.stderr and list(tmp_path.iterdir()) == []

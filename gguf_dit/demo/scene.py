@@ -109,10 +109,10 @@ def _apart(a, b, gap: float = 4.0) -> bool:
     return abs(a[0] - b[0]) >= a[2] + b[2] + gap or abs(a[1] - b[1]) >= a[2] + b[2] + gap
 
 
-def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
-    """uint8 (SIZE, SIZE, 3)."""
+def render(scene: Scene, rng: np.random.Generator | None = None, lay: list | None = None) -> np.ndarray:
+    """uint8 (SIZE, SIZE, 3); ``lay``: draw this ``layout`` instead of drawing one."""
     img = np.broadcast_to(np.array(BACKGROUNDS[scene.background], np.float32), (SIZE, SIZE, 3)).copy()
-    for o, cx, cy, r in layout(scene, rng):
+    for o, cx, cy, r in layout(scene, rng) if lay is None else lay:
         m = mask(o.shape, cx, cy, r)[..., None]
         img = (1 - m) * img + m * np.array(COLOURS[o.colour], np.float32)
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
