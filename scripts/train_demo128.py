@@ -800,8 +800,9 @@ def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int],
     from t = 0 to 0.184 with seven times the two backbones' disagreement about the whole picture, which no training
     sample looks like; guidance 7 on that step alone cost as much as the whole preset (docs/demo.md). Per round
     (``rounds``: its k_max), states of the current backbones' guided trajectories (``guided_states``) make up
-    ``share`` of each batch, with the target that leads straight to the sample's own picture, v = (x1 − x_t)/(1 − t)
-    (the rest are ordinary samples at t from the sampler's schedule); ``steps`` steps for the conditional backbone,
+    ``share`` of each batch, with the target that leads straight to a picture x1 of its caption, v = (x1 − x_t)/(1 − t):
+    with ``match``, the layout nearest to where the state heads (``matched_pictures``), else the sample's own (the
+    rest are ordinary samples at t from the sampler's schedule); ``steps`` steps for the conditional backbone,
     then as many for the image-only one on the same states (image tokens only). Later rounds start from the earlier
     rounds' backbones, so their states are the ones the sampler now reaches."""
     from diffusers import Ideogram4Transformer2DModel
@@ -846,7 +847,8 @@ def train_on_states(model, role: str, found, data, feats, pool, steps: int, g, b
                     late_weight: float = 0.0):
     """Train ``model`` (``role`` "cond" reads the captions, "uncond" image tokens only) ``steps`` steps, lr 5e-4 after
     a 50-step warm-up, on batches of which ``share`` are sampler states ``found`` = (training sample index, state,
-    its t) with the target that leads straight to that sample's picture, v = (x1 − x_t)/(1 − t), and the rest
+    its t[, matched pictures and their object tokens]) with the target that leads straight to that sample's picture
+    (or its matched one), v = (x1 − x_t)/(1 − t), and the rest
     ordinary samples (``noise``, ``sample_t`` from ``flow_sampling``). ``targets(xt, t, fb, target)`` may replace
     targets (``stage_agree``). ``late_weight`` > 0: a state's loss is weighted by min(1, ((1 − t)/late_weight)²), i.e.
     measured on the clean-picture estimate x_t + (1 − t)·v once t > 1 − late_weight: near t = 1 the target divides
@@ -988,8 +990,8 @@ def stage_agree(work: Path, cond, unc, data, feats, is_json, steps: int, tau: fl
     which guidance 7 multiplies by six at every step: the specks and stripes of the preset's pictures (docs/demo.md).
     Half of each batch are states along the preset's whole guided trajectory (``guided_states`` with k up to the
     last step), half ordinary samples at t from the sampler's schedule; for t >= tau the target is the conditional
-    backbone's prediction with the sample's caption, below it the usual target (as in ``stage_guided``), so guidance
-    keeps its full effect where the picture is made."""
+    backbone's prediction with the sample's caption, below it the usual target (as in ``stage_guided``: the matched
+    picture with ``match``), so guidance keeps its full effect where the picture is made."""
     path = work / ("uncond_agree.pt" if r == 0 else f"uncond_agree{r + 1}.pt")
     if resume(unc, path):
         return unc

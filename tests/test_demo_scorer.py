@@ -474,6 +474,41 @@ def test_interval_guidance_keeps_the_presets_guidance_before_tau_only(tmp_path):
     assert T.interval_guidance(0.3) == [7.0] * 3 + [1.0] * 17
     assert T.interval_guidance(0.1) == [7.0] + [1.0] * 19
     assert T.interval_guidance(1.0) == [7.0] * 18 + [3.0] * 2
+    from gguf_dit.runtime.schedule import timesteps
+
+    # a step whose t equals tau is unguided, as agree_targets takes t >= tau from the conditional backbone
+    assert T.interval_guidance(float(timesteps(20, 128, 128, 0.0, 1.75)[3])) == [7.0] * 3 + [1.0] * 17
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo128.py"), "--root", str(tmp_path / "ckpt"), "--work", str(tmp_path / "work"),
                         "--match", "0", "--finish-rounds", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and "--finish-rounds needs --match" in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_train_on_states_pulls_states_to_their_matched_pictures():
+    """train_demo128.train_on_states with found = (index, state, t, matched pictures, their object tokens): each state
+    row's target is v = (x1 − x_t)/(1 − t) toward its matched picture, not toward its training sample's latent."""
+    import torch
+    from diffusers import Ideogram4Transformer2DModel
+
+    T, _ = _training_script()
+    torch.manual_seed(0)
+    model = Ideogram4Transformer2DModel(**T.DIT_CONFIG)
+    lat, cap_idx = torch.randn(4, 64, 128), torch.tensor([0, 1, 2, 3])
+    feats = [torch.randn(n, 416).half() for n in (5, 7, 6, 4)]
+    states, t_s = torch.randn(3, 64, 128), torch.tensor([0.25, 0.5, 0.75])
+    matched = torch.randn(3, 64, 128)
+    found = (torch.tensor([2, 0, 3]), states, t_s, matched, torch.zeros(3, 64, dtype=torch.bool))
+    seen = []
+
+    def capture(xt, t, fb, target):
+        seen.append((xt.clone(), t.clone(), target.clone()))
+        return target
+
+    T.train_on_states(model, "cond", found, (lat, cap_idx), feats, torch.arange(4), 2, torch.Generator().manual_seed(1), 4,
+                      lambda x1: torch.zeros_like(x1), lambda n: torch.full((n,), 0.5), share=0.5, targets=capture)
+    rows = 0
+    for xt, t, target in seen:
+        for r in range(2):  # the state half of the batch
+            j = next(k for k in range(3) if torch.equal(xt[r], states[k]))
+            assert torch.allclose(target[r], (matched[j] - states[j]) / (1 - t_s[j]), atol=1e-6), j
+            rows += 1
+    assert rows == 4
