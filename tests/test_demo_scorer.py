@@ -228,7 +228,7 @@ def test_training_script_128_is_deterministic(tmp_path):
         cmd = [sys.executable, str(ROOT / "scripts" / "train_demo128.py"), "--root", str(tmp_path / run / "ckpt"), "--work", str(tmp_path / run / "work"),
                "--language-pairs", "40", "--language-steps", "3", "--place-steps", "3", "--captions", "24", "--images-per-caption", "1", "--vae-steps", "3",
                "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--guided-steps", "3", "--guided-states", "8", "--own-steps", "3", "--agree-steps", "3",
-               "--match", "4", "--finish-rounds", "2", "--finish-steps", "3",
+               "--match", "4", "--finish-rounds", "2", "--finish-steps", "3", "--canon-rounds", "2", "--canon-steps", "3",
                "--batch", "4", "--threads", "2"]
         if run == "a":
             cmd += ["--convert-to", str(tmp_path / "out")]
@@ -256,13 +256,14 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert re.search(r"^step 2 \| t=0.02: right \d+\.\d+ wrong \d+\.\d+ \| t=0.2: .* \| t=0.5: ", out, re.M), out
     out = subprocess.run([*checks, "draw", str(tmp_path / "oracle.pt"), *work, "--feats", "oracle", "--n", "3"], check=True, capture_output=True, text=True).stdout
     assert "'n': 3" in out and "'all_attributes': " in out, out
-    # the preset's guidance with the run's two final backbones (second finish round, second agreement): every step is
-    # guided (7 × 18, 3 × 2) and traced
+    # the preset's guidance with the run's two final backbones (second canon round): every step is guided (7 × 18,
+    # 3 × 2) and traced
     work_a = tmp_path / "a" / "work"
     assert {p.name for p in work_a.glob("*_finish*.pt")} == {"cond_finish1.pt", "cond_finish2.pt"}
     assert {p.name for p in work_a.glob("uncond_agree*.pt")} == {"uncond_agree.pt", "uncond_agree2.pt"}
-    out = subprocess.run([*checks, "draw", str(work_a / "cond_finish2.pt"), *work, "--n", "2", "--uncond",
-                          str(work_a / "uncond_agree2.pt"), "--guidance", "preset", "--trace"], check=True, capture_output=True, text=True).stdout
+    assert {p.name for p in work_a.glob("*_canon*.pt")} == {"cond_canon1.pt", "uncond_canon1.pt", "cond_canon2.pt", "uncond_canon2.pt"}
+    out = subprocess.run([*checks, "draw", str(work_a / "cond_canon2.pt"), *work, "--n", "2", "--uncond",
+                          str(work_a / "uncond_canon2.pt"), "--guidance", "preset", "--trace"], check=True, capture_output=True, text=True).stdout
     assert [int(m) for m in re.findall(r"^step (\d+) t [\d.]+ rms x [\d.]+ rms v_c - v_u [\d.]+$", out, re.M)] == list(range(20)), out
     assert re.search(r"^all \{.*'n': 2\}$", out, re.M), out
 
@@ -291,7 +292,7 @@ def test_guided_states_are_the_presets_own_euler_steps():
     ts = [float(x) for x in timesteps(20, 128, 128, 0.0, 1.75)]
     assert ts[1] == pytest.approx(0.184, abs=1e-3)  # the schedule's first step at 128×128 (docs/demo.md)
     fb = [feats[int(cap_idx[i])] for i in idx]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), T.low_precision():
         for k in range(2):
             tk = torch.full((5,), ts[k]).to(torch.bfloat16).float()
             vc, vu = dit_forward(cond, z, tk, fb, (8, 8)).float(), dit_forward(unc, z, tk, None, (8, 8)).float()
@@ -306,7 +307,7 @@ def test_guided_states_are_the_presets_own_euler_steps():
     g = torch.Generator().manual_seed(3)  # the same draws as above, so the same samples and depths
     torch.randint(0, 6, (5,), generator=g), torch.randint(1, 3, (5,), generator=g)
     z = torch.randn(5, 64, 128, generator=g)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), T.low_precision():
         for k in range(2):
             tk = torch.full((5,), ts[k]).to(torch.bfloat16).float()
             vc, vu = dit_forward(cond, z, tk, fb, (8, 8)).float(), dit_forward(unc, z, tk, None, (8, 8)).float()
@@ -410,7 +411,7 @@ def test_agree_targets_are_the_conditional_backbones_own_prediction_from_tau_on(
     out = T.agree_targets(cond, xt, t, fb, target, 0.5)
     assert torch.equal(out[[0, 2]], target[[0, 2]])
     for i in (1, 3):  # one at a time: the late rows must not depend on which other rows were late with them
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), T.low_precision():
             alone = dit_forward(cond, xt[i:i + 1], t[i:i + 1], [fb[i]], (8, 8)).float()[0]
         assert torch.allclose(out[i], alone, atol=0.01), (i, (out[i] - alone).abs().max())  # 0 here; bf16 kernels may block batches differently
         assert (out[i] - target[i]).abs().mean() > 0.5  # replaced, not kept
@@ -443,7 +444,7 @@ def test_own_states_are_the_conditional_backbones_own_steps_from_a_noised_pictur
     checked = set()
     for i in range(n):
         z = ts[int(ka[i])] * lat[int(idx[i])] + (1 - ts[int(ka[i])]) * eps[i]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), T.low_precision():
             for k in range(int(ka[i]), int(kb[i])):
                 tk = torch.full((1,), ts[k]).to(torch.bfloat16).float()
                 z = z + dit_forward(cond, z[None], tk, [feats[int(cap_idx[idx[i]])]], (8, 8)).float()[0] * (ts[k + 1] - ts[k])
@@ -512,3 +513,82 @@ def test_train_on_states_pulls_states_to_their_matched_pictures():
             assert torch.allclose(target[r], (matched[j] - states[j]) / (1 - t_s[j]), atol=1e-6), j
             rows += 1
     assert rows == 4
+
+
+def test_canonical_data_is_each_captions_nominal_picture(tmp_path, monkeypatch):
+    """train_demo128.canonical_data: one picture per training caption, its scene at the nominal places and sizes (a
+    size the caption leaves open drawn large), read back as that scene by the scorer; cached in the work folder."""
+    import torch
+
+    T, _ = _training_script()
+    pairs = C.pairs("train", 60, 0)
+    scenes = [s for _, s in pairs]
+    assert any(o.size is None for s in scenes for o in s.objects)
+    encode = lambda vae, imgs: torch.from_numpy(imgs.astype(np.float32)).reshape(len(imgs), 64, -1)[..., :128]
+    monkeypatch.setattr(T, "latent_tokens", encode)
+    lat, covers = T.canonical_data(tmp_path, None, scenes)
+    assert lat.shape == (60, 64, 128) and lat.dtype == torch.float16 and covers.shape == (60, 64)
+    for k, sc in enumerate(scenes):
+        nominal = [(S.Obj(o.shape, o.colour, o.position, o.size or "large"), *S.POSITIONS[o.position], S.NOMINAL_R[o.size or "large"])
+                   for o in sc.objects]
+        img = S.render(sc, lay=nominal)
+        assert torch.equal(lat[k], encode(None, img[None])[0].half()), k
+        assert torch.equal(covers[k], torch.from_numpy(T.cover_tokens(nominal))), k
+        found = R.analyse(img)
+        assert sorted((f["shape"], f["colour"], f["position"], f["size"]) for f in found["objects"]) == \
+            sorted((o.shape, o.colour, o.position, o.size or "large") for o in sc.objects), k
+    monkeypatch.setattr(T, "latent_tokens", lambda vae, imgs: pytest.fail("re-rendered instead of reading the cache"))
+    again = T.canonical_data(tmp_path, None, scenes)
+    assert torch.equal(again[0], lat) and torch.equal(again[1], covers)
+
+
+def test_stage_canon_pulls_every_state_and_sample_to_its_captions_nominal_picture(tmp_path, monkeypatch):
+    """train_demo128.stage_canon: the conditional backbone, then the image-only one (on states of the new conditional
+    backbone's trajectories, with the agreement's targets), each on samples whose picture is their caption's canonical
+    one; both saved, and a resumed round loads them instead of training."""
+    import torch
+    from diffusers import Ideogram4Transformer2DModel
+
+    T, _ = _training_script()
+    n = 6
+    scenes = [s for _, s in C.pairs("train", n, 0)]
+    lat, covers = torch.randn(n, 64, 128).half(), torch.rand(n, 64) < 0.2
+    monkeypatch.setattr(T, "canonical_data", lambda work, vae, sc: (lat, covers))
+    is_json = torch.tensor([False, True, False, False, True, False])
+    calls = []
+
+    def states(cond, unc, data, feats, pool, n_states, tau, g):
+        assert torch.equal(data[0], lat) and torch.equal(data[1], torch.arange(n)) and torch.equal(pool, torch.tensor([0, 2, 3, 5]))
+        calls.append(("states", cond.marker))
+        idx = pool[torch.randint(0, len(pool), (n_states,), generator=g)]
+        return idx, torch.randn(n_states, 64, 128, generator=g), torch.rand(n_states, generator=g)
+
+    def train(model, role, found, data, feats, pool, steps, g, batch, noise, sample_t, **kw):
+        idx, _, _, x1, cov = found
+        assert torch.equal(x1, lat[idx].float()) and torch.equal(cov, covers[idx]) and kw["objects"] is covers
+        calls.append((role, steps, kw.get("late_weight", 0.0), kw.get("targets") is not None))
+        model.marker = f"trained {role}"
+        return model
+
+    monkeypatch.setattr(T, "trajectory_states", states)
+    monkeypatch.setattr(T, "train_on_states", train)
+    cond, unc = (Ideogram4Transformer2DModel(**T.DIT_CONFIG) for _ in range(2))
+    cond.marker = unc.marker = "base"
+    T.stage_canon(tmp_path, cond, unc, None, is_json, 5, 7, 0.3, 0, 4, r=1, n_states=16, object_weight=10.0, scenes=scenes)
+    assert calls == [("states", "base"), ("cond", 5, 0.5, False), ("states", "trained cond"), ("uncond", 7, 0.0, True)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cond_canon2.pt", "uncond_canon2.pt"]
+    calls.clear()
+    T.stage_canon(tmp_path, cond, unc, None, is_json, 5, 7, 0.3, 0, 4, r=1, n_states=16, object_weight=10.0, scenes=scenes)
+    assert calls == []
+
+
+def test_training_precision_follows_the_cpus_native_bfloat16():
+    """--precision auto: bfloat16 autocast only where /proc/cpuinfo names a bfloat16 unit (AVX512_BF16, AMX-BF16, Arm
+    BF16). On an AVX2-only AMD EPYC Zen 3 PyTorch emulates it: one DiT step took 18.8 s against 0.66 s in float32."""
+    T, _ = _training_script()
+    zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    zen5 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire = "flags\t\t: avx512f amx_bf16 amx_tile amx_int8\n"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    assert [T.native_bf16(c) for c in (zen3, zen5, sapphire, graviton3, "")] == [False, True, True, True, False]
+    assert not T.native_bf16("flags\t\t: avx512f avx512_vnni\nmodel name\t: bf16 in a name is not a flag\n")
