@@ -9,8 +9,11 @@ Peak memory per variant: the largest ``ru_maxrss`` that ``os.wait4`` returns for
 the parent's memory high-water mark into a child across fork and exec, so each value is at least this script's own
 peak; the script imports nothing heavy (no torch, no gguf_dit), so that floor is a few tens of MiB, printed too.
 
-    python scripts/train_demo.py --root /tmp/demo_ckpt --work /tmp/demo_work    # once, for the checkpoint
-    python benchmarks/demo_run.py --checkpoint /tmp/demo_ckpt
+    python scripts/train_demo128.py --root /tmp/demo128_ckpt --work /tmp/demo128_work    # once, for the checkpoint
+    python benchmarks/demo_run.py --checkpoint /tmp/demo128_ckpt
+
+The baseline's backbones get the shipped backbones' size range and default size (read in a child process, so that
+this script stays light), so both variants draw at the same size.
 """
 
 from __future__ import annotations
@@ -55,21 +58,30 @@ def timed_runs(model: Path | None, prompt: Path, reps: int, threads: int | None,
     return times, peak
 
 
+def shipped_size() -> tuple[int, int, int]:
+    """The shipped conditional backbone's size range and default size, read by the runtime's own reader in a child."""
+    code = ("from gguf_dit.runtime.backbone_file import BackboneFile; from gguf_dit.runtime.demo import DEMO_DIR; "
+            "f = BackboneFile(DEMO_DIR / 'transformer.gguf'); print(*f.size_range, f.default_size)")
+    lo, hi, side = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    return int(lo), int(hi), int(side)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/demo_ckpt"), help="the training checkpoint (scripts/train_demo.py --root)")
+    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/demo128_ckpt"), help="the training checkpoint (scripts/train_demo128.py --root)")
     ap.add_argument("--prompt", type=Path, default=ROOT / "examples" / "demo.txt")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
     if not (a.checkpoint / "transformer").is_dir():
-        sys.exit(f"{a.checkpoint}: no training checkpoint (run scripts/train_demo.py --root {a.checkpoint} first); it is the baseline's source")
+        sys.exit(f"{a.checkpoint}: no training checkpoint (run scripts/train_demo128.py --root {a.checkpoint} first); it is the baseline's source")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    lo, hi, side = shipped_size()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         f32 = tmp / "f32"
         subprocess.run(gguf_dit() + ["convert", str(a.checkpoint), "-o", str(f32), "--recipe", "f32", "--te-type", "f32", "--vae-type", "f32",
-                                     "--size-range", "64..64", "--default-size", "64", "-q"], check=True)
+                                     "--size-range", f"{lo}..{hi}", "--default-size", str(side), "-q"], check=True)
         sizes = {
             "shipped": sum(p.stat().st_size for p in (ROOT / "runtime" / "demo_model").glob("*.gguf")),
             "f32": sum(p.stat().st_size for p in f32.glob("*.gguf")),
@@ -82,7 +94,7 @@ def main(argv=None) -> None:
     print(f"{'f32 conversion (baseline)':<28}{sizes['f32'] / 1e6:>10.1f}{mb:>10.2f}{min(base):>8.2f}{1.0:>8.2f}{base_rss:>14.0f}")
     print(f"{'shipped demo (q4_k/q8_0)':<28}{sizes['shipped'] / 1e6:>10.1f}{mo:>10.2f}{min(ours):>8.2f}{mb / mo:>8.2f}{rss:>14.0f}")
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(f"one image, default-20, 64x64, cold process each time; peak RSS floor inherited from this script {floor:.0f} MiB")
+    print(f"one image, default-20, {side}x{side}, cold process each time; peak RSS floor inherited from this script {floor:.0f} MiB")
 
 
 if __name__ == "__main__":

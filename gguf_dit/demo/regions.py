@@ -151,7 +151,8 @@ def evaluate(model_dir, n: int = 90, seeds=(0,), guidance=None, preset: str = "d
              part: str = "test", threads: int | None = None) -> dict:
     """Score a model folder on ``n`` (caption, scene) pairs (``captions.pairs(part, n, 0)``: held out by default), one image per
     (pair, seed) through the real pipeline at ``size`` (default: the model's default size); ``guidance`` overrides the
-    preset's (1 = no CFG). Returns ``score`` plus the per-image results."""
+    preset's (1 = no CFG). Returns ``score`` plus the per-image results (caption, scene, seed, what ``analyse`` found, the
+    grades, the image)."""
     from gguf_dit.runtime.model_files import ModelFiles
     from gguf_dit.runtime.pipeline import Pipeline
     from gguf_dit.runtime.schedule import resolve_settings
@@ -169,7 +170,8 @@ def evaluate(model_dir, n: int = 90, seeds=(0,), guidance=None, preset: str = "d
             for sd in seeds:
                 img = pipe.generate(f, side, side, settings, sd).image
                 found = analyse(img)
-                results.append({"caption": C.caption_text(cap), "scene": scene, "seed": sd, "found": found, "graded": grade(scene, found)})
+                results.append({"caption": C.caption_text(cap), "scene": scene, "seed": sd, "found": found, "graded": grade(scene, found),
+                                "image": img})
                 images.append(img)
     finally:
         pipe.close()
