@@ -247,6 +247,15 @@ def test_training_script_128_is_deterministic(tmp_path):
                           "--guidance", "1", "--threads", "1"], check=True, capture_output=True, text=True).stdout
     row = next(ln for ln in out.splitlines() if ln.startswith("| 1 |"))
     assert row.split("|")[7].strip() == f"{r['all_attributes']:.1%}" and row.split("|")[9].strip() == "2", out
+    # scripts/check_demo128.py, the release gate, measures every bar on that folder; three steps per stage meet the
+    # file bars and none of the drawing ones
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_demo128.py"), str(tmp_path / "out"), "--n", "2", "--seeds", "0"],
+                       capture_output=True, text=True)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 1 and len([ln for ln in lines if ln[:4] in ("PASS", "FAIL")]) == 8, r.stdout + r.stderr
+    assert "PASS  files <= 20 MB in total" in r.stdout and "PASS  sizes 64..256, default 128" in r.stdout, r.stdout
+    assert any(ln.startswith("FAIL  preset >= 90 % of attributes, >= 60 held-out images: ") for ln in lines), r.stdout
+    assert re.fullmatch(r"\d of 8 bars hold; failed: .*preset >= 90 %.*", lines[-1]), r.stdout
     # scripts/demo128_checks.py on that work folder: the caption check prints right/wrong losses at its three t, and
     # a guidance-1 draw of the weights it saved is scored on the asked number of held-out prompts
     checks = [sys.executable, str(ROOT / "scripts" / "demo128_checks.py")]
