@@ -4,8 +4,9 @@
 
 The defaults are the recipe measured in docs/demo.md ("Toward a 128×128 demo (issue 13): how the recipe was
 found"); ``--root`` is its float
-checkpoint. About two hours on a 2-core AMD EPYC (Zen 5, AVX512_BF16); docs/demo.md has the time of the run that
-made the shipped files, stage by stage. Needs the test extras (diffusers, transformers).
+checkpoint. About two hours on a 2-core AMD EPYC (Zen 5, AVX512_BF16), from the stage times in docs/demo.md (each
+measured in a run of the script; the whole recipe with its canon rounds has not yet run from scratch); two to three
+times that on an AVX2-only CPU, which trains in float32 (``--precision``). Needs the test extras (diffusers, transformers).
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
 nine places, two sizes, four backgrounds, and many ways to ask for them; a fixed split holds sentence patterns,
