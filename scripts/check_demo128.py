@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     if missing:
         print(f"{a.model}: not a model folder (missing {', '.join(missing)})", file=sys.stderr)
         sys.exit(2)
-    sizes = {n: (BackboneFile(a.model / n).size_range, BackboneFile(a.model / n).default_size) for n in NAMES[1:3]}
+    backbones = {n: BackboneFile(a.model / n) for n in NAMES[1:3]}
+    sizes = {n: (f.size_range, f.default_size) for n, f in backbones.items()}
     if sizes["transformer.gguf"][1] != 128:
         print(f"{a.model / 'transformer.gguf'}: default size {sizes['transformer.gguf'][1]}, not a 128×128 demo model", file=sys.stderr)
         sys.exit(2)

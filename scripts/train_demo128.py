@@ -109,6 +109,8 @@ BF16 = native_bf16()
 def low_precision(enabled: bool | None = None):
     """bfloat16 autocast when ``enabled`` (None: ``BF16``), float32 otherwise."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16 if enabled is None else enabled)
+
+
 SIZE = S.SIZE
 
 
