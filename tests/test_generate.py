@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _demo_files import HIGH, LOW, SIZE
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "A yellow triangle at the top."
 
@@ -27,7 +29,7 @@ def test_documented_example_runs_and_writes_what_run_writes(tmp_path, monkeypatc
     scope: dict = {}
     exec(compile(code, str(ROOT / "docs" / "runtime.md"), "exec"), scope)
     image = scope["image"]
-    assert image.image.shape == (64, 64, 3) and image.image.dtype == np.uint8 and image.seed == 0
+    assert image.image.shape == (SIZE, SIZE, 3) and image.image.dtype == np.uint8 and image.seed == 0
     png = tmp_path / "triangle.png"
     assert image.path == Path("triangle.png") and png.is_file()
     info = Image.open(png).info
@@ -57,12 +59,12 @@ def test_batch_is_checked_before_work_then_named_seeded_and_reported(tmp_path, m
         with pytest.raises(OutputError) as e:
             gen.generate(prompts[0], seed=7, settings=settings, out=out / "00001-8.png")
         assert e.value.path == str(out / "00001-8.png") and "already exists" in str(e.value)
-        with pytest.raises(InputError, match="outside the model's range 64..64"):
-            gen.generate(prompts, width=128)
+        with pytest.raises(InputError, match=f"outside the model's range {LOW}..{HIGH}"):
+            gen.generate(prompts, width=HIGH + 16)
         with pytest.raises(InputError, match="image count must be at least 1"):
             gen.generate(prompts, count=0)
     batch = gen.generate(prompts, seed=7, count=2, settings=settings, out=out)  # numbered after 00001-8.png
-    assert batch.seeds == [7, 8, 9, 10] and (batch.height, batch.width) == (64, 64)
+    assert batch.seeds == [7, 8, 9, 10] and (batch.height, batch.width) == (SIZE, SIZE)
     assert [p.name for p in batch.paths] == ["00002-7.png", "00003-8.png", "00004-9.png", "00005-10.png"]
     events: list = []
     images = list(batch.run(lambda *ev: events.append(ev)))

@@ -21,6 +21,8 @@ from gguf_dit import hashes
 from gguf_dit.cli import app
 from gguf_dit.runtime import demo
 
+from _demo_files import SIZE
+
 # A1111's infotext grammar (stable-diffusion-webui modules/infotext_utils.py: re_param_code, re_imagesize and
 # parse_generation_parameters): the last line holds the "Key: value" fields (at least 3, else it is prompt); a value
 # is a JSON string literal or runs to the next comma; a WxH value becomes Key-1 / Key-2.
@@ -108,7 +110,7 @@ def test_sd_parsers_reads_it_as_an_a1111_image(drawn):
     assert s.name == "Euler" and float(s.parameters["cfg_scale"]) == 7.0
     assert (s.parameters["seed"], s.parameters["steps"]) == ("5", "3")
     assert (s.model.name, s.model.hash) == ("ideogram4-demo", _sha(drawn["model"] / "transformer.gguf")[:10])
-    assert _expand(info.metadata["CFG schedule"]) == [7.0, 7.0, 3.5] and info.metadata["Size"] == "64x64"
+    assert _expand(info.metadata["CFG schedule"]) == [7.0, 7.0, 3.5] and info.metadata["Size"] == f"{SIZE}x{SIZE}"
     assert str(s.prompts[0]) == json.loads(Image.open(drawn["png"]).text["gguf-dit"])["prompt"]
 
 

@@ -23,6 +23,8 @@ from PIL import Image
 from gguf_dit.errors import OutputError
 from gguf_dit.runtime.png import Outputs, write_image
 
+from _demo_files import SIZE
+
 FAST = ("--steps", "2", "-q")
 # A1111's modules/infotext_utils.py: one "key: value" of the settings line (a value may be a quoted JSON string).
 A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -169,14 +171,14 @@ def test_jpeg_and_webp_carry_the_a1111_text(cli, prompt, tmp_path, name, fmt):
         code, _, err = cli("run", prompt, "-o", out, "--seed", 3, *FAST)
         assert code == 0, err
     im = Image.open(lossy)
-    assert im.format == fmt and im.size == (64, 64) and im.mode == "RGB"
+    assert im.format == fmt and im.size == (SIZE, SIZE) and im.mode == "RGB"
     diff = np.abs(np.asarray(im, np.int16) - np.asarray(Image.open(png), np.int16))
     print(f"{fmt} vs PNG: mean {diff.mean():.2f}, max {diff.max()} /255")
     assert diff.mean() < 2.5  # lossy at quality 90: observed 1.75 (JPEG) and 1.52 (WebP) on the demo image
     text = _user_comment(lossy)
     assert text == Image.open(png).info["parameters"]  # the very text the PNG carries
     settings = _a1111_settings(text)
-    assert (settings["Steps"], settings["Seed"], settings["Size"]) == ("2", "3", "64x64")
+    assert (settings["Steps"], settings["Seed"], settings["Size"]) == ("2", "3", f"{SIZE}x{SIZE}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["p.txt", "ref.png", name])  # no folder named a.jpg
 
 

@@ -20,6 +20,8 @@ import pytest
 
 from gguf_dit.runtime import demo
 
+from _demo_files import HIGH, LOW
+
 PROMPT = "A red circle on the left.\n"
 FAST = ("--steps", "2", "-q")
 
@@ -387,9 +389,9 @@ def test_nan_velocity_names_the_backbone(cli, prompt, tmp_path, backbone):
 
 
 def test_size_error_names_the_backbone(cli, prompt, tmp_path):
-    code, _, err = cli("run", prompt, "-W", "128", "-o", tmp_path / "out", *FAST)
+    code, _, err = cli("run", prompt, "-W", HIGH + 16, "-o", tmp_path / "out", *FAST)
     line = _one_error_line(err)
-    assert code == 2 and line == f"error: {demo.model_dir() / 'transformer.gguf'}: width 128 is outside the model's range 64..64 pixels"
+    assert code == 2 and line == f"error: {demo.model_dir() / 'transformer.gguf'}: width {HIGH + 16} is outside the model's range {LOW}..{HIGH} pixels"
 
 
 def test_non_finite_decoded_image_names_the_vae(cli, prompt, tmp_path):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _demo_files import VOCAB
 from _gguf_edit import GGUFFile, T, V
 
 from gguf_dit.errors import ModelError
@@ -97,7 +98,7 @@ def _alignment(n: int):
 # name -> (edit, what the one-line error must contain)
 CRASHERS = {
     "duplicate token": (_dup(301, 300), ["tokenizer.ggml.tokens: token 301", "duplicates token 300"]),
-    "duplicate of a special token": (_dup(447, 446), ["tokenizer.ggml.tokens: token 447", "duplicates token 446"]),
+    "duplicate of a special token": (_dup(VOCAB - 1, VOCAB - 2), [f"tokenizer.ggml.tokens: token {VOCAB - 1}", f"duplicates token {VOCAB - 2}"]),
     "empty token named like another": (lambda g: (_token(300, "")(g), _token(301, "[EMPTY_300]")(g)), ["token 301 '[EMPTY_300]' duplicates token 300"]),
     "token with a NUL byte equal to another": (lambda g: _token(301, g.kv("tokenizer.ggml.tokens").value[300] + "\0x")(g), ["token 301", "duplicates token 300"]),
     "qwen3vl sections beyond the head size": (_qwen3vl([2**30, 5, 5, 0]), ["qwen3vl.rope.dimension_sections is [1073741824, 5, 5, 0]"]),
@@ -143,20 +144,20 @@ REFUSED = {
     "negative tap": (_set("gguf_dit.text_encoder.taps", V.ARRAY, [-1, 3], V.INT32), ["gguf_dit.text_encoder.taps is [-1, 3]"]),
     "taps not increasing": (_set("gguf_dit.text_encoder.taps", V.ARRAY, [3, 3, 6], V.INT32), ["gguf_dit.text_encoder.taps is [3, 3, 6]"]),
     "no taps": (_set("gguf_dit.text_encoder.taps", V.ARRAY, [], V.INT32), ["gguf_dit.text_encoder.taps is []"]),
-    "token_type shorter than tokens": (_set("tokenizer.ggml.token_type", V.ARRAY, [1] * 447, V.INT32), ["tokenizer.ggml.token_type has 447 entries for 448 tokens"]),
-    "token_type longer than tokens": (_set("tokenizer.ggml.token_type", V.ARRAY, [1] * 453, V.INT32), ["tokenizer.ggml.token_type has 453 entries for 448 tokens"]),
-    "token_type of the wrong type": (_set("tokenizer.ggml.token_type", V.ARRAY, [1] * 448, V.UINT32), ["tokenizer.ggml.token_type is ARRAY of UINT32, expected ARRAY of INT32"]),
-    "scores shorter than tokens": (_set("tokenizer.ggml.scores", V.ARRAY, [0.0] * 400, V.FLOAT32), ["tokenizer.ggml.scores has 400 entries for 448 tokens"]),
+    "token_type shorter than tokens": (_set("tokenizer.ggml.token_type", V.ARRAY, [1] * (VOCAB - 1), V.INT32), [f"tokenizer.ggml.token_type has {VOCAB - 1} entries for {VOCAB} tokens"]),
+    "token_type longer than tokens": (_set("tokenizer.ggml.token_type", V.ARRAY, [1] * (VOCAB + 5), V.INT32), [f"tokenizer.ggml.token_type has {VOCAB + 5} entries for {VOCAB} tokens"]),
+    "token_type of the wrong type": (_set("tokenizer.ggml.token_type", V.ARRAY, [1] * VOCAB, V.UINT32), ["tokenizer.ggml.token_type is ARRAY of UINT32, expected ARRAY of INT32"]),
+    "scores shorter than tokens": (_set("tokenizer.ggml.scores", V.ARRAY, [0.0] * (VOCAB - 48), V.FLOAT32), [f"tokenizer.ggml.scores has {VOCAB - 48} entries for {VOCAB} tokens"]),
     "merge without a separator": (lambda g: g.kv("tokenizer.ggml.merges").value.__setitem__(5, "abc"), ["tokenizer.ggml.merges: merge 5 b'abc' is not 'left right'"]),
     "merge with a leading space": (lambda g: g.kv("tokenizer.ggml.merges").value.__setitem__(0, " ab"), ["tokenizer.ggml.merges: merge 0"]),
     "merges missing": (lambda g: g.drop("tokenizer.ggml.merges"), ["metadata key tokenizer.ggml.merges is missing"]),
     "tokens missing": (lambda g: g.drop("tokenizer.ggml.tokens"), ["metadata key tokenizer.ggml.tokens is missing"]),
-    "tokens of ints": (_set("tokenizer.ggml.tokens", V.ARRAY, list(range(448)), V.INT32), ["tokenizer.ggml.tokens is ARRAY of INT32"]),
-    "eos id outside the vocabulary": (_set("tokenizer.ggml.eos_token_id", V.UINT32, 448), ["tokenizer.ggml.eos_token_id is 448, outside the 448-token vocabulary"]),
+    "tokens of ints": (_set("tokenizer.ggml.tokens", V.ARRAY, list(range(VOCAB)), V.INT32), ["tokenizer.ggml.tokens is ARRAY of INT32"]),
+    "eos id outside the vocabulary": (_set("tokenizer.ggml.eos_token_id", V.UINT32, VOCAB), [f"tokenizer.ggml.eos_token_id is {VOCAB}, outside the {VOCAB}-token vocabulary"]),
     "pad id outside the vocabulary": (_set("tokenizer.ggml.padding_token_id", V.UINT32, 2**32 - 1), ["tokenizer.ggml.padding_token_id is 4294967295"]),
     "bos id as int32": (_set("tokenizer.ggml.bos_token_id", V.INT32, -1), ["tokenizer.ggml.bos_token_id is INT32, expected UINT32"]),
-    "fewer embedding rows than tokens": (_embd_rows(-8), ["tensor token_embd.weight: 440 rows, but the vocabulary (tokenizer.ggml.tokens) has 448 tokens"]),
-    "more embedding rows than tokens": (_embd_rows(8), ["tensor token_embd.weight: 456 rows"]),
+    "fewer embedding rows than tokens": (_embd_rows(-8), [f"tensor token_embd.weight: {VOCAB - 8} rows, but the vocabulary (tokenizer.ggml.tokens) has {VOCAB} tokens"]),
+    "more embedding rows than tokens": (_embd_rows(8), [f"tensor token_embd.weight: {VOCAB + 8} rows"]),
     "embedding of the wrong width": (lambda g: setattr(g.tensor("token_embd.weight"), "ne", (64, 224)), ["tensor token_embd.weight: shape [224, 64], expected [n_vocab, 32]"]),
     "embedding missing": (lambda g: g.drop_tensor("token_embd.weight"), ["tensor token_embd.weight: tensor missing"]),
     "zero rms eps": (_set(f"{A}.attention.layer_norm_rms_epsilon", V.FLOAT32, 0.0), [f"{A}.attention.layer_norm_rms_epsilon is 0, must be a finite number in (0, 1)"]),
