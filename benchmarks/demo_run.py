@@ -5,9 +5,9 @@ GGUFs, encoding, 20 sampling steps of both backbones, decoding, writing the PNG)
 baseline is the same command on `gguf-dit convert --recipe f32` of the training checkpoint, measured in the same
 run, so the ratio shows what the shipped Q4_K/Q8_0 recipes buy.
 
-Peak memory per variant: the largest ``ru_maxrss`` that ``os.wait4`` returns for that variant's own runs. Linux carries
-the parent's memory high-water mark into a child across fork and exec, so each value is at least this script's own
-peak; the script imports nothing heavy (no torch, no gguf_dit), so that floor is a few tens of MiB, printed too.
+Peak memory per variant: the largest ``VmHWM`` among that variant's runs, each read by the child itself from
+``/proc/self/status`` at exit (``eval_cost.CLI_WITH_HWM``: the CLI run as ``python -c``, which is what the
+``gguf-dit`` console script does too).
 
     python scripts/train_demo128.py --root /tmp/demo128_ckpt --work /tmp/demo128_work    # once, for the checkpoint
     python benchmarks/demo_run.py --checkpoint /tmp/demo128_ckpt
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_cost import CLI_WITH_HWM  # noqa: E402
 
 
 def gguf_dit() -> list[str]:
@@ -39,22 +40,20 @@ def gguf_dit() -> list[str]:
 
 
 def timed_runs(model: Path | None, prompt: Path, reps: int, threads: int | None, tmp: Path) -> tuple[list[float], float]:
-    """Wall times of ``reps`` fresh runs, and the largest peak RSS (MiB) among them."""
+    """Wall times of ``reps`` fresh runs, and the largest peak RSS (VmHWM, MiB) among them."""
     times, peak = [], 0.0
     for i in range(reps):
-        cmd = gguf_dit() + ["run", str(prompt), "-o", str(tmp / f"img{i}.png"), "--force", "-q"]
+        cmd = [sys.executable, "-c", CLI_WITH_HWM, "run", str(prompt), "-o", str(tmp / f"img{i}.png"), "--force", "-q"]
         if model is not None:
             cmd += ["--model", str(model)]
         if threads:
             cmd += ["--threads", str(threads)]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
+        p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         times.append(time.perf_counter() - t0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode:
-            raise subprocess.CalledProcessError(proc.returncode, cmd)
-        peak = max(peak, usage.ru_maxrss / 1024.0)
+        if p.returncode:
+            raise SystemExit(f"run failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+        peak = max(peak, next(int(ln.split()[1]) for ln in p.stderr.splitlines() if ln.startswith("VMHWM_KB")) / 1024.0)
     return times, peak
 
 
@@ -93,8 +92,7 @@ def main(argv=None) -> None:
     print(f"{'variant':<28}{'files MB':>10}{'median s':>10}{'min s':>8}{'ratio':>8}{'peak RSS MiB':>14}")
     print(f"{'f32 conversion (baseline)':<28}{sizes['f32'] / 1e6:>10.1f}{mb:>10.2f}{min(base):>8.2f}{1.0:>8.2f}{base_rss:>14.0f}")
     print(f"{'shipped demo (q4_k/q8_0)':<28}{sizes['shipped'] / 1e6:>10.1f}{mo:>10.2f}{min(ours):>8.2f}{mb / mo:>8.2f}{rss:>14.0f}")
-    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(f"one image, default-20, {side}x{side}, cold process each time; peak RSS floor inherited from this script {floor:.0f} MiB")
+    print(f"one image, default-20, {side}x{side}, cold process each time; peak RSS: the largest VmHWM of the variant's runs")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-_CHILD = """
+# A gguf-dit CLI process that reports its own peak resident memory (VmHWM) on its last stderr line at exit.
+CLI_WITH_HWM = """
 import atexit, sys
 def _hwm():
     with open('/proc/self/status') as f:
@@ -42,7 +43,7 @@ def run_eval(ref: str, cand: str, prompts: str, extra: list[str]) -> dict:
         out = Path(d) / "r.json"
         load = os.getloadavg()
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", _CHILD, "eval", ref, cand, "--prompts", prompts, "--json", str(out), "-q", *extra],
+        p = subprocess.run([sys.executable, "-c", CLI_WITH_HWM, "eval", ref, cand, "--prompts", prompts, "--json", str(out), "-q", *extra],
                            capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if p.returncode:
