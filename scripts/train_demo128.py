@@ -4,9 +4,10 @@
 
 The defaults are the recipe measured in docs/demo.md ("Toward a 128×128 demo (issue 13): how the recipe was
 found"); ``--root`` is its float
-checkpoint. About two hours on a 2-core AMD EPYC (Zen 5, AVX512_BF16), from the stage times in docs/demo.md (each
-measured in a run of the script; the whole recipe with its canon rounds has not yet run from scratch); two to three
-times that on an AVX2-only CPU, which trains in float32 (``--precision``). Needs the test extras (diffusers, transformers).
+checkpoint. Estimated from the stage times in docs/demo.md and the speed-ups since (not yet one whole run): about
+1 h 50 min on a 2-core AMD EPYC Zen 5 (AVX512_BF16, bfloat16 autocast), about 4 hours on an AVX2-only Zen 3, which
+trains in float32 (``--precision``; the old code's run took 4 h 29 min there with two canon rounds). Needs the test
+extras (diffusers, transformers).
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
 nine places, two sizes, four backgrounds, and many ways to ask for them; a fixed split holds sentence patterns,
@@ -72,7 +73,7 @@ from gguf_dit.demo import captions as C, scene as S
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_demo  # noqa: E402  (the 64×64 recipe: its configs and shared pieces)
-from train_demo import dit_forward, dit_step, ema_state, flow_sampling, fold_latent_norm, log, save, to_tensor  # noqa: E402
+from train_demo import dit_forward as padded_forward, dit_step, ema_state, flow_sampling, fold_latent_norm, log, save, to_tensor  # noqa: E402
 
 # One head of 256: the converter refuses other head widths (the official RoPE slot map and attention scale are for
 # 256), so more heads would mean a wider model (2 x 256 = 512).
@@ -112,6 +113,42 @@ def low_precision(enabled: bool | None = None):
 
 
 SIZE = S.SIZE
+GROUP_COST = 128  # a forward's fixed cost, in padded tokens, for length_groups (benchmarks/train_step_groups.py)
+
+
+def length_groups(n_text: list[int], n_img: int, cost: int = GROUP_COST) -> list[list[int]]:
+    """Split a batch into runs of similar caption length, the split that minimises the tokens computed (each group is
+    padded to its longest caption) plus ``cost`` per group. A third of the captions are JSON (60–153 tokens against
+    32–57 for plain text), so a batch of 32 padded as one carried on average 112 text tokens per sample where 52 are
+    real: 50 % more tokens through every matmul, and more in attention."""
+    order = sorted(range(len(n_text)), key=lambda i: (n_text[i], i))
+    m = [n_text[i] + n_img for i in order]
+    best, cut = [0] + [None] * len(m), [0] * (len(m) + 1)
+    for j in range(1, len(m) + 1):  # best[j]: the cheapest split of the j shortest
+        best[j], cut[j] = min((best[i] + (j - i) * m[j - 1] + cost, i) for i in range(j))
+    groups, j = [], len(m)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def forward_groups(feats, n_img: int, cost: int | None = None) -> list[list[int]]:
+    """The groups ``dit_forward`` runs a batch in, in its order of forwards (one group: the batch as it is)."""
+    if feats is None or len(feats) < 2:
+        return [list(range(0 if feats is None else len(feats)))]
+    return length_groups([f.shape[0] for f in feats], n_img, GROUP_COST if cost is None else cost)
+
+
+def dit_forward(model, x, t, feats, grid, cost: int | None = None):
+    """``train_demo.dit_forward`` on each of ``forward_groups``: the same outputs, in the batch's order (up to float
+    rounding: each group is padded to its own length), for fewer tokens."""
+    groups = forward_groups(feats, x.shape[1], cost)
+    if len(groups) == 1:
+        return padded_forward(model, x, t, feats, grid)
+    outs = [padded_forward(model, x[gr], t[gr], [feats[i] for i in gr], grid) for gr in groups]
+    order = torch.tensor([i for gr in groups for i in gr])
+    return torch.cat(outs)[torch.argsort(order)]
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -673,9 +710,9 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
     # asks for it (docs/demo.md, "Toward a 128×128 demo").
     n_img = (SIZE // 16) ** 2
     where = torch.nn.Linear(DIT_CONFIG["attention_head_dim"] * DIT_CONFIG["num_attention_heads"], n_img) if where_weight else None
-    first: dict = {}
+    first: list = []  # the first block's output, one per forward of dit_forward's groups
     if where is not None:
-        model.layers[0].register_forward_hook(lambda m, i, o: first.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+        model.layers[0].register_forward_hook(lambda m, i, o: first.append(o[0] if isinstance(o, tuple) else o))
     opt = torch.optim.AdamW(params + (list(where.parameters()) if where is not None else []), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     lr_at = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
@@ -700,6 +737,7 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
                 other = pool[int(torch.randint(0, len(pool), (1,), generator=g))]
                 caps[i] = cap_idx[other]
             fb = [feats[int(k)] for k in caps]  # float16 tensors; batch_inputs casts
+        first.clear()
         with low_precision(bf16):
             v = dit_forward(model, xt, t, fb, grid)
         if objects is not None and object_weight != 1.0:
@@ -710,8 +748,11 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
         else:
             loss = F.mse_loss(v.float(), x1 - eps)
         if where is not None:
-            idx_img = torch.stack([torch.arange(n_img) + (len(f) if fb else 0) for f in (fb or [None] * batch)])
-            h_img = torch.gather(first["h"].float(), 1, idx_img[..., None].expand(-1, -1, first["h"].shape[-1]))
+            groups = forward_groups(fb, n_img) if fb else [list(range(batch))]
+            assert len(first) == len(groups), (len(first), len(groups))
+            # every sample asks the same question of its n_img tokens, so the groups' order needs no undoing
+            h_img = torch.cat([torch.gather(h.float(), 1, torch.stack([torch.arange(n_img) + (len(fb[i]) if fb else 0) for i in gr])[..., None]
+                                            .expand(-1, -1, h.shape[-1])) for gr, h in zip(groups, first)])
             where_loss = F.cross_entropy(where(h_img).flatten(0, 1), torch.arange(n_img).repeat(batch))
             loss = loss + where_weight * where_loss
         smooth = dit_step(model, params, opt, sched, averaged, loss, step, ema_decay, smooth)
@@ -801,7 +842,12 @@ def matched_pictures(cond, vae, found, data, feats, scenes, seed: int, m: int = 
 def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: str = "default-20", guidance=None):
     """n states of the sampler's own guided trajectories: a training sample's caption, fresh noise, then k (uniform in
     1..k_max) Euler steps of ``preset``'s schedule at its guidance (or at ``guidance``, one value per step).
-    Returns (sample index, state, its t)."""
+    Returns (sample index, state, its t).
+
+    Each step runs only the rows whose state lies further along, and a step at guidance 1 takes the conditional
+    velocity without the image-only pass, as the runtime's sampler does: with k uniform, a batch that stepped every
+    row k_max times did about twice the work it kept, and trajectories that end at guidance 1 (``interval_guidance``)
+    spent most of their time in image-only passes guidance then discards (benchmarks/train_states.py)."""
     from gguf_dit.runtime.schedule import PRESETS, timesteps
 
     lat, cap_idx = data
@@ -818,11 +864,20 @@ def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: s
             idx, ks = idx_all[s:s + 64], k_all[s:s + 64]
             z = torch.randn(len(idx), *lat.shape[1:], generator=g)
             fb = [feats[int(cap_idx[i])] for i in idx]
+            live = torch.arange(len(idx))
             for k in range(k_max):
-                t = torch.full((len(idx),), ts[k]).to(torch.bfloat16).float()
-                vc, vu = dit_forward(cond, z, t, fb, grid).float(), dit_forward(unc, z, t, None, grid).float()
-                z = z + (vu + gs[k] * (vc - vu)) * (ts[k + 1] - ts[k])
-                states[s:s + 64][ks == k + 1] = z[ks == k + 1]
+                live = live[ks[live] > k]
+                if not len(live):
+                    break
+                zl, fl = z[live], [fb[i] for i in live]
+                t = torch.full((len(live),), ts[k]).to(torch.bfloat16).float()
+                v = dit_forward(cond, zl, t, fl, grid).float()
+                if gs[k] != 1.0:
+                    vu = dit_forward(unc, zl, t, None, grid).float()
+                    v = vu + gs[k] * (v - vu)
+                z[live] = zl + v * (ts[k + 1] - ts[k])
+                end = live[ks[live] == k + 1]
+                states[s + end] = z[end]
     t_all = torch.tensor([ts[int(k)] for k in k_all]).to(torch.bfloat16).float()  # the runtime rounds t to bfloat16
     return idx_all, states, t_all
 
@@ -1173,7 +1228,7 @@ def main(argv=None) -> None:
     ap.add_argument("--match", type=int, default=48, help="sampler states from fresh noise are pulled to the nearest of this many layouts of their caption's scene (matched_pictures; 0: to a random training picture of it, as before)")
     ap.add_argument("--finish-rounds", type=int, default=1, help="rounds of stage_finish (the conditional backbone on matched states of its whole trajectory), each followed by the agreement (a second round did not help: docs/demo.md)")
     ap.add_argument("--finish-steps", type=int, default=600, help="steps per finish round (1200 instead of 600: 85.4 against 87.1 %%, docs/demo.md)")
-    ap.add_argument("--canon-rounds", type=int, default=2, help="last, rounds of stage_canon: both backbones learn one picture per caption, its nominal layout (docs/demo.md: held-out 87.1 -> 90.3 %% after one round, 92.1 %% after two, torch harness)")
+    ap.add_argument("--canon-rounds", type=int, default=3, help="last, rounds of stage_canon: both backbones learn one picture per caption, its nominal layout (docs/demo.md: held-out 87.1 -> 90.3 %% after one round, 92.1 %% after two, torch harness; the from-scratch float32 run, through the runtime: 83.8 %% after two, 87.4 %% after three)")
     ap.add_argument("--canon-steps", type=int, default=600, help="conditional backbone steps per canon round (the image-only one: --agree-steps)")
     ap.add_argument("--agree-steps", type=int, default=400, help="then train the image-only backbone to agree with the conditional one where t >= --agree-tau (stage_agree; 0: none)")
     ap.add_argument("--agree-tau", type=float, default=0.3, help="from this t on, the image-only backbone learns the conditional one's prediction")
