@@ -18,11 +18,9 @@
 #            /tmp/gguf-dit-cuda-venv, created with --system-site-packages (the GPU image's CUDA torch) and this
 #            project installed into it (--no-deps: the image's torch stands in for the pinned CPU one).
 # --wheels   offline package folder (pip --no-index --find-links): the llama_cpp_python-0.3.36 sdist and the wheels
-#            the image lacks. The lent H200 has no network; prepare here, e.g.
-#              pip download --no-deps -d .whl llama-cpp-python==0.3.36 diskcache
-#              pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#                  -d .whl gguf diffusers==0.42.1 pydantic pydantic-core annotated-types typing-inspection sd-parsers==0.6
-#            and carry .whl (with `echo /.whl/ >> .git/info/exclude`).
+#            the image lacks. The lent H200 has no network; prepare it here with benchmarks/gpu_wheels.sh (which
+#            trims the 76.6 MB sdist to 5.7 MB: the device tool carries 64 MiB in all) and carry .whl
+#            (with `echo /.whl/ >> .git/info/exclude`).
 # --stages   run only these (default all). If nvcc's build does not leave time for the rest in one 10-minute
 #            command, run `--stages venv,build` and then, while the machine is still warm (the venv in /tmp is kept),
 #            `--stages info,tests,bench`: the second finds llama.cpp CUDA-built and does not rebuild.
