@@ -118,9 +118,9 @@ GROUP_COST = 128  # a forward's fixed cost, in padded tokens, for length_groups 
 
 def length_groups(n_text: list[int], n_img: int, cost: int = GROUP_COST) -> list[list[int]]:
     """Split a batch into runs of similar caption length, the split that minimises the tokens computed (each group is
-    padded to its longest caption) plus ``cost`` per group. A third of the captions are JSON (60–153 tokens against
-    32–57 for plain text), so a batch of 32 padded as one carried on average 112 text tokens per sample where 52 are
-    real: 50 % more tokens through every matmul, and more in attention."""
+    padded to its longest caption) plus ``cost`` per group. ``stage_dit`` draws a batch from one caption form, but
+    JSON captions alone run 60–153 tokens (plain text 32–57): batches of 32 padded as one carried 79 text tokens per
+    sample where 54 were real (benchmarks/train_step_groups.py), through every matmul and, squared, in attention."""
     order = sorted(range(len(n_text)), key=lambda i: (n_text[i], i))
     m = [n_text[i] + n_img for i in order]
     best, cut = [0] + [None] * len(m), [0] * (len(m) + 1)
