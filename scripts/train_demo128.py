@@ -133,17 +133,17 @@ def length_groups(n_text: list[int], n_img: int, cost: int = GROUP_COST) -> list
     return groups[::-1]
 
 
-def forward_groups(feats, n_img: int, cost: int | None = None) -> list[list[int]]:
+def forward_groups(batch: int, feats, n_img: int, cost: int | None = None) -> list[list[int]]:
     """The groups ``dit_forward`` runs a batch in, in its order of forwards (one group: the batch as it is)."""
-    if feats is None or len(feats) < 2:
-        return [list(range(0 if feats is None else len(feats)))]
+    if feats is None or batch < 2:
+        return [list(range(batch))]
     return length_groups([f.shape[0] for f in feats], n_img, GROUP_COST if cost is None else cost)
 
 
 def dit_forward(model, x, t, feats, grid, cost: int | None = None):
     """``train_demo.dit_forward`` on each of ``forward_groups``: the same outputs, in the batch's order (up to float
     rounding: each group is padded to its own length), for fewer tokens."""
-    groups = forward_groups(feats, x.shape[1], cost)
+    groups = forward_groups(len(x), feats, x.shape[1], cost)
     if len(groups) == 1:
         return padded_forward(model, x, t, feats, grid)
     outs = [padded_forward(model, x[gr], t[gr], [feats[i] for i in gr], grid) for gr in groups]
@@ -748,7 +748,7 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
         else:
             loss = F.mse_loss(v.float(), x1 - eps)
         if where is not None:
-            groups = forward_groups(fb, n_img) if fb else [list(range(batch))]
+            groups = forward_groups(batch, fb, n_img)
             assert len(first) == len(groups), (len(first), len(groups))
             # every sample asks the same question of its n_img tokens, so the groups' order needs no undoing
             h_img = torch.cat([torch.gather(h.float(), 1, torch.stack([torch.arange(n_img) + (len(fb[i]) if fb else 0) for i in gr])[..., None]
