@@ -23,7 +23,8 @@
 #            (with `echo /.whl/ >> .git/info/exclude`).
 # --stages   run only these (default all). If nvcc's build does not leave time for the rest in one 10-minute
 #            command, run `--stages venv,build` and then, while the machine is still warm (the venv in /tmp is kept),
-#            `--stages info,tests,bench`: the second finds llama.cpp CUDA-built and does not rebuild.
+#            `--stages info,tests,bench`: the second finds llama.cpp CUDA-built and does not rebuild. A call whose
+#            stages are only venv and build gives the build the whole --budget instead of its 330 s share.
 # --dry-run  no GPU needed: exercises every stage except CUDA (the build command is printed, not run; tests with
 #            `-k cpu`; a tiny CPU benchmark). tests/test_gpu_check.py runs this.
 # Exit codes: 0 all stages passed; 1 a stage failed or timed out (summary.txt says which); 2 bad option;
@@ -79,6 +80,9 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 # Each stage's share of the budget (seconds): the build dominates (nvcc for one architecture on all cores); the
 # benchmark gets what is left, at most its share. Stages that finish early leave their time to the later ones.
 declare -A SHARE=([venv]=60 [build]=330 [info]=20 [tests]=150 [bench]=240)
+# A call that only builds (--stages venv,build) gives the build the whole budget: nvcc's time on an unknown machine is
+# the one figure this script cannot size beforehand, and a build killed at its share wastes the whole call.
+case ",$STAGES," in *,tests,*|*,bench,*|*,info,*) ;; *) SHARE[build]=$BUDGET ;; esac
 left() { echo $((BUDGET - (SECONDS - START))); }
 # stage NAME LOG CMD...: run CMD under timeout (min of its share and the budget left), log to LOG and the terminal
 stage() {

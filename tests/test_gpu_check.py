@@ -71,6 +71,18 @@ def test_stages_runs_only_those_named(tmp_path):
     assert not (tmp_path / "pytest.log").exists() and not (tmp_path / "dit_step.json").exists()
 
 
+def test_a_build_only_call_gives_the_build_the_whole_budget(tmp_path):
+    """nvcc's time is unknown beforehand: a call of only venv and build must not kill the build at its 330 s share."""
+    res = gpu_check("--dry-run", "--venv", str(VENV), "--stages", "venv,build", "--budget", "590",
+                    "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "build 590," in summary and "== stage build (limit 585 s" in summary
+    res = gpu_check("--dry-run", "--venv", str(VENV), "--stages", "build,info", "--budget", "590",
+                    "--out", str(tmp_path))
+    assert "build 330," in (tmp_path / "summary.txt").read_text()
+
+
 def test_dry_run_exercises_every_stage_but_cuda(tmp_path):
     res = gpu_check("--dry-run", "--venv", str(VENV), "--out", str(tmp_path),
                     "--pytest-args", "tests/test_ggml_ops.py -k cpu")
