@@ -18,8 +18,11 @@ import typer.core
 from gguf_dit.arch import MODEL_FILES
 
 # typer's rich help prints a value type after every option, "<bool>" even for flags, which take no value: flags get none.
-_value_type = typer.core.TyperOption.display_type_rich
-typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _value_type(self, ctx)
+# display_type_rich is typer's internal hook (0.29 has it; the typer of the H200 image did not, and the CLI failed to
+# import there): where it is missing the help keeps typer's own look rather than the command failing.
+_value_type = getattr(typer.core.TyperOption, "display_type_rich", None)
+if _value_type is not None:
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _value_type(self, ctx)
 
 app = typer.Typer(
     add_completion=False,

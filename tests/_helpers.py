@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import pathlib
 import re
 
@@ -310,6 +311,26 @@ def reference_velocity(model, x: np.ndarray, t: float, feats: np.ndarray | None,
 
 def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+#: ggml's CUDA backend computes F32 matrix products in TF32 (its cuBLAS handles are put in
+#: CUBLAS_TF32_TENSOR_OP_MATH, ggml-cuda/common.cuh, and no option takes them out: GGML_CUDA_CUBLAS_COMPUTE_TYPE=f32
+#: still runs under that math mode) and flash attention with K and V in F16: 10-bit mantissas, unit roundoff
+#: 2^-11 = 4.9e-4 against float32's 6.0e-8. Its tolerances are its own, set from what an H200 showed
+#: (docs/benchmarks.md, "GPU").
+TF32_UNIT_ROUNDOFF = 2.0**-11
+
+
+def check_err(err: float, tol: float, what: str = "") -> None:
+    """``assert err <= tol``; where GGUF_DIT_ERR_LOG names a file, the test, ``what``, the error and the tolerance are
+    appended to it first. benchmarks/gpu_check.sh sets it: a device run brings back every error it saw, the passing
+    ones too, which is what the CUDA tolerances are set from."""
+    log = os.environ.get("GGUF_DIT_ERR_LOG")
+    if log:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(log, "a") as f:
+            f.write(f"{test}\t{what}\t{err:.3e}\t{tol:.1e}\n")
+    assert err <= tol, f"{what}: error {err:.2e} > {tol:.1e}"
 
 
 # -- text encoder ------------------------------------------------------------------------------

@@ -156,6 +156,24 @@ def test_help_shows_no_bool_placeholders():
         assert "<bool>" not in text, f"gguf-dit {name} --help:\n{text}"
 
 
+def test_the_cli_works_with_a_typer_that_lacks_the_help_hook():
+    """The flag-type patch uses typer's internal display_type_rich; the H200 image's typer had none, and every command
+    (the GPU check's tests and benchmark included) died importing gguf_dit.cli."""
+    import subprocess
+    import sys
+
+    # Hidden while gguf_dit.cli imports, then put back: this typer's own help calls it, the image's did not.
+    code = ("import typer.core\n"
+            "saved = [(k, vars(k)['display_type_rich']) for k in typer.core.TyperOption.__mro__ if 'display_type_rich' in vars(k)]\n"
+            "for k, _ in saved: delattr(k, 'display_type_rich')\n"
+            "from gguf_dit.cli import app\n"
+            "for k, f in saved: setattr(k, 'display_type_rich', f)\n"
+            "app(['info', '--help'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "--json" in r.stdout or "Usage" in r.stdout, r.stdout
+
+
 def test_convert_help_names_all_four_output_files():
     from gguf_dit.arch import MODEL_FILES
 
