@@ -93,7 +93,10 @@ def test_block_size_rules_are_checked_before_ggml():
 #: for flash attention. Both sides sum float32 in an order their CPU kernels choose (ggml's SIMD, numpy's BLAS),
 #: so this moves a little between CPUs; about 3x margin. The norms run at a mean square near their eps, where a
 #: tenfold eps moves them by 3 % (LayerNorm) and 25 % (RMSNorm).
-OPS_TOL = {"cpu": 6e-7, "cuda": 20 * TF32_UNIT_ROUNDOFF}
+#: CUDA (TF32 products, F16 K/V in flash attention: tests/_helpers.py), observed on an H200 (ggml-cuda built for
+#: sm_90 by llama-cpp-python 0.3.36): mm, cat and perm 6.4e-4, act 6.2e-4, rms 5.6e-4, ln 3.0e-4, glu 1.2e-3 (a
+#: product of two rounded values), flash attention 5.8e-4; six TF32 unit roundoffs, 2.9e-3, is 2.4x the largest.
+OPS_TOL = {"cpu": 6e-7, "cuda": 6 * TF32_UNIT_ROUNDOFF}
 
 
 def _rel(ours, ref) -> float:
