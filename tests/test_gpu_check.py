@@ -96,6 +96,12 @@ def test_dry_run_exercises_every_stage_but_cuda(tmp_path):
     assert "gguf-dit" in (tmp_path / "info.txt").read_text()
     pytest_log = (tmp_path / "pytest.log").read_text()
     assert " passed" in pytest_log and "failed" not in pytest_log
+    # every parity comparison logged, passing ones too: what CUDA's tolerances are set from (tests/_helpers.py)
+    rows = [line.split("\t") for line in (tmp_path / "errors.tsv").read_text().splitlines()]
+    ops = {what for test, what, _, _ in rows if "test_graph_ops_match_numpy[cpu]" in test}
+    assert ops == {"mm", "rms", "ln", "act", "glu", "cat", "perm"}, rows
+    assert any("flash_attention" in test for test, *_ in rows)
+    assert all(float(err) <= float(tol) for _, _, err, tol in rows), rows
     result = json.loads((tmp_path / "dit_step.json").read_text())
     names = [name for name, _ in result["rows"]]
     assert names == ["diffusers bf16", "gguf-dit q4_k"]
