@@ -5,12 +5,13 @@
 #   2. prints nvidia-smi and `gguf-dit info`,
 #   3. runs the backend-parametrized tests with the CUDA backend (`-k cuda`: DiT parity vs diffusers, sampler,
 #      ggml ops, mmap/copy) and the text encoder and VAE tests under the CUDA build of llama.cpp,
-#   4. benchmarks a full-width DiT (2 blocks, 4096 image tokens = 1024x1024, F16/Q8_0/Q4_K) against diffusers bf16 on
+#   4. runs README line 1 (`gguf-dit run examples/demo.txt`) with --backend cuda: the whole pipeline in one process,
+#   5. benchmarks a full-width DiT block (4096 image tokens = 1024x1024, F16/Q8_0/Q4_K) against diffusers bf16 on
 #      the same GPU (benchmarks/dit_step.py), results as JSON,
 # every stage under `timeout`, the whole within --budget seconds (default 570: the device tool allows 600 a command).
 #
 #   benchmarks/gpu_check.sh [--out DIR] [--venv DIR] [--wheels DIR] [--budget S] [--dry-run]
-#                           [--pytest-args "ARGS"] [--bench-args "ARGS"] [--stages venv,build,info,tests,bench]
+#                           [--pytest-args "ARGS"] [--bench-args "ARGS"] [--stages venv,build,info,tests,demo,bench]
 #
 # --out      results folder (default $OUT, else /tmp/gguf-dit-gpu-check): summary.txt, nvidia-smi.txt, info.txt,
 #            build.log, pytest.log, errors.tsv (every parity test's error and tolerance), dit_step.log, dit_step.json
@@ -40,7 +41,7 @@ BUDGET=570
 DRY=0
 PYTEST_ARGS=""
 BENCH_ARGS=""
-STAGES=venv,build,info,tests,bench
+STAGES=venv,build,info,tests,demo,bench
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUTDIR=$2; shift 2 ;;
@@ -56,7 +57,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 for s in ${STAGES//,/ }; do
-    case "$s" in venv|build|info|tests|bench) ;; *) echo "gpu_check: unknown stage '$s' in --stages (venv, build, info, tests, bench)" >&2; exit 2 ;; esac
+    case "$s" in venv|build|info|tests|demo|bench) ;; *) echo "gpu_check: unknown stage '$s' in --stages (venv, build, info, tests, demo, bench)" >&2; exit 2 ;; esac
 done
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 
@@ -80,10 +81,10 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 
 # Each stage's share of the budget (seconds): the build dominates (nvcc for one architecture on all cores); the
 # benchmark gets what is left, at most its share. Stages that finish early leave their time to the later ones.
-declare -A SHARE=([venv]=60 [build]=330 [info]=40 [tests]=150 [bench]=240)
+declare -A SHARE=([venv]=60 [build]=330 [info]=40 [tests]=150 [demo]=40 [bench]=240)
 # A call that only builds (--stages venv,build) gives the build the whole budget: nvcc's time on an unknown machine is
 # the one figure this script cannot size beforehand, and a build killed at its share wastes the whole call.
-case ",$STAGES," in *,tests,*|*,bench,*|*,info,*) ;; *) SHARE[build]=$BUDGET ;; esac
+case ",$STAGES," in *,tests,*|*,bench,*|*,info,*|*,demo,*) ;; *) SHARE[build]=$BUDGET ;; esac
 left() { echo $((BUDGET - (SECONDS - START))); }
 # stage NAME LOG CMD...: run CMD under timeout (min of its share and the budget left), log to LOG and the terminal
 stage() {
@@ -240,7 +241,23 @@ run_tests() {
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments
 stage tests "$OUTDIR/pytest.log" run_tests $PYTEST_ARGS
 
-# -- 5. benchmark ----------------------------------------------------------------------------------------------
+# -- 5. what a user runs first: README line 1 on the GPU ------------------------------------------------------
+# No test above runs the whole pipeline (llama.cpp's encoder, both backbones, the VAE, the PNG) in one process with
+# the CUDA build, and on 4 December its parts crashed when loaded in some orders (info's diagnostics).
+demo() {
+    local png=$1/demo.png
+    rm -f "$png"
+    "$VENV/bin/gguf-dit" run examples/demo.txt -o "$png" --backend "$( [ $DRY = 1 ] && echo cpu || echo cuda )" || return 1
+    [ -s "$png" ] || { echo "gpu_check: gguf-dit run exited 0 but wrote no $png"; return 1; }
+    echo "demo: wrote $png ($(stat -c %s "$png") bytes)"
+}
+DEMO_DIR=${TMPDIR:-/tmp}/gguf-dit-gpu-check-demo
+[ $DRY = 1 ] && DEMO_DIR=$OUTDIR/.demo
+mkdir -p "$DEMO_DIR"
+stage demo "$OUTDIR/pytest.log" demo "$DEMO_DIR"
+[ $DRY = 1 ] && rm -rf "$DEMO_DIR"
+
+# -- 6. benchmark ----------------------------------------------------------------------------------------------
 if [ -z "$BENCH_ARGS" ]; then
     if [ $DRY = 1 ]; then
         BENCH_ARGS="--backend cpu --layers 1 --heads 1 --intermediate 256 --text-dim 64 --image-tokens 16 --grid-h 4 --text-tokens 4 --reps 1 --recipes q4_k --baselines bf16"
@@ -258,7 +275,7 @@ mkdir -p "$WORK"
 stage bench "$OUTDIR/dit_step.log" "$PY" benchmarks/dit_step.py $BENCH_ARGS --workdir "$WORK" --out "$OUTDIR/dit_step.json"
 [ $DRY = 1 ] && rm -rf "$WORK"  # the checkpoint and GGUFs are scratch; the device tool brings back files only
 
-# -- 6. encoder and VAE tests under the CUDA build ------------------------------------------------------------
+# -- 7. encoder and VAE tests under the CUDA build ------------------------------------------------------------
 if [ $DRY = 0 ] && [ -z "${GPU_CHECK_SKIP_ENCODER_VAE:-}" ]; then
     # last, as they do not touch CUDA: not backend-parametrized (the encoder runs n_gpu_layers=0, the VAE in torch on CPU): run under the CUDA build
     SHARE[tests]=$(( SHARE[tests] / 2 ))

@@ -66,7 +66,7 @@ def test_stages_runs_only_those_named(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     summary = (tmp_path / "summary.txt").read_text()
     assert "stage info: ok" in summary
-    for stage in ("build", "tests", "bench"):
+    for stage in ("build", "tests", "demo", "bench"):
         assert f"stage {stage}: skipped" in summary
     assert not (tmp_path / "pytest.log").exists() and not (tmp_path / "dit_step.json").exists()
 
@@ -90,7 +90,7 @@ def test_dry_run_exercises_every_stage_but_cuda(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert "total budget 570 s" in summary
     assert 'would run: env CMAKE_ARGS=-DGGML_CUDA=on' in summary and "llama-cpp-python==0.3.36" in summary
-    for stage in ("build", "info", "tests", "bench"):
+    for stage in ("build", "info", "tests", "demo", "bench"):
         assert f"stage {stage}: ok" in summary
     assert "all stages passed" in summary
     assert "gguf-dit" in (tmp_path / "info.txt").read_text()
