@@ -25,7 +25,7 @@
 #            (with `echo /.whl/ >> .git/info/exclude`).
 # --stages   run only these (default all). If nvcc's build does not leave time for the rest in one 10-minute
 #            command, run `--stages venv,build` and then, while the machine is still warm (the venv in /tmp is kept),
-#            `--stages info,tests,bench`: the second finds llama.cpp CUDA-built and does not rebuild. A call whose
+#            `--stages info,tests,demo,bench`: the second finds llama.cpp CUDA-built and does not rebuild. A call whose
 #            stages are only venv and build gives the build the whole --budget instead of its 330 s share.
 # --dry-run  no GPU needed: exercises every stage except CUDA (the build command is printed, not run; tests with
 #            `-k cpu`; a tiny CPU benchmark). tests/test_gpu_check.py runs this.
@@ -81,7 +81,7 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 
 # Each stage's share of the budget (seconds): the build dominates (nvcc for one architecture on all cores); the
 # benchmark gets what is left, at most its share. Stages that finish early leave their time to the later ones.
-declare -A SHARE=([venv]=60 [build]=330 [info]=40 [tests]=150 [demo]=40 [bench]=240)
+declare -A SHARE=([venv]=60 [build]=330 [info]=60 [tests]=150 [demo]=40 [bench]=240)
 # A call that only builds (--stages venv,build) gives the build the whole budget: nvcc's time on an unknown machine is
 # the one figure this script cannot size beforehand, and a build killed at its share wastes the whole call.
 case ",$STAGES," in *,tests,*|*,bench,*|*,info,*|*,demo,*) ;; *) SHARE[build]=$BUDGET ;; esac
@@ -111,7 +111,7 @@ $(declare -F "$1" >/dev/null && declare -f "$1")
     say "stage $name: ok in $(( SECONDS - t0 )) s"
 }
 
-say "gpu_check: $( [ $DRY = 1 ] && echo 'DRY RUN (CPU, no CUDA)' || echo 'CUDA' ), total budget ${BUDGET} s; stage limits: venv ${SHARE[venv]}, build ${SHARE[build]}, info ${SHARE[info]}, tests ${SHARE[tests]}, bench ${SHARE[bench]} s (each capped by what is left); results in $OUTDIR"
+say "gpu_check: $( [ $DRY = 1 ] && echo 'DRY RUN (CPU, no CUDA)' || echo 'CUDA' ), total budget ${BUDGET} s; stage limits: venv ${SHARE[venv]}, build ${SHARE[build]}, info ${SHARE[info]}, tests ${SHARE[tests]}, demo ${SHARE[demo]}, bench ${SHARE[bench]} s (each capped by what is left); results in $OUTDIR"
 cd "$ROOT"
 
 PIP_SRC=()
@@ -183,11 +183,12 @@ info() {
     # aborted with "free(): invalid pointer" while `import pyarrow` and `import torch, pyarrow` did not; `gguf-dit
     # convert` (ggml's libraries load before torch) aborted the same way, and llama.cpp's model load segfaulted in
     # the encoder tests. Which orders of loading kill the process, and what the CUDA libraries resolve to:
+    [ $DRY = 1 ] && return 0
     local code out rc lib
     for code in "import pyarrow" "import llama_cpp, pyarrow" "import torch, llama_cpp, pyarrow" "import llama_cpp, torch" \
                 "from gguf_dit.ggml_ops import available; available(); import torch" \
                 "import torch; from gguf_dit.ggml_ops import available; available()"; do
-        out=$(timeout 30 "$PY" -c "$code" 2>&1); rc=$?
+        out=$(timeout 8 "$PY" -c "$code" 2>&1); rc=$?
         echo "diagnostic: python -c '$code': exit $rc $(echo "$out" | grep -v '^  ' | tail -2 | tr '\n' ' ')"
     done
     echo "diagnostic: LD_PRELOAD='${LD_PRELOAD:-}' LD_LIBRARY_PATH='${LD_LIBRARY_PATH:-}'"
@@ -222,24 +223,29 @@ if [ $DRY = 0 ]; then
     export PYTHONPATH=$HIDE${PYTHONPATH:+:$PYTHONPATH}
 fi
 run_tests() {
-    local rc=0 first=() last=() a
+    # Paths (a file, or a file::test) go to one process or the other; everything else (options and their values)
+    # goes to both. An option whose value is a path must use the --opt=value form.
+    local a sampler=0 rc=0 first=() opts=()
     for a in "$@"; do
-        case "$a" in *test_sampler.py*) last+=("$a") ;; *) first+=("$a") ;; esac
+        if [ -e "${a%%::*}" ]; then
+            case "${a%%::*}" in *test_sampler.py) sampler=1 ;; *) first+=("$a") ;; esac
+        else
+            opts+=("$a")
+        fi
     done
-    # -k and its value, and other options, go to both processes
-    local opts=() files=() i=0
-    while [ $i -lt ${#first[@]} ]; do
-        a=${first[$i]}
-        if [ "$a" = -k ]; then opts+=("$a" "${first[$((i + 1))]}"); i=$((i + 2)); continue; fi
-        case "$a" in -*) opts+=("$a") ;; *) files+=("$a") ;; esac
-        i=$((i + 1))
-    done
-    if [ ${#files[@]} -gt 0 ]; then "$PY" -m pytest -q -p no:cacheprovider "${files[@]}" "${opts[@]}" || rc=1; fi
-    if [ ${#last[@]} -gt 0 ]; then "$PY" -m pytest -q -p no:cacheprovider "${last[@]}" "${opts[@]}" || rc=1; fi
+    if [ ${#first[@]} -gt 0 ] || [ $sampler = 0 ]; then
+        "$PY" -m pytest -q -p no:cacheprovider "${first[@]}" "${opts[@]}" || rc=1
+    fi
+    if [ $sampler = 1 ]; then
+        local s=()
+        for a in "$@"; do case "${a%%::*}" in *test_sampler.py) s+=("$a") ;; esac; done
+        "$PY" -m pytest -q -p no:cacheprovider "${s[@]}" "${opts[@]}" || rc=1
+    fi
     return $rc
 }
-# shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments
-stage tests "$OUTDIR/pytest.log" run_tests $PYTEST_ARGS
+# --pytest-args is split as the shell would split it (quotes kept together: -k "a and b")
+eval "PYTEST_ARR=($PYTEST_ARGS)"
+stage tests "$OUTDIR/pytest.log" run_tests "${PYTEST_ARR[@]}"
 
 # -- 5. what a user runs first: README line 1 on the GPU ------------------------------------------------------
 # No test above runs the whole pipeline (llama.cpp's encoder, both backbones, the VAE, the PNG) in one process with

@@ -37,12 +37,16 @@ F32_TOLS = {"cpu": F32_TOL, "cuda": 8 * TF32_UNIT_ROUNDOFF}
 #: rounding and the quantized dot products are CPU-kernel dependent (AVX2 / AVX-512 VNNI / AMX tiles), hence more
 #: margin than for F32.
 QUANT_EXCESS = 1.5
-#: CUDA quantizes activations with its own kernels (q8_1 blocks of 32 in MMQ) and adds TF32 in the F32 parts; the
-#: emulation above is of ggml's CPU kernels. Observed on an H200: Q8_0 0.92 to 1.00, BF16 0.62 and 0.84, but Q4_K and
-#: Q4_K-protect 1.32 to 1.85: CUDA's Q4_K path errs more than the CPU's 8-bit activations explain, by a cause not
-#: yet found (docs/benchmarks.md, "GPU"). 2.5 holds what was seen, 1.35x the largest; a wrong scale or dequantization
-#: is tens of times off.
-QUANT_EXCESS_BY_BACKEND = {"cpu": QUANT_EXCESS, "cuda": 2.5}
+
+
+def quant_excess(backend: str, recipe: str) -> float:
+    """QUANT_EXCESS, except for the Q4_K recipes on CUDA. CUDA quantizes activations with its own kernels (q8_1
+    blocks of 32 in MMQ) and adds TF32 in the F32 parts; the emulation is of ggml's CPU kernels. Observed on an H200:
+    Q8_0 0.92 to 1.00 and BF16 0.62 and 0.80 (the CPU's 1.5 holds), but Q4_K and Q4_K-protect 1.32 to 1.85 over the
+    4 of their 6 cases that ran before the first failure stopped each test: CUDA's Q4_K path errs more than the
+    CPU's 8-bit activations explain, by a cause not yet found (docs/benchmarks.md, "GPU"). 2.5 is 1.35x the largest
+    seen; a wrong scale or dequantization is tens of times off."""
+    return 2.5 if backend == "cuda" and recipe.startswith("q4_k") else QUANT_EXCESS
 
 
 def inputs(grid, n_text, seed=0):
@@ -304,7 +308,7 @@ def test_quantized_velocity_error_is_what_activation_quantization_explains(cli, 
             continue
         explained = rel_err(ref_emul, ref_plain)
         assert 1e-3 < explained < 3e-2  # 8-bit activations: about 1 %
-        check_err(err, QUANT_EXCESS_BY_BACKEND[backend] * explained, f"{recipe} {grid} explained {explained:.3e}")
+        check_err(err, quant_excess(backend, recipe) * explained, f"{recipe} {grid} explained {explained:.3e}")
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -18,8 +18,7 @@ F = 416
 #: summation order of ggml's CPU kernels vs torch's, compounded over the steps; pure F32, no CPU-specific kernel.
 LOOP_TOL = 5e-6
 #: Per backend. CUDA's F32 products are TF32 (tests/_helpers.py): observed on an H200 4.9e-4 (turbo-12) and 9.8e-4
-#: (default-20); six TF32 unit roundoffs, 2.9e-3, is 3x the larger. At that precision the CUDA run cannot tell
-#: diffusers' grid from the official one (2.7e-4 apart, below): the CPU run is what pins the grid.
+#: (default-20); six TF32 unit roundoffs, 2.9e-3, is 3x the larger.
 LOOP_TOLS = {"cpu": LOOP_TOL, "cuda": 6 * TF32_UNIT_ROUNDOFF}
 
 
@@ -80,9 +79,11 @@ def test_denoising_loop_matches_diffusers_pipeline(pair, backend, height, width,
     err = np.abs(ours - ref).max() / np.abs(ref).max()
     check_err(err, LOOP_TOLS[backend], f"final latents {preset} {height}x{width}")
     # The official grid (ending at t_max, not 1) lands measurably elsewhere (measured 2.7e-4 and 3.1e-4, ~200x the
-    # loop error): the comparison is not vacuous.
-    official = sample(cond, uncond, feats, height, width, settings=s, seed=11)
-    assert np.abs(official - ref).max() / np.abs(ref).max() > 20 * LOOP_TOL
+    # loop error): the comparison is not vacuous. Under TF32 (CUDA) the loop's own error is larger than that gap, so
+    # only the CPU run can show it.
+    if backend == "cpu":
+        official = sample(cond, uncond, feats, height, width, settings=s, seed=11)
+        assert np.abs(official - ref).max() / np.abs(ref).max() > 20 * LOOP_TOL
 
 
 def test_same_seed_reproduces_and_callback_sees_every_step(pair):
