@@ -733,14 +733,22 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
     resume = work / f"{path.stem}.resume.pt"
     resume_every = RESUME_EVERY if resume_every is None else resume_every
 
+    # what the saved state is only valid for: a resume file of another configuration would train on silently
+    setup = {"steps": steps, "seed": seed, "batch": batch, "role": role, "tag": tag, "lr": lr, "warm": warm, "ema_decay": ema_decay,
+             "schedule_t": schedule_t, "overshoot": overshoot, "caption_noise": caption_noise, "where_weight": where_weight,
+             "object_weight": object_weight, "bf16": BF16 if bf16 is None else bf16, "samples": len(lat)}
+
     def state(step: int) -> dict:
-        return {"step": step, "model": model.state_dict(), "averaged": averaged, "opt": opt.state_dict(),
+        return {"setup": setup, "step": step, "model": model.state_dict(), "averaged": averaged, "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "g": g.get_state(), "rng": torch.get_rng_state(), "smooth": smooth,
                 "where": where.state_dict() if where is not None else None}
 
     start = 0
     if resume.exists():
         st = torch.load(resume, weights_only=False)  # written above by this stage; LambdaLR's state holds numpy floats
+        if "setup" in st and st["setup"] != setup:  # (the first resume files, of 4 December, recorded none)
+            diff = {k: (st["setup"].get(k), v) for k, v in setup.items() if st["setup"].get(k) != v}
+            raise SystemExit(f"{resume}: saved by a run with other settings (saved, now: {diff}); delete it to start the stage over")
         model.load_state_dict(st["model"])
         for a, b in zip(averaged, st["averaged"]):
             a.copy_(b)

@@ -704,3 +704,11 @@ def test_a_dit_stage_stopped_mid_way_resumes_to_the_bytes_of_an_unstopped_one(tm
     (tmp_path / "stopped2").rename(tmp_path / "again2")
     other = T.stage_dit(tmp_path / "again2", (lat, cap_idx), feats, is_json, 8, 0, 4, **kw).state_dict()
     assert not all(torch.equal(other[k], straight[k]) for k in straight)
+    # a resume file left by a run with other settings is refused, not trained on
+    monkeypatch.setattr(T, "dit_step", stop_after_five)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "stopped3")
+    monkeypatch.setattr(T, "dit_step", real_step)
+    with pytest.raises(SystemExit, match=r"cond\.resume\.pt: saved by a run with other settings .*'steps': \(8, 9\)"):
+        T.stage_dit(tmp_path / "stopped3", (lat, cap_idx), feats, is_json, 9, 0, 4, **kw)
