@@ -193,7 +193,10 @@ def main() -> None:
     for r in a.recipes.split(","):
         out = work / f"gguf-{r}"
         if not (out / "transformer.gguf").exists():
-            subprocess.run([sys.executable, "-c", "from gguf_dit.cli import app; app()", "convert", str(a.ckpt), "-o", str(out), "--recipe", r, "-q", "--force"], check=True)
+            # torch before ggml: on the H200 image a fresh `gguf-dit convert` (ggml's CUDA build loaded first, torch
+            # after it) aborted with "free(): invalid pointer", while conversions inside pytest, torch already
+            # loaded, did not (docs/benchmarks.md, "GPU"). The converter imports torch either way.
+            subprocess.run([sys.executable, "-c", "import torch; from gguf_dit.cli import app; app()", "convert", str(a.ckpt), "-o", str(out), "--recipe", r, "-q", "--force"], check=True)
         ggufs[r] = out
 
     config = {k: getattr(a, k) for k in ("layers", "heads", "intermediate", "text_dim", "image_tokens", "grid_h", "text_tokens", "reps", "threads", "backend")}
