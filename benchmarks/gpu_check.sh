@@ -12,6 +12,7 @@
 #
 #   benchmarks/gpu_check.sh [--out DIR] [--venv DIR] [--wheels DIR] [--budget S] [--dry-run]
 #                           [--pytest-args "ARGS"] [--bench-args "ARGS"] [--stages venv,build,info,tests,demo,bench]
+#                           [--no-preload]
 #
 # --out      results folder (default $OUT, else /tmp/gguf-dit-gpu-check): summary.txt, nvidia-smi.txt, info.txt,
 #            build.log, pytest.log, errors.tsv (every parity test's error and tolerance), dit_step.log, dit_step.json
@@ -27,6 +28,8 @@
 #            command, run `--stages venv,build` and then, while the machine is still warm (the venv in /tmp is kept),
 #            `--stages info,tests,demo,bench`: the second finds llama.cpp CUDA-built and does not rebuild. A call whose
 #            stages are only venv and build gives the build the whole --budget instead of its 330 s share.
+# --no-preload  run the tests and benchmark without LD_PRELOAD of the C++ runtime libggml-cuda links (the default
+#            preloads it: on the H200 image that is what stopped the native crashes; the demo runs both ways).
 # --dry-run  no GPU needed: exercises every stage except CUDA (the build command is printed, not run; tests with
 #            `-k cpu`; a tiny CPU benchmark). tests/test_gpu_check.py runs this.
 # Exit codes: 0 all stages passed; 1 a stage failed or timed out (summary.txt says which); 2 bad option;
@@ -42,6 +45,7 @@ DRY=0
 PYTEST_ARGS=""
 BENCH_ARGS=""
 STAGES=venv,build,info,tests,demo,bench
+PRELOAD_MODE=${GPU_CHECK_PRELOAD:-auto}
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUTDIR=$2; shift 2 ;;
@@ -49,6 +53,7 @@ while [ $# -gt 0 ]; do
         --wheels) WHEELS=$2; shift 2 ;;
         --budget) BUDGET=$2; shift 2 ;;
         --dry-run) DRY=1; shift ;;
+        --no-preload) PRELOAD_MODE=none; shift ;;
         --pytest-args) PYTEST_ARGS=$2; shift 2 ;;
         --bench-args) BENCH_ARGS=$2; shift 2 ;;
         --stages) STAGES=$2; shift 2 ;;
@@ -199,6 +204,18 @@ info() {
 }
 stage info "$OUTDIR/info.txt" info
 
+# The workaround measured on 4 December (second GPU session): with the C++ runtime that libggml-cuda links
+# preloaded, `import llama_cpp, pyarrow`, README line 1, the benchmark's conversions and llama.cpp's model load all
+# ran; without it each died (free(): invalid pointer, SIGSEGV). The later stages run with it, so that tolerances and
+# timings need not wait for the cause; the demo runs both ways, so the crash a user would meet stays visible.
+# --no-preload (or GPU_CHECK_PRELOAD=none) runs everything plain.
+PRELOAD=""
+if [ $DRY = 0 ] && [ "$PRELOAD_MODE" = auto ]; then
+    CUDA_LIB=$("$PY" -c "import glob, os, importlib.util; s = importlib.util.find_spec('llama_cpp'); print((glob.glob(os.path.join(os.path.dirname(s.origin), 'lib', 'libggml-cuda*')) or [''])[0])" 2>/dev/null)
+    [ -n "$CUDA_LIB" ] && PRELOAD=$(ldd "$CUDA_LIB" | awk '/libstdc\+\+/ {print $3; exit}')
+fi
+say "preload for the tests and benchmark: ${PRELOAD:-none}"
+
 # -- 4. tests --------------------------------------------------------------------------------------------------
 if [ -z "$PYTEST_ARGS" ]; then
     if [ $DRY = 1 ]; then
@@ -245,7 +262,7 @@ run_tests() {
 }
 # --pytest-args is split as the shell would split it (quotes kept together: -k "a and b")
 eval "PYTEST_ARR=($PYTEST_ARGS)"
-stage tests "$OUTDIR/pytest.log" run_tests "${PYTEST_ARR[@]}"
+stage tests "$OUTDIR/pytest.log" env ${PRELOAD:+LD_PRELOAD=$PRELOAD} bash -c "$(declare -f run_tests); PY='$PY' run_tests \"\$@\"" run_tests "${PYTEST_ARR[@]}"
 
 # -- 5. what a user runs first: README line 1 on the GPU ------------------------------------------------------
 # No test above runs the whole pipeline (llama.cpp's encoder, both backbones, the VAE, the PNG) in one process with
@@ -260,7 +277,15 @@ demo() {
 DEMO_DIR=${TMPDIR:-/tmp}/gguf-dit-gpu-check-demo
 [ $DRY = 1 ] && DEMO_DIR=$OUTDIR/.demo
 mkdir -p "$DEMO_DIR"
-stage demo "$OUTDIR/pytest.log" demo "$DEMO_DIR"
+if stage demo "$OUTDIR/pytest.log" demo "$DEMO_DIR"; then
+    :
+elif [ -n "$PRELOAD" ]; then
+    # what a user can do about it today: the same command with the C++ runtime preloaded
+    SHARE[demo]=$(( SHARE[demo] / 2 ))
+    if stage demo "$OUTDIR/pytest.log" env LD_PRELOAD="$PRELOAD" bash -c "$(declare -f demo); VENV='$VENV' DRY=$DRY demo \"\$1\"" demo "$DEMO_DIR"; then
+        say "stage demo: ran with LD_PRELOAD=$PRELOAD only (the plain run failed above)"
+    fi
+fi
 [ $DRY = 1 ] && rm -rf "$DEMO_DIR"
 
 # -- 6. benchmark ----------------------------------------------------------------------------------------------
@@ -278,14 +303,14 @@ WORK=${TMPDIR:-/tmp}/gguf-dit-gpu-check-work
 [ $DRY = 1 ] && WORK=$OUTDIR/.work
 mkdir -p "$WORK"
 # shellcheck disable=SC2086
-stage bench "$OUTDIR/dit_step.log" "$PY" benchmarks/dit_step.py $BENCH_ARGS --workdir "$WORK" --out "$OUTDIR/dit_step.json"
+stage bench "$OUTDIR/dit_step.log" env ${PRELOAD:+LD_PRELOAD=$PRELOAD} "$PY" benchmarks/dit_step.py $BENCH_ARGS --workdir "$WORK" --out "$OUTDIR/dit_step.json"
 [ $DRY = 1 ] && rm -rf "$WORK"  # the checkpoint and GGUFs are scratch; the device tool brings back files only
 
 # -- 7. encoder and VAE tests under the CUDA build ------------------------------------------------------------
 if [ $DRY = 0 ] && [ -z "${GPU_CHECK_SKIP_ENCODER_VAE:-}" ]; then
     # last, as they do not touch CUDA: not backend-parametrized (the encoder runs n_gpu_layers=0, the VAE in torch on CPU): run under the CUDA build
     SHARE[tests]=$(( SHARE[tests] / 2 ))
-    stage tests "$OUTDIR/pytest.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_text_encoder.py tests/test_vae.py
+    stage tests "$OUTDIR/pytest.log" env ${PRELOAD:+LD_PRELOAD=$PRELOAD} "$PY" -m pytest -q -p no:cacheprovider tests/test_text_encoder.py tests/test_vae.py
 fi
 
 if [ -n "$FAILED" ]; then

@@ -97,6 +97,7 @@ class TextEncoder(Native):
             raise ModelError(f"llama.cpp could not load this GGUF{f' ({why})' if why else ''}", path=path)
         try:
             enc = cls(path, meta, model, int(n_threads or default_threads()))
+            enc._op_offload = int(n_gpu_layers) > 0
         except BaseException:
             lc.llama_model_free(model)
             raise
@@ -212,6 +213,10 @@ class TextEncoder(Native):
         cp.abort_callback = interrupt.abort_callback  # polled between graph nodes: Ctrl-C stops a decode
         cp.abort_callback_data = None
         cp.no_perf = True
+        # A CUDA build of llama.cpp otherwise sends large products of CPU-resident weights to the GPU (op_offload)
+        # even with n_gpu_layers=0: there they run in TF32/F16 and the features moved by up to 0.16 on the H200
+        # (docs/benchmarks.md). Layers kept on the CPU are computed on the CPU.
+        cp.op_offload = getattr(self, "_op_offload", False)
         since = native_log.mark()
         ctx = lc.llama_init_from_model(self._model, cp)
         if not ctx:
