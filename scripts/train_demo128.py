@@ -439,6 +439,8 @@ def train_encoder(model, reader, read, toks, fill, steps: int, lr: float, pct_st
 def stage_language(root: Path, work: Path, lang, steps: int, seed: int, batch: int = 32) -> None:
     """Teach the encoder words on the language corpus (see the module docstring); write it back into root."""
     done = work / "language.pt"
+    if not done.exists() and (work / "place.pt").exists():
+        return  # the place stage continues this one's weights and is on disk: it writes the encoder (stage_place)
     if done.exists():
         sd = torch.load(done)
     else:
@@ -1247,6 +1249,50 @@ CONVERT = [
 ]
 
 
+
+def dit_plan(a) -> list[tuple[str, Path | None, Path | None]]:
+    """The DiT stages main() runs, in order, each with the conditional and image-only weights it leaves in --work
+    (None: that backbone is unchanged by the stage). A stage of several rounds (guided) names its last round's files."""
+    w = a.work
+    plan: list[tuple[str, Path | None, Path | None]] = [("dit", w / "cond.pt", None)]
+    if a.late_steps:
+        plan.append(("late", w / "cond_late.pt", None))
+    plan.append(("copy", None, w / "uncond_copy.pt"))
+    if a.own_steps:
+        plan.append(("own", w / "cond_own.pt", w / "uncond_own.pt"))
+    if a.guided_steps and a.guided_rounds:
+        n = len(a.guided_rounds)
+        plan.append(("guided", w / f"cond_guided{n}.pt", w / f"uncond_guided{n}.pt"))
+    for r in range(max(a.finish_rounds, 1)):
+        if a.finish_rounds:
+            plan.append((f"finish{r + 1}", w / f"cond_finish{r + 1}.pt", None))
+        if a.agree_steps:
+            plan.append((f"agree{r + 1}", None, w / ("uncond_agree.pt" if r == 0 else f"uncond_agree{r + 1}.pt")))
+    plan += [(f"canon{r + 1}", w / f"cond_canon{r + 1}.pt", w / f"uncond_canon{r + 1}.pt") for r in range(a.canon_rounds)]
+    return plan
+
+
+def continue_point(plan) -> tuple[int, Path, Path] | None:
+    """Where a run can go on from: after the furthest stage k whose own files exist and for which the latest
+    conditional and image-only weights at or before k exist too. Returns (k + 1, those two files), or None when no
+    stage after the image-only copy has both backbones on disk (the stages then find their own caches)."""
+    for k in range(len(plan) - 1, -1, -1):
+        if not all(p.exists() for p in plan[k][1:] if p is not None) or all(p is None for p in plan[k][1:]):
+            continue
+        conds = [c for _, c, _ in plan[:k + 1] if c is not None]
+        uncs = [u for _, _, u in plan[:k + 1] if u is not None]
+        if conds and uncs and conds[-1].exists() and uncs[-1].exists():
+            return k + 1, conds[-1], uncs[-1]
+    return None
+
+
+def load_dit(path: Path):
+    from diffusers import Ideogram4Transformer2DModel
+
+    model = Ideogram4Transformer2DModel(**DIT_CONFIG)
+    model.load_state_dict(torch.load(path))
+    return model.eval()
+
 def main(argv=None) -> None:
     global BF16, RESUME_EVERY
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1320,38 +1366,63 @@ def main(argv=None) -> None:
     if a.stop_after == "latents":
         return
     objects = object_tokens(a.work, train, a.images_per_caption, a.seed) if a.object_weight != 1.0 else None
-    cond = stage_dit(a.work, data, feats, is_json, a.dit_steps, a.seed, a.batch, caption_noise=a.caption_noise, snapshot_every=a.snapshot_every, bf16=bf16,
-                     where_weight=a.where_weight, objects=objects, object_weight=a.object_weight)
-    if a.late_steps:
+
+    # The DiT stages in order, each a function of the two backbones so far (see dit_plan for the files each leaves).
+    def first_phase(cond, unc):
+        return stage_dit(a.work, data, feats, is_json, a.dit_steps, a.seed, a.batch, caption_noise=a.caption_noise, snapshot_every=a.snapshot_every,
+                         bf16=bf16, where_weight=a.where_weight, objects=objects, object_weight=a.object_weight), unc
+
+    def second_phase(cond, unc):
         # No "where" probe here: a fresh head would start at chance and pull on the first block, which already knows.
-        cond = stage_dit(a.work, data, feats, is_json, a.late_steps, a.seed, a.batch, caption_noise=a.caption_noise,
+        return stage_dit(a.work, data, feats, is_json, a.late_steps, a.seed, a.batch, caption_noise=a.caption_noise,
                          lr=5e-4, warm=50, schedule_t=0.5, overshoot=3.0, init=cond, tag="late", bf16=bf16,
-                         objects=objects, object_weight=a.object_weight)
-    # The image-only backbone starts as a copy of the conditional one: guidance multiplies whatever the two
-    # backbones disagree on, and two separately initialised networks disagree by their own, unrelated errors
-    # where the picture is already decided (docs/demo.md: the first 64×64 release ran away that way).
-    # Its loss weighs objects as the conditional one's does, so that the two weigh their errors alike.
-    unc = stage_dit(a.work, data, feats, is_json, a.uncond_steps, a.seed, a.batch, role="uncond",
-                    lr=5e-4, warm=50, schedule_t=0.5, init=cond, tag="copy", bf16=bf16, objects=objects, object_weight=a.object_weight)
-    if a.own_steps:
-        cond, unc = stage_own(a.work, cond, unc, data, feats, is_json, a.own_steps, a.own_from, a.seed, a.batch,
-                              n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
-    if a.guided_steps:
-        cond, unc = stage_guided(a.work, cond, unc, data, feats, is_json, a.guided_rounds, a.guided_steps, a.seed, a.batch,
-                                 n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
-                                 match=a.match, vae=vae, scenes=scenes)
-    for r in range(max(a.finish_rounds, 1)):  # each finish round, then the agreement with the new conditional backbone
-        if a.finish_rounds:
-            cond = stage_finish(a.work, cond, unc, data, feats, is_json, a.finish_steps, a.agree_tau, a.seed, a.batch, r=r,
-                                n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
-                                match=a.match, vae=vae, scenes=scenes)
-        if a.agree_steps:
-            unc = stage_agree(a.work, cond, unc, data, feats, is_json, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
-                              n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
-                              match=a.match, vae=vae, scenes=scenes)
-    for r in range(a.canon_rounds):
-        cond, unc = stage_canon(a.work, cond, unc, feats, is_json, a.canon_steps, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
-                                n_states=a.guided_states, object_weight=a.object_weight, bf16=bf16, vae=vae, scenes=scenes)
+                         objects=objects, object_weight=a.object_weight), unc
+
+    def copy(cond, unc):
+        # The image-only backbone starts as a copy of the conditional one: guidance multiplies whatever the two
+        # backbones disagree on, and two separately initialised networks disagree by their own, unrelated errors
+        # where the picture is already decided (docs/demo.md: the first 64×64 release ran away that way).
+        # Its loss weighs objects as the conditional one's does, so that the two weigh their errors alike.
+        return cond, stage_dit(a.work, data, feats, is_json, a.uncond_steps, a.seed, a.batch, role="uncond",
+                               lr=5e-4, warm=50, schedule_t=0.5, init=cond, tag="copy", bf16=bf16, objects=objects, object_weight=a.object_weight)
+
+    def own(cond, unc):
+        return stage_own(a.work, cond, unc, data, feats, is_json, a.own_steps, a.own_from, a.seed, a.batch,
+                         n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
+
+    def guided(cond, unc):
+        return stage_guided(a.work, cond, unc, data, feats, is_json, a.guided_rounds, a.guided_steps, a.seed, a.batch,
+                            n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
+                            match=a.match, vae=vae, scenes=scenes)
+
+    def finish(r):
+        return lambda cond, unc: (stage_finish(a.work, cond, unc, data, feats, is_json, a.finish_steps, a.agree_tau, a.seed, a.batch, r=r,
+                                               n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
+                                               match=a.match, vae=vae, scenes=scenes), unc)
+
+    def agree(r):
+        return lambda cond, unc: (cond, stage_agree(a.work, cond, unc, data, feats, is_json, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
+                                                    n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
+                                                    match=a.match, vae=vae, scenes=scenes))
+
+    def canon(r):
+        return lambda cond, unc: stage_canon(a.work, cond, unc, feats, is_json, a.canon_steps, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
+                                             n_states=a.guided_states, object_weight=a.object_weight, bf16=bf16, vae=vae, scenes=scenes)
+
+    run = {"dit": first_phase, "late": second_phase, "copy": copy, "own": own, "guided": guided,
+           **{f"finish{r + 1}": finish(r) for r in range(a.finish_rounds)}, **{f"agree{r + 1}": agree(r) for r in range(max(a.finish_rounds, 1))},
+           **{f"canon{r + 1}": canon(r) for r in range(a.canon_rounds)}}
+    plan = dit_plan(a)
+    start, cond, unc = 0, None, None
+    point = continue_point(plan)
+    if point is not None:
+        # Both backbones of a later stage are on disk (a run carried over from another machine, docs/demo.md):
+        # the stages before it are not needed, and a stage run from its cached inputs gives the same bytes.
+        start, cond_path, unc_path = point
+        cond, unc = (load_dit(p) for p in (cond_path, unc_path))
+        log(f"continuing after stage {plan[start - 1][0]} from {cond_path.name} and {unc_path.name}")
+    for name, *_ in plan[start:]:
+        cond, unc = run[name](cond, unc)
     log(f"dit ready ({time.time() - t0:.0f} s)")
     if a.stop_after == "dit":
         return
