@@ -54,6 +54,12 @@ Stages, each cached under --work (delete a file to redo its stage):
    with ``--convert-to``, the ``CONVERT`` commands below (the real ``gguf-dit convert``).
 
 Deterministic: fixed seeds, ``torch.use_deterministic_algorithms``, single process, a fixed thread count.
+
+Carried over: a run goes on from the furthest DiT stage whose two backbones are in --work (``dit_plan``,
+``continue_point``), skipping every DiT stage before it; with ``place.pt`` there the language stage is skipped too.
+So ``place.pt``, ``vae.pt`` and the two backbones of a later stage, copied into an empty --work, continue a run on
+another machine (caption features, latents and the checkpoint's encoder are recomputed from them) and give the
+bytes the unbroken run would (a test; docs/demo.md, "A run carried over").
 """
 
 from __future__ import annotations
