@@ -45,6 +45,8 @@ _CTX_STEP = 256  # contexts are sized in steps of this many tokens (llama.cpp pa
 class TextEncoder(Native):
     """A loaded Qwen3-VL language model that turns captions into Ideogram 4 text features."""
 
+    _op_offload = False  # load() sets it: True only when layers live on the GPU
+
     def __init__(self, path: Path, meta: dict, model, n_threads: int) -> None:
         self.path = path
         self.arch: str = meta["arch"]
@@ -216,7 +218,7 @@ class TextEncoder(Native):
         # A CUDA build of llama.cpp otherwise sends large products of CPU-resident weights to the GPU (op_offload)
         # even with n_gpu_layers=0: there they run in TF32/F16 and the features moved by up to 0.16 on the H200
         # (docs/benchmarks.md). Layers kept on the CPU are computed on the CPU.
-        cp.op_offload = getattr(self, "_op_offload", False)
+        cp.op_offload = self._op_offload
         since = native_log.mark()
         ctx = lc.llama_init_from_model(self._model, cp)
         if not ctx:

@@ -1255,7 +1255,6 @@ CONVERT = [
 ]
 
 
-
 def dit_plan(a) -> list[tuple[str, Path | None, Path | None]]:
     """The DiT stages main() runs, in order, each with the conditional and image-only weights it leaves in --work
     (None: that backbone is unchanged by the stage). A stage of several rounds (guided) names its last round's files."""
@@ -1298,6 +1297,7 @@ def load_dit(path: Path):
     model = Ideogram4Transformer2DModel(**DIT_CONFIG)
     model.load_state_dict(torch.load(path))
     return model.eval()
+
 
 def main(argv=None) -> None:
     global BF16, RESUME_EVERY
