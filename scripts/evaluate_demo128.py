@@ -24,7 +24,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("--part", choices=("test", "train"), default="test")
-    ap.add_argument("--n", type=int, default=60, help="captions (the first n of captions.pairs(part, n, 0))")
+    ap.add_argument("--n", type=int, default=60, help="captions (the first n of captions.pairs(part, n, caption seed))")
+    ap.add_argument("--caption-seed", type=int, default=0, help="0: the reported test captions; another seed draws a validation set of the same kind (choose settings on it, not on the test set)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--guidance", nargs="+", default=["preset", "1"], help="'preset' (the preset's schedule) or a number, each scored")
     ap.add_argument("--preset", default="default-20")
@@ -33,13 +34,13 @@ def main(argv=None) -> None:
     ap.add_argument("--save", type=Path, help="write a grid of the images (ten per row) for the first guidance")
     ap.add_argument("--misses", action="store_true", help="list every image with a wrong attribute")
     a = ap.parse_args(argv)
-    print(f"{a.model}: {a.n} {a.part} captions x seeds {a.seeds}, preset {a.preset}")
+    print(f"{a.model}: {a.n} {a.part} captions (caption seed {a.caption_seed}) x seeds {a.seeds}, preset {a.preset}")
     print("| guidance | " + " | ".join(COLUMNS) + " | all attributes | object count | images | seconds |")
     print("|---" * (len(COLUMNS) + 5) + "|")
     for i, g in enumerate(a.guidance):
         t0 = time.time()
         r = R.evaluate(a.model, n=a.n, seeds=tuple(a.seeds), guidance=None if g == "preset" else float(g), preset=a.preset,
-                       size=a.size, part=a.part, threads=a.threads, save=a.save if i == 0 else None)
+                       size=a.size, part=a.part, threads=a.threads, save=a.save if i == 0 else None, caption_seed=a.caption_seed)
         cells = " | ".join(f"{r[k]:.1%}" if r[k] is not None else "-" for k in COLUMNS)
         print(f"| {g} | {cells} | {r['all_attributes']:.1%} | {r['count']:.0%} | {r['n']} | {time.time() - t0:.0f} |")
         if a.misses:

@@ -256,6 +256,9 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert r["n"] == 2 and [res["caption"] for res in r["results"]] == [C.caption_text(c) for c, _ in C.pairs("train", 2, 0)]
     assert all(set(res["graded"]) >= {"background", "colour", "position", "shape", "count"} for res in r["results"])
     assert 0.0 <= r["all_attributes"] <= 1.0
+    # another caption seed draws a validation set of the same part, not the reported one
+    v = R.evaluate(tmp_path / "out", 2, guidance=1.0, threads=1, caption_seed=1)
+    assert [res["caption"] for res in v["results"]] == [C.caption_text(c) for c, _ in C.pairs("test", 2, 1)] != [C.caption_text(c) for c, _ in C.pairs("test", 2, 0)]
     # scripts/evaluate_demo128.py prints one table row per guidance for the same folder
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_demo128.py"), str(tmp_path / "out"), "--n", "2", "--part", "train",
                           "--guidance", "1", "--threads", "1"], check=True, capture_output=True, text=True).stdout

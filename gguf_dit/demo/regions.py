@@ -148,8 +148,9 @@ def score(graded: list[dict[str, list[bool]]]) -> dict:
 
 
 def evaluate(model_dir, n: int = 90, seeds=(0,), guidance=None, preset: str = "default-20", size: int | None = None, save=None,
-             part: str = "test", threads: int | None = None) -> dict:
-    """Score a model folder on ``n`` (caption, scene) pairs (``captions.pairs(part, n, 0)``: held out by default), one image per
+             part: str = "test", threads: int | None = None, caption_seed: int = 0) -> dict:
+    """Score a model folder on ``n`` (caption, scene) pairs (``captions.pairs(part, n, caption_seed)``: held out by
+    default; caption seed 0 is the reported test set, another seed a validation set of the same kind to choose on), one image per
     (pair, seed) through the real pipeline at ``size`` (default: the model's default size); ``guidance`` overrides the
     preset's (1 = no CFG). Returns ``score`` plus the per-image results (caption, scene, seed, what ``analyse`` found, the
     grades, the image)."""
@@ -159,7 +160,7 @@ def evaluate(model_dir, n: int = 90, seeds=(0,), guidance=None, preset: str = "d
 
     from . import captions as C
 
-    test = C.pairs(part, n, 0)
+    test = C.pairs(part, n, caption_seed)
     pipe = Pipeline(ModelFiles.find(model_dir), threads=threads)
     try:
         side = size or pipe.header.default_size
