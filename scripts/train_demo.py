@@ -362,15 +362,16 @@ def stage_dit(work: Path, vae, feats: dict[str, np.ndarray], steps: int, seed: i
 
 
 # -- 4. save ------------------------------------------------------------------------------------
-def save(root: Path, vae, cond, unc, dit_config: dict | None = None, vae_config: dict | None = None) -> None:
-    """The official layout (fused attention names), through the same writer as ``gguf-dit tiny-checkpoint``."""
+def save(root: Path, vae, cond, unc, dit_config: dict | None = None, vae_config: dict | None = None, dtype=None) -> None:
+    """The official layout (fused attention names), through the same writer as ``gguf-dit tiny-checkpoint``, in
+    ``dtype`` (default float32)."""
     from gguf_dit.converter.tiny import DIT_CLASS, VAE_CLASS, official_names, save_folder
 
     def fresh(d: Path, sd: dict, config: dict) -> None:
         d.mkdir(parents=True, exist_ok=True)
         for f in d.iterdir():
             f.unlink()
-        save_folder(d, {k: v.detach().float() for k, v in sd.items() if not k.endswith("num_batches_tracked")}, config)
+        save_folder(d, {k: v.detach().to(dtype or torch.float32) for k, v in sd.items() if not k.endswith("num_batches_tracked")}, config)
 
     for sub, model in (("transformer", cond), ("unconditional_transformer", unc)):
         fresh(root / sub, official_names(model.state_dict()), {"_class_name": DIT_CLASS, **(dit_config or DIT_CONFIG)})

@@ -2,12 +2,10 @@
 
     python scripts/train_demo128.py --root /tmp/demo128_ckpt --work /tmp/demo128_work --convert-to /tmp/demo128
 
-The defaults are the recipe measured in docs/demo.md ("Toward a 128×128 demo (issue 13): how the recipe was
-found"); ``--root`` is its float
-checkpoint. Estimated from the stage times in docs/demo.md and the speed-ups since (not yet one whole run): about
-1 h 50 min on a 2-core AMD EPYC Zen 5 (AVX512_BF16, bfloat16 autocast), about 4 hours on an AVX2-only Zen 3, which
-trains in float32 (``--precision``; the old code's run took 4 h 29 min there with two canon rounds). Needs the test
-extras (diffusers, transformers).
+The defaults are the recipe of the shipped demo model (docs/demo.md); ``--root`` is its float checkpoint, written
+in bfloat16 (the shipped one: checkpoints/demo/). Measured: 2 h 48 min on a 2-core AMD EPYC Zen 4 (AVX512_BF16,
+bfloat16 autocast; the stage table in docs/demo.md); about 4 hours estimated on an AVX2-only Zen 3, which trains
+in float32 (``--precision``). Needs the test extras (diffusers, transformers).
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
 nine places, two sizes, four backgrounds, and many ways to ask for them; a fixed split holds sentence patterns,
@@ -44,13 +42,13 @@ Stages, each cached under --work (delete a file to redo its stage):
    the picture is made and no longer multiplies the two backbones' estimation errors after. A sampler state has no
    picture of its own: each is pulled to the layout of its caption's scene nearest to where it is heading
    (``matched_pictures``, ``--match``), not to a training picture drawn at random, whose mean is a blob.
-   (``stage_own``, before the guided rounds, is off by default: ``--own-steps``.) Last, two rounds of
+   (``stage_own``, before the guided rounds, is off by default: ``--own-steps``.) Last, four rounds of
    ``stage_canon``: every state of the trajectory and every sample of a caption is pulled to one picture, the
    caption's scene at its nominal places and sizes, so that the mean the loss rewards at small t is a shape and
    not the blur of the jittered training pictures.
 5. decoder: the VAE decoder is fine-tuned on full 128×128 pictures of every attribute combination with the encoder
    frozen (same latent space; ``image_scenes``).
-6. save: ``text_encoder/``, ``transformer/``, ``unconditional_transformer/`` and ``vae/`` in the official layout;
+6. save: ``text_encoder/``, ``transformer/``, ``unconditional_transformer/`` and ``vae/`` in the official layout, bfloat16;
    with ``--convert-to``, the ``CONVERT`` commands below (the real ``gguf-dit convert``).
 
 Deterministic: fixed seeds, ``torch.use_deterministic_algorithms``, single process, a fixed thread count.
@@ -59,7 +57,7 @@ Carried over: a run goes on from the furthest DiT stage whose two backbones are 
 ``continue_point``), skipping every DiT stage before it; with ``place.pt`` there the language stage is skipped too.
 So ``place.pt``, ``vae.pt`` and the two backbones of a later stage, copied into an empty --work, continue a run on
 another machine (caption features, latents and the checkpoint's encoder are recomputed from them) and give the
-bytes the unbroken run would (a test; docs/demo.md, "A run carried over").
+bytes the unbroken run would (a test; docs/demo.md, "A run carried over"; the shipped model was made that way).
 """
 
 from __future__ import annotations
@@ -1323,7 +1321,7 @@ def main(argv=None) -> None:
     ap.add_argument("--match", type=int, default=48, help="sampler states from fresh noise are pulled to the nearest of this many layouts of their caption's scene (matched_pictures; 0: to a random training picture of it, as before)")
     ap.add_argument("--finish-rounds", type=int, default=1, help="rounds of stage_finish (the conditional backbone on matched states of its whole trajectory), each followed by the agreement (a second round did not help: docs/demo.md)")
     ap.add_argument("--finish-steps", type=int, default=600, help="steps per finish round (1200 instead of 600: 85.4 against 87.1 %%, docs/demo.md)")
-    ap.add_argument("--canon-rounds", type=int, default=3, help="last, rounds of stage_canon: both backbones learn one picture per caption, its nominal layout (docs/demo.md: held-out 87.1 -> 90.3 %% after one round, 92.1 %% after two, torch harness; the from-scratch float32 run, through the runtime: 83.8 %% after two, 87.4 %% after three)")
+    ap.add_argument("--canon-rounds", type=int, default=4, help="last, rounds of stage_canon: both backbones learn one picture per caption, its nominal layout (docs/demo.md: held-out 87.1 -> 90.3 %% after one round, 92.1 %% after two, torch harness; the from-scratch float32 run, through the runtime: 83.8 %% after two, 87.4 %% after three; the shipped bfloat16 run: 88.6 %% after three, 91.6 %% after four, and a fifth gave nothing on validation captions)")
     ap.add_argument("--canon-steps", type=int, default=600, help="conditional backbone steps per canon round (the image-only one: --agree-steps)")
     ap.add_argument("--agree-steps", type=int, default=400, help="then train the image-only backbone to agree with the conditional one where t >= --agree-tau (stage_agree; 0: none)")
     ap.add_argument("--agree-tau", type=float, default=0.3, help="from this t on, the image-only backbone learns the conditional one's prediction")
@@ -1434,7 +1432,9 @@ def main(argv=None) -> None:
         return
     vae = stage_decoder(a.work, vae, image_scenes(8000, a.seed), a.decoder_steps, a.seed)
     log(f"decoder fine-tuned ({time.time() - t0:.0f} s)")
-    save(a.root, vae, cond, unc, DIT_CONFIG, VAE_CONFIG)
+    # bfloat16, as the text encoder already is: the checkpoint is small enough to ship (checkpoints/demo/, 15 MB
+    # against 28 in float32) and is then exactly the source the shipped GGUFs were converted from.
+    save(a.root, vae, cond, unc, DIT_CONFIG, VAE_CONFIG, dtype=torch.bfloat16)
     if a.convert_to:
         for extra in CONVERT:
             subprocess.run([sys.executable, "-m", "gguf_dit.cli", "convert", str(a.root), "-o", str(a.convert_to), "-q", "--force", *extra], check=True)
