@@ -12,9 +12,10 @@ from gguf_dit.errors import InputError
 #: pixel in the demo decoder (two ResNets of two 3x3 convs per up block, plus the upsample convs, weighted by
 #: 1/scale) and 12.25 in FLUX.2's (three per block), and every window normalises its GroupNorms on its own
 #: statistics: a window not much wider than that radius has no pixel free of its own zero-padded border, and its
-#: statistics are not the picture's. Measured on the shipped demo VAE (docs/vae.md): tiles 2-7 change 19-93 % of a
-#: picture's pixels by more than 16 levels; 16 changes 3 % on a 256x256 picture, 24 changes 0.8 %.
-MIN_TILE = 16
+#: statistics are not the picture's. Measured on the 128×128 demo's VAE (docs/vae.md; 2 GroupNorm groups, so a
+#: window's statistics follow its content closely): on 256x256 pictures tile 4 changes 27-30 % of the pixels by more
+#: than 16 levels, 16 still 9-11 %, 24 only 2-3 % (the 64×64 demo's VAE: 3 % at 16, 0.8 % at 24).
+MIN_TILE = 24
 
 
 def check_tile(tile: int | None) -> None:
