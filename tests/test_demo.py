@@ -1,13 +1,13 @@
-"""The embedded demo model (issue 5): the shipped quantized GGUFs in runtime/demo_model follow prompts they
-were never trained on with the default preset (≥ 90 %, issue 5's bar; numbers in docs/demo.md), CFG matters,
-`gguf-dit run` uses them without --model, and the training script is deterministic.
+"""The embedded demo model (issue 13): the shipped quantized GGUFs in runtime/demo_model draw one or two shapes at
+128×128 from prompts whose sentence patterns, synonyms and attribute combinations were held out of training, with
+the default preset; CFG matters; `gguf-dit run` uses them without --model and draws the README's two-object
+example; the training scripts are deterministic. Numbers in docs/demo.md; `scripts/check_demo128.py` measures the
+same bars on a candidate folder before it ships.
 
-CPU dependence: the scores run the shipped Q4_K/Q8_0 files through ggml's CPU kernels, which are compiled
-for the machine's ISA (AVX2 / AVX-512 / AVX512_VNNI / AVX512_BF16; docs/portability.md), so pixel values can
-differ in the last bits between CPUs and an image near a decision boundary could flip. The thresholds leave
-room for that. Measured here on an AMD EPYC (Zen 4): 93.3 % preset, 85.6 % guidance 1; issue 10 reports the same
-scores on an Intel Xeon with AMX once the encoder stopped using llama.cpp's AMX buffer (not re-run since: no AMX
-machine was available)."""
+CPU dependence: the scores run the shipped Q4_K/Q8_0 files through ggml's CPU kernels, which are compiled for the
+machine's ISA (AVX2 / AVX-512 / AVX512_VNNI / AVX512_BF16; docs/portability.md), so pixel values can differ in the
+last bits between CPUs and an image near a decision boundary can flip. The pins leave room for that below what
+was measured (MEASURED): over 120 images one flipped attribute is about 0.3 points."""
 
 from __future__ import annotations
 
@@ -19,34 +19,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gguf_dit.demo import data as D, score as S
+from gguf_dit.demo import captions as C, data as D, regions as R, scene as S, score as S64
+from gguf_dit.runtime.backbone_file import BackboneFile
 from gguf_dit.runtime.demo import DEMO_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "demo.txt"
+CHECKPOINT = ROOT / "checkpoints" / "demo"  # the float checkpoint the shipped files were converted from
 
-# Held out, seeds 0 and 1 (30 images), measured on the shipped files (docs/demo.md):
-MIN_ACCURACY = 0.90  # issue 5's bar, with the default-20 preset; measured 0.933
-UNGUIDED_ACCURACY = 0.80  # guidance 1 measured 0.856: pinned so a regression shows
-GUIDANCE_GAIN = 0.03  # the preset beats guidance 1 by 7.8 points here (3.4 over 120 images): room for other CPUs
-
-
-def test_held_out_combinations_are_not_trained():
-    assert len(D.HELD_OUT) == 15 and not set(D.HELD_OUT) & set(D.TRAIN)
-    for i, values in enumerate((D.SHAPES, list(D.COLOURS), list(D.POSITIONS))):
-        assert {k[i] for k in D.HELD_OUT} == set(values)  # balanced: every value appears
-
-
-def test_analysis_reads_the_renders():
-    imgs, idx = D.make_images(D.COMBOS, 2, seed=123)
-    acc = S.score([(D.COMBOS[i], S.analyse(im)) for i, im in zip(idx, imgs)])
-    assert acc["all_attributes"] >= 0.99, acc
-
-
-def test_analysis_cannot_be_passed_by_ignoring_the_prompt():
-    """One fixed picture for every held-out prompt scores far below the bar."""
-    img = D.render("circle", "red", "centre")
-    acc = S.score([(k, S.analyse(img)) for k in D.HELD_OUT])
-    assert acc["all_attributes"] < 0.5, acc
+# Measured on the shipped files (scripts/check_demo128.py runtime/demo_model; docs/demo.md), 60 held-out captions
+# x seeds 0 and 1 for the preset and guidance 1, 20 x seed 0 for guidance 0:
+MEASURED = {"preset": 0.917, "guidance 1": 0.898, "guidance 0": 0.392}
+MIN_ACCURACY = 0.90  # the preset; issue 13's bar itself: converting the same weights from a bfloat16 instead of a float32
+# checkpoint (a perturbation of every weight, larger than an ISA's last bits) moved the preset 0.1 point and guidance 1 0.2
+UNGUIDED_ACCURACY = 0.88  # guidance 1, pinned so that a regression shows
+GUIDANCE_GAIN = 0.01  # preset minus guidance 1 on the same captions and seeds (measured 0.019; 0.016 from the float32 checkpoint): CFG must keep helping
 
 
 def test_shipped_files_are_small_and_show_the_quantization_recipes():
@@ -54,7 +41,7 @@ def test_shipped_files_are_small_and_show_the_quantization_recipes():
 
     names = sorted(p.name for p in DEMO_DIR.glob("*.gguf"))
     assert names == ["text_encoder.gguf", "transformer.gguf", "unconditional_transformer.gguf", "vae.gguf"]
-    assert sum(p.stat().st_size for p in DEMO_DIR.glob("*.gguf")) < 20 * 2**20
+    assert sum(p.stat().st_size for p in DEMO_DIR.glob("*.gguf")) <= 20 * 10**6  # issue 13: 20 MB in all
 
     def types(name):
         return {t.tensor_type.name for t in gguf.GGUFReader(str(DEMO_DIR / name)).tensors}
@@ -63,69 +50,121 @@ def test_shipped_files_are_small_and_show_the_quantization_recipes():
     assert "Q8_0" in types("unconditional_transformer.gguf") and "Q8_0" in types("text_encoder.gguf")
 
 
+def test_shipped_checkpoint_is_the_source_of_the_shipped_files(cli, tmp_path):
+    """checkpoints/demo (bfloat16 safetensors, the official layout, written by scripts/train_demo128.py) converted
+    with the script's own `gguf-dit convert` flags gives runtime/demo_model's four GGUFs byte for byte: it is what
+    the quantization work measures against."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from train_demo128 import CONVERT
+    finally:
+        sys.path.pop(0)
+    for extra in CONVERT:
+        code, _, err = cli("convert", CHECKPOINT, "-o", tmp_path, "-q", *extra)
+        assert code == 0, err
+    names = sorted(p.name for p in DEMO_DIR.glob("*.gguf"))
+    assert {n: _sha(tmp_path / n) for n in names} == {n: _sha(DEMO_DIR / n) for n in names}
+
+
+def test_backbones_store_the_size_range_and_default():
+    """128×128 by default; `run` accepts 64..256 (docs/demo.md says what the model does there)."""
+    for name in ("transformer.gguf", "unconditional_transformer.gguf"):
+        f = BackboneFile(DEMO_DIR / name)
+        assert (f.size_range, f.default_size) == ((64, 256), 128), name
+
+
 @pytest.fixture(scope="module")
 def default_preset():
-    return S.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1))
+    return R.evaluate(DEMO_DIR, n=60, seeds=(0, 1))
 
 
 @pytest.fixture(scope="module")
 def unguided():
-    return S.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1), guidance=1.0)
+    return R.evaluate(DEMO_DIR, n=60, seeds=(0, 1), guidance=1.0)
 
 
-def _every_value_drawn_right(r) -> None:
-    """Different prompts give different, correct answers: every value of every attribute is drawn correctly
-    for at least one prompt that asks for it."""
-    for i, attr, values in ((0, "shape", D.SHAPES), (1, "colour", D.COLOURS), (2, "position", D.POSITIONS)):
-        right = {k[i] for k, res in r["results"] if res[attr] == k[i]}
-        assert right == set(values), (attr, set(values) - right)
+def _summary(r) -> dict:
+    return {k: r[k] for k in ("background", *R.ATTRIBUTES, "count", "all_attributes")}
 
 
 def test_prompt_following_on_held_out_captions_with_the_default_preset(default_preset):
-    """Issue 5's bar: ≥ 90 % of colours, positions and shapes right on ≥ 30 images of held-out combinations,
-    with the default preset (guidance 7 × 18, 3 × 2) and the shipped quantized files. Measured 93.3 %."""
+    """Issue 13: attributes right on >= 60 images of captions whose sentence patterns, synonyms and attribute
+    combinations training never showed (one and two objects, backgrounds, sizes), with the default preset and the
+    shipped quantized files; every value of every attribute drawn right at least once."""
     r = default_preset
-    assert r["n"] >= 30
-    assert r["all_attributes"] >= MIN_ACCURACY, {k: r[k] for k in ("colour", "position", "shape", "all_attributes")}
-    _every_value_drawn_right(r)
+    assert r["n"] >= 60 and all(len(res["scene"].objects) in (1, 2) for res in r["results"])
+    assert any(len(res["scene"].objects) == 2 for res in r["results"])
+    assert r["all_attributes"] >= MIN_ACCURACY, _summary(r)
+    right: dict[str, set] = {}
+    for res in r["results"]:
+        sc = res["scene"]
+        for o, f in zip(sc.objects, R.match(sc, res["found"]["objects"])):
+            for k in R.ATTRIBUTES:
+                if getattr(o, k) is not None and f is not None and f[k] == getattr(o, k):
+                    right.setdefault(k, set()).add(getattr(o, k))
+        if res["found"]["background"] == sc.background:
+            right.setdefault("background", set()).add(sc.background)
+    assert right == {"shape": set(S.SHAPES), "colour": set(S.COLOURS), "position": set(S.POSITIONS), "size": set(S.SIZES),
+                     "background": set(S.BACKGROUNDS)}, right
 
 
 def test_prompt_following_without_guidance(unguided):
-    """Guidance 1 (the conditional backbone alone; a quarter of its training captions were wrong on purpose).
-    Measured 85.6 %; pinned so a regression shows."""
-    r = unguided
-    assert r["all_attributes"] >= UNGUIDED_ACCURACY, {k: r[k] for k in ("colour", "position", "shape", "all_attributes")}
-    assert r["position"] >= 0.9
+    """Guidance 1: the conditional backbone alone."""
+    assert unguided["all_attributes"] >= UNGUIDED_ACCURACY, _summary(unguided)
 
 
 def test_guidance_changes_the_result(default_preset, unguided):
-    """CFG matters: the same prompts and seeds score measurably better with the preset than with guidance 1."""
-    assert default_preset["all_attributes"] - unguided["all_attributes"] >= GUIDANCE_GAIN
+    """CFG matters: the same captions and seeds score measurably better with the preset than with guidance 1."""
+    assert default_preset["all_attributes"] - unguided["all_attributes"] >= GUIDANCE_GAIN, (_summary(default_preset), _summary(unguided))
 
 
-def test_unconditional_backbone_ignores_the_prompt():
-    """The other half of CFG: guidance 0 samples the image-only backbone alone, which was never shown a
-    caption, so its pictures cannot follow the held-out prompts (it still draws shapes: the analysis finds an
-    object in most of them)."""
-    r = S.evaluate(DEMO_DIR, D.HELD_OUT, seeds=(0, 1), guidance=0.0)
-    assert r["all_attributes"] < 0.6, {k: r[k] for k in ("colour", "position", "shape", "all_attributes")}
-    assert sum("fill" in res for _, res in r["results"]) >= 0.8 * r["n"]
+def test_unconditional_backbone_ignores_the_prompt(unguided):
+    """The other half of CFG: guidance 0 samples the image-only backbone alone, which never reads a caption, so its
+    pictures cannot follow held-out prompts; it scores far below guidance 1."""
+    r = R.evaluate(DEMO_DIR, n=20, seeds=(0,), guidance=0.0)
+    assert r["all_attributes"] < unguided["all_attributes"] - 0.1, (_summary(r), _summary(unguided))
 
 
-def test_run_without_model_uses_the_demo_and_says_so(cli, tmp_path):
+def test_run_without_model_draws_the_two_object_example_and_says_so(cli, tmp_path):
+    """README line 1: `gguf-dit run examples/demo.txt` with no --model uses the demo, says so, and draws both objects
+    of the example prompt with every attribute right at 128×128."""
     from PIL import Image
 
     from gguf_dit.runtime.demo import NOTICE
 
     png = tmp_path / "demo.png"
-    code, _, err = cli("run", ROOT / "examples" / "demo.txt", "-o", png)
+    code, _, err = cli("run", EXAMPLE, "-o", png)
     assert code == 0, err
     assert NOTICE in err and str(png) in err
     img = np.asarray(Image.open(png).convert("RGB"))
-    assert img.shape == (D.SIZE, D.SIZE, 3)
-    words = (ROOT / "examples" / "demo.txt").read_text().strip()
-    got = S.analyse(img)
-    assert D.plain_caption(got["shape"], got["colour"], got["position"]) == words, got
+    assert img.shape == (128, 128, 3)
+    scene = C.read(EXAMPLE.read_text().strip())
+    assert scene is not None and len(scene.objects) == 2
+    graded = R.grade(scene, R.analyse(img))
+    assert all(all(v) for v in graded.values()), graded
+
+
+# The 64×64 demo's data and scorer (gguf_dit.demo.data / score) still serve `gguf-dit eval` on 64×64 demo captions
+# (runtime/evaluate.py) and scripts/train_demo.py, on whose configs the 128×128 recipe builds.
+
+
+def test_held_out_combinations_of_the_64_recipe_are_not_trained():
+    assert len(D.HELD_OUT) == 15 and not set(D.HELD_OUT) & set(D.TRAIN)
+    for i, values in enumerate((D.SHAPES, D.COLOURS, D.POSITIONS)):
+        assert {k[i] for k in D.HELD_OUT} == set(values)  # balanced: every value appears
+
+
+def test_64_analysis_reads_the_renders():
+    imgs, idx = D.make_images(D.COMBOS, 2, seed=123)
+    acc = S64.score([(D.COMBOS[i], S64.analyse(im)) for i, im in zip(idx, imgs)])
+    assert acc["all_attributes"] >= 0.99, acc
+
+
+def test_64_analysis_cannot_be_passed_by_ignoring_the_prompt():
+    """One fixed picture for every held-out prompt scores far below the bar."""
+    img = D.render("circle", "red", "centre")
+    acc = S64.score([(k, S64.analyse(img)) for k in D.HELD_OUT])
+    assert acc["all_attributes"] < 0.5, acc
 
 
 def _sha(path: Path) -> str:
@@ -133,7 +172,8 @@ def _sha(path: Path) -> str:
 
 
 def test_training_script_is_deterministic(tmp_path):
-    """Two runs of scripts/train_demo.py from the same seed (a few steps per stage) write identical bytes."""
+    """Two runs of scripts/train_demo.py (the 64×64 recipe, whose configs and pieces train_demo128.py reuses) from
+    the same seed (a few steps per stage) write identical bytes."""
     hashes = []
     for run in ("a", "b"):
         cmd = [sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--root", str(tmp_path / run / "ckpt"), "--work", str(tmp_path / run / "work"),
