@@ -30,20 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["text_encoder.gguf", "transformer.gguf", "unconditional_transformer.gguf", "vae.gguf"]
 
 
-def every_value_drawn_right(results) -> dict[str, set]:
-    """Per attribute, the values drawn right for at least one caption that asks for them."""
-    right: dict[str, set] = {}
-    for res in results:
-        sc = res["scene"]
-        for o, f in zip(sc.objects, R.match(sc, res["found"]["objects"])):
-            for k in R.ATTRIBUTES:
-                if getattr(o, k) is not None and f is not None and f[k] == getattr(o, k):
-                    right.setdefault(k, set()).add(getattr(o, k))
-        if res["found"]["background"] == sc.background:
-            right.setdefault("background", set()).add(sc.background)
-    return right
-
-
 def main(argv=None) -> None:
     import gguf
 
@@ -92,7 +78,7 @@ def main(argv=None) -> None:
     images = len(preset["results"])
     bar("preset >= 90 % of attributes, >= 60 held-out images", images >= 60 and preset["all_attributes"] >= 0.90,
         f"{preset['all_attributes']:.1%} over {images} images ({row(preset)})")
-    right = every_value_drawn_right(preset["results"])
+    right = R.values_drawn_right(preset["results"])
     want = {"shape": set(S.SHAPES), "colour": set(S.COLOURS), "position": set(S.POSITIONS), "size": set(S.SIZES),
             "background": set(S.BACKGROUNDS)}
     bar("every value of every attribute drawn right at least once (preset)", right == want,

@@ -95,15 +95,7 @@ def test_prompt_following_on_held_out_captions_with_the_default_preset(default_p
     assert r["n"] >= 60 and all(len(res["scene"].objects) in (1, 2) for res in r["results"])
     assert any(len(res["scene"].objects) == 2 for res in r["results"])
     assert r["all_attributes"] >= MIN_ACCURACY, _summary(r)
-    right: dict[str, set] = {}
-    for res in r["results"]:
-        sc = res["scene"]
-        for o, f in zip(sc.objects, R.match(sc, res["found"]["objects"])):
-            for k in R.ATTRIBUTES:
-                if getattr(o, k) is not None and f is not None and f[k] == getattr(o, k):
-                    right.setdefault(k, set()).add(getattr(o, k))
-        if res["found"]["background"] == sc.background:
-            right.setdefault("background", set()).add(sc.background)
+    right = R.values_drawn_right(r["results"])
     assert right == {"shape": set(S.SHAPES), "colour": set(S.COLOURS), "position": set(S.POSITIONS), "size": set(S.SIZES),
                      "background": set(S.BACKGROUNDS)}, right
 

@@ -56,6 +56,18 @@ def test_scorer_reads_every_shape_place_size_and_colour():
                 assert {k: found["objects"][0][k] for k in R.ATTRIBUTES} == {"shape": shape, "colour": colour, "position": pos, "size": size}
 
 
+def test_values_drawn_right_counts_only_what_was_asked_and_drawn():
+    """The release bar "every value of every attribute drawn right at least once": a red circle asked and drawn
+    counts red, circle, left, small, grey; a blue square asked on white but a red circle drawn counts only the place
+    and size it got right, not the red it was never asked for."""
+    asked = [Scene((Obj("circle", "red", "left", "small"),), "grey"), Scene((Obj("square", "blue", "right", "large"),), "white")]
+    drawn = [asked[0], Scene((Obj("circle", "red", "right", "large"),), "grey")]
+    rng = np.random.default_rng(0)
+    results = [{"scene": a, "found": R.analyse(S.render(d, rng))} for a, d in zip(asked, drawn)]
+    assert R.values_drawn_right(results) == {"shape": {"circle"}, "colour": {"red"}, "position": {"left", "right"},
+                                             "size": {"small", "large"}, "background": {"grey"}}
+
+
 def _grade(asked: Scene, drawn: Scene) -> dict:
     return R.grade(asked, R.analyse(S.render(drawn, np.random.default_rng(0))))
 

@@ -134,6 +134,21 @@ def grade(scene: Scene, analysis: dict) -> dict[str, list[bool]]:
     return out
 
 
+def values_drawn_right(results) -> dict[str, set]:
+    """Per attribute, the values drawn right for at least one caption that asks for them (``evaluate``'s results):
+    a model that ignores the prompt cannot cover them all."""
+    right: dict[str, set] = {}
+    for res in results:
+        sc = res["scene"]
+        for o, f in zip(sc.objects, match(sc, res["found"]["objects"])):
+            for k in ATTRIBUTES:
+                if getattr(o, k) is not None and f is not None and f[k] == getattr(o, k):
+                    right.setdefault(k, set()).add(getattr(o, k))
+        if res["found"]["background"] == sc.background:
+            right.setdefault("background", set()).add(sc.background)
+    return right
+
+
 def score(graded: list[dict[str, list[bool]]]) -> dict:
     """Accuracy per attribute and over all attributes (every asked value counts once; "count" is not among them)."""
     acc, right, total = {}, 0, 0
