@@ -14,22 +14,19 @@ the encoder's cost.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 
-def cpu_flags() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model}; {' '.join(keep)}"
+def cpu_line() -> str:
+    """The CPU's model and the flags that pick torch's kernels (the project's one reader of /proc/cpuinfo)."""
+    from gguf_dit.ggml_ops import system
+    from gguf_dit.sysinfo import INTERESTING_FLAGS
+
+    flags = system.cpu_flags()
+    return f"{system.cpu_model()}; {' '.join(f for f in INTERESTING_FLAGS if f in flags)}"
 
 
 def timed(step, n: int) -> float:
@@ -56,15 +53,13 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(a.threads)
     torch.use_deterministic_algorithms(True)
-    g = torch.Generator().manual_seed(0)
     rows = []
     for name in ("eager", "torch.compile"):
         torch.manual_seed(0)
         model = te_model(a.checkpoint).train()
         fwd = (lambda ids: te_features(model, ids)) if name == "eager" else torch.compile(lambda ids: te_features(model, ids))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        vocab = model.config.vocab_size
-        ids = torch.randint(0, vocab, (2 * a.batch, a.tokens), generator=g)
+        ids = torch.randint(0, model.config.vocab_size, (2 * a.batch, a.tokens), generator=torch.Generator().manual_seed(0))  # both variants: the same tokens
 
         def step():
             loss = fwd(ids).pow(2).mean()
@@ -75,7 +70,7 @@ def main(argv=None) -> None:
         t_first = time.perf_counter()
         s = timed(step, a.steps)
         rows.append((name, s, time.perf_counter() - t_first - s * a.steps))
-    print(f"{cpu_flags()}, {a.threads} threads, torch {torch.__version__}")
+    print(f"{cpu_line()}, {a.threads} threads, torch {torch.__version__}")
     print(f"{'variant':<16}{'s/step':>9}{'ratio':>8}{'warm-up s':>11}")
     for name, s, warm in rows:
         print(f"{name:<16}{s:>9.3f}{rows[0][1] / s:>7.2f}×{warm:>11.1f}")
