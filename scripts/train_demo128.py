@@ -1314,7 +1314,8 @@ def main(argv=None) -> None:
     ap.add_argument("--late-steps", type=int, default=300, help="phase 2 of the conditional backbone: half the t drawn from the sampler's schedule, half the noise over-shot (see stage_dit)")
     ap.add_argument("--uncond-steps", type=int, default=600, help="the unconditional backbone: a copy of the conditional one, trained on image-only samples")
     ap.add_argument("--guided-steps", type=int, default=300, help="steps per backbone per round of training on the preset's own guided states (stage_guided; 0: none)")
-    ap.add_argument("--guided-states", type=int, default=2048, help="guided states per round")
+    ap.add_argument("--guided-states", type=int, default=2048, help="sampler states per guided round (and per round of the later stages unless --later-states)")
+    ap.add_argument("--later-states", type=int, default=None, help="sampler states per round of the finish, agreement and canon stages (default: --guided-states)")
     ap.add_argument("--guided-rounds", type=lambda v: [int(k) for k in v.split(",")], default=[3, 5, 8], help="k_max of each round: states after up to k guided steps (a third round, k <= 8, hurt the preset with unmatched targets and helps with --match: docs/demo.md)")
     ap.add_argument("--own-steps", type=int, default=0, help="before the guided rounds, train both backbones on the conditional one's own trajectories from noised training pictures (stage_own; 0: none, the default: docs/demo.md)")
     ap.add_argument("--own-from", type=lambda v: tuple(int(k) for k in v.split(",")), default=(2, 8), help="own_states start steps k_a: first,last")
@@ -1401,17 +1402,17 @@ def main(argv=None) -> None:
 
     def finish(r):
         return lambda cond, unc: (stage_finish(a.work, cond, unc, data, feats, is_json, a.finish_steps, a.agree_tau, a.seed, a.batch, r=r,
-                                               n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
+                                               n_states=a.later_states or a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
                                                match=a.match, vae=vae, scenes=scenes), unc)
 
     def agree(r):
         return lambda cond, unc: (cond, stage_agree(a.work, cond, unc, data, feats, is_json, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
-                                                    n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
+                                                    n_states=a.later_states or a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
                                                     match=a.match, vae=vae, scenes=scenes))
 
     def canon(r):
         return lambda cond, unc: stage_canon(a.work, cond, unc, feats, is_json, a.canon_steps, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
-                                             n_states=a.guided_states, object_weight=a.object_weight, bf16=bf16, vae=vae, scenes=scenes)
+                                             n_states=a.later_states or a.guided_states, object_weight=a.object_weight, bf16=bf16, vae=vae, scenes=scenes)
 
     run = {"dit": first_phase, "late": second_phase, "copy": copy, "own": own, "guided": guided,
            **{f"finish{r + 1}": finish(r) for r in range(a.finish_rounds)}, **{f"agree{r + 1}": agree(r) for r in range(max(a.finish_rounds, 1))},

@@ -239,12 +239,15 @@ def test_training_script_128_is_deterministic(tmp_path):
     for run in ("a", "b"):
         cmd = [sys.executable, str(ROOT / "scripts" / "train_demo128.py"), "--root", str(tmp_path / run / "ckpt"), "--work", str(tmp_path / run / "work"),
                "--language-pairs", "40", "--language-steps", "3", "--place-steps", "3", "--captions", "24", "--images-per-caption", "1", "--vae-steps", "3",
-               "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--guided-steps", "3", "--guided-states", "8", "--own-steps", "3", "--agree-steps", "3",
+               "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--guided-steps", "3", "--guided-states", "8", "--later-states", "4", "--own-steps", "3", "--agree-steps", "3",
                "--match", "4", "--finish-rounds", "2", "--finish-steps", "3", "--canon-rounds", "2", "--canon-steps", "3",
                "--batch", "16", "--threads", "2"]  # 16: most batches split into length groups (dit_forward), the "where" probe's path
         if run == "a":
             cmd += ["--convert-to", str(tmp_path / "out")]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        # --guided-states for the guided rounds, --later-states for every later stage's sampler states
+        for line in ("guided round 3: 8 states", "finish round 2: 4 matched states", "agree: 4 guided states", "canon round 2 uncond: 4 states"):
+            assert line in log, (line, log)
         files = sorted((tmp_path / run / "ckpt").rglob("*.safetensors")) + sorted((tmp_path / run / "ckpt").rglob("tokenizer.json"))
         hashes.append({str(f.relative_to(tmp_path / run)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files})
     assert len(hashes[0]) == 5 and hashes[0] == hashes[1]
