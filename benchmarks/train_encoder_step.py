@@ -20,15 +20,6 @@ from pathlib import Path
 import torch
 
 
-def cpu_line() -> str:
-    """The CPU's model and the flags that pick torch's kernels (the project's one reader of /proc/cpuinfo)."""
-    from gguf_dit.ggml_ops import system
-    from gguf_dit.sysinfo import INTERESTING_FLAGS
-
-    flags = system.cpu_flags()
-    return f"{system.cpu_model()}; {' '.join(f for f in INTERESTING_FLAGS if f in flags)}"
-
-
 def timed(step, n: int) -> float:
     step()  # first call: compilation, allocation
     step()
@@ -40,6 +31,8 @@ def timed(step, n: int) -> float:
 
 def main(argv=None) -> None:
     import sys
+
+    from gguf_dit.sysinfo import cpu_line
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=Path("checkpoints/demo"))

@@ -10,13 +10,14 @@ and 64 image tokens, random values: the cost does not depend on them), best of `
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from gguf_dit.sysinfo import cpu_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_demo128 as T  # noqa: E402
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     x, t = torch.randn(a.batch, 64, 128), torch.rand(a.batch)
     feats = [rng.standard_normal((52, 416)).astype(np.float32) for _ in range(a.batch)]
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} threads, "
+    print(f"{cpu_line()}, torch {torch.__version__}, {a.threads} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bfloat16: {T.native_bf16()}")
     fp32 = step_seconds(model, opt, x, t, feats, False, a.reps)
     bf16 = step_seconds(model, opt, x, t, feats, True, a.reps)

@@ -16,13 +16,14 @@ picks it on this CPU.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from gguf_dit.sysinfo import cpu_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_demo128 as T  # noqa: E402
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
     feats = [rng.standard_normal((52, 416)).astype(np.float32) for _ in range(16)]
     data = (torch.zeros(16, 64, 128), torch.arange(16))
     pool = torch.arange(16)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} threads, "
+    print(f"{cpu_line()}, torch {torch.__version__}, {a.threads} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{'bfloat16 autocast' if T.BF16 else 'float32'} (native bfloat16: {T.native_bf16()}), {a.states} states a workload")
     work = [("whole trajectories, k <= 19 (canon, finish, agreement)", 19, T.interval_guidance(0.3)),

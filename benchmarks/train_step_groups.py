@@ -8,15 +8,16 @@ draws them: a training batch is all JSON captions (a quarter of the batches, 60â
 (32â€“57 tokens), as ``stage_dit``'s pools make it; a sampler batch is plain text (``plain_pool``). Random-initialised backbone of ``train_demo128.DIT_CONFIG`` and random feature
 values (the cost does not depend on them); the same batches for every variant; precision as ``--precision auto``
 picks it on this CPU. A training step is forward + backward + AdamW at batch 32; a sampler forward is batch 64
-without gradients (``guided_states``). ``--costs`` also times other values of ``GROUP_COST``.
+without gradients (``guided_states``). ``--costs`` also times other values of ``GROUP_COST``. ``--compile`` also
+times the length groups through ``torch.compile(model, dynamic=True)`` (inductor): it first runs every batch once
+untimed, since each new group size may compile again, and reports that warm-up.
 
-    python benchmarks/train_step_groups.py [--steps 48] [--costs 0,128,512]
+    python benchmarks/train_step_groups.py [--steps 48] [--costs 0,128,512] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from gguf_dit.sysinfo import cpu_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_demo128 as T  # noqa: E402
@@ -61,6 +64,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=48, help="batches timed per variant (after one warm-up); a quarter are JSON, so fewer make the ratio depend on the draw (16 read 1.51x where 48 read 1.15x)")
     ap.add_argument("--costs", type=lambda v: [int(c) for c in v.split(",")], default=[T.GROUP_COST])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time the length groups under torch.compile")
     a = ap.parse_args(argv)
     from diffusers import Ideogram4Transformer2DModel
 
@@ -83,7 +87,7 @@ def main(argv=None) -> None:
         return out
 
     train_b, sample_b = batches(32, 0.25), batches(64, 0.0)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} threads, "
+    print(f"{cpu_line()}, torch {torch.__version__}, {a.threads} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {'bfloat16 autocast' if T.BF16 else 'float32'} "
           f"(native bfloat16: {T.native_bf16()})")
     print(f"caption tokens: plain text mean {plain.mean():.1f} (max {plain.max()}), JSON mean {json_.mean():.1f} (max {json_.max()}); "
@@ -107,9 +111,20 @@ def main(argv=None) -> None:
     for c in a.costs:
         variants.append((f"length groups, GROUP_COST {c}", lambda m, x, t, f, g, c=c: T.dit_forward(m, x, t, f, g, cost=c)))
     rows = [(name, timed(lambda r=0: train_step(fwd, r), a.steps), timed(lambda r=0: sample(fwd, r), a.steps)) for name, fwd in variants]
+    if a.compile:
+        compiled = torch.compile(model, dynamic=True)
+        fwd = lambda m, x, t, f, g: T.dit_forward(compiled, x, t, f, g)  # noqa: E731
+        t0 = time.perf_counter()
+        for r in range(a.steps + 1):
+            train_step(fwd, r)
+            sample(fwd, r)
+        warm = time.perf_counter() - t0
+        rows.append(("length groups, torch.compile", timed(lambda r=0: train_step(fwd, r), a.steps), timed(lambda r=0: sample(fwd, r), a.steps)))
     print(f"{'variant':<36}{'train s/step':>14}{'speed-up':>10}{'sample s/fwd':>14}{'speed-up':>10}")
     for name, tr, sa in rows:
         print(f"{name:<36}{tr:>14.3f}{rows[0][1] / tr:>10.2f}{sa:>14.3f}{rows[0][2] / sa:>10.2f}")
+    if a.compile:
+        print(f"torch.compile warm-up (compilation and one untimed pass over the batches): {warm:.0f} s")
     x, t, f = sample_b[0]
     with torch.no_grad(), T.low_precision():
         diff = (padded_forward(model, x, t, f, (8, 8)).float() - T.dit_forward(model, x, t, f, (8, 8)).float()).abs().max().item()

@@ -16,6 +16,18 @@ PACKAGES = ("llama-cpp-python", "gguf", "numpy", "torch", "safetensors", "typer"
 INTERESTING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 
+def cpu_line() -> str:
+    """The CPU's model and which of ``INTERESTING_FLAGS`` it has, in one line: what every benchmark prints first,
+    since the same code picks other kernels on another CPU."""
+    from gguf_dit.ggml_ops import system
+
+    flags = system.cpu_flags()
+    # a KVM guest often names only the vendor's line ("AMD EPYC"): family and model tell Zen 3, 4 and 5 apart
+    fam, mod = system._cpuinfo("cpu family"), system._cpuinfo("model\t")
+    where = f" (family {fam.strip()} model {mod.strip()})" if fam and mod else ""
+    return f"{system.cpu_model()}{where}; {' '.join(f for f in INTERESTING_FLAGS if f in flags) or 'none of ' + ', '.join(INTERESTING_FLAGS)}"
+
+
 def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg)

@@ -223,3 +223,25 @@ def test_dit_velocity_does_not_depend_on_the_thread_count():
         finally:
             dit.close()
     assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2])
+
+
+def test_cpu_line_names_the_cpu_its_family_and_the_flags_that_pick_kernels(monkeypatch):
+    # What every benchmark prints first (gguf_dit.sysinfo.cpu_line), from /proc/cpuinfo as a KVM guest shows it:
+    # "model name" names only the line, "cpu family" and "model" tell Zen 3, 4 and 5 apart.
+    from gguf_dit.ggml_ops import system
+    from gguf_dit.sysinfo import cpu_line
+
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+            "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_bf16 amx_tile\n\nprocessor\t: 1\ncpu family\t: 26\n")
+
+    class FakePath:
+        def __init__(self, p):
+            assert p == "/proc/cpuinfo"
+
+        def read_text(self):
+            return text
+
+    monkeypatch.setattr(system, "Path", FakePath)
+    assert cpu_line() == "AMD EPYC (family 25 model 17); avx avx2 fma avx512f avx512_bf16 amx_tile"
+    text = "model name\t: Some CPU\nflags\t\t: sse2\n"  # neither family nor model, no flag of interest
+    assert cpu_line().startswith("Some CPU; none of avx, avx2, ")
