@@ -1311,6 +1311,7 @@ def main(argv=None) -> None:
     ap.add_argument("--probe", action="store_true", help="after the language stage, log how well a reader trained on training captions' features reads the held-out ones")
     ap.add_argument("--vae-steps", type=int, default=2400)
     ap.add_argument("--dit-steps", type=int, default=6000, help="phase 1 of the conditional backbone")
+    ap.add_argument("--dit-lr", type=float, default=1.5e-3, help="peak learning rate of phase 1 (cosine to a tenth)")
     ap.add_argument("--late-steps", type=int, default=300, help="phase 2 of the conditional backbone: half the t drawn from the sampler's schedule, half the noise over-shot (see stage_dit)")
     ap.add_argument("--uncond-steps", type=int, default=600, help="the unconditional backbone: a copy of the conditional one, trained on image-only samples")
     ap.add_argument("--guided-steps", type=int, default=300, help="steps per backbone per round of training on the preset's own guided states (stage_guided; 0: none)")
@@ -1375,7 +1376,7 @@ def main(argv=None) -> None:
     # The DiT stages in order, each a function of the two backbones so far (see dit_plan for the files each leaves).
     def first_phase(cond, unc):
         return stage_dit(a.work, data, feats, is_json, a.dit_steps, a.seed, a.batch, caption_noise=a.caption_noise, snapshot_every=a.snapshot_every,
-                         bf16=bf16, where_weight=a.where_weight, objects=objects, object_weight=a.object_weight), unc
+                         lr=a.dit_lr, bf16=bf16, where_weight=a.where_weight, objects=objects, object_weight=a.object_weight), unc
 
     def second_phase(cond, unc):
         # No "where" probe here: a fresh head would start at chance and pull on the first block, which already knows.

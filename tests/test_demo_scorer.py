@@ -265,6 +265,23 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert "language step" not in log and "dit cond step" not in log and "guided round" not in log, log
     files = sorted((tmp_path / "c" / "ckpt").rglob("*.safetensors")) + sorted((tmp_path / "c" / "ckpt").rglob("tokenizer.json"))
     assert {str(f.relative_to(tmp_path / "c")): hashlib.sha256(f.read_bytes()).hexdigest() for f in files} == hashes[0]
+    # --dit-lr sets the first phase's peak learning rate: at 0 its three steps leave the backbone as initialised
+    # (the stage seeds torch with --seed + 10 before building it; the moving average of unchanged weights is them)
+    import torch
+    from diffusers import Ideogram4Transformer2DModel
+
+    T128, _ = _training_script()
+    (tmp_path / "d" / "work").mkdir(parents=True)
+    for name in ("place.pt", "vae.pt"):
+        shutil.copy(tmp_path / "a" / "work" / name, tmp_path / "d" / "work" / name)
+    subprocess.run([*cmd[:2], "--root", str(tmp_path / "d" / "ckpt"), "--work", str(tmp_path / "d" / "work"), *cmd[6:], "--dit-lr", "0",
+                    "--stop-after", "dit"], check=True, capture_output=True, text=True)
+    torch.manual_seed(10)
+    init = Ideogram4Transformer2DModel(**T128.DIT_CONFIG).state_dict()
+    first = torch.load(tmp_path / "d" / "work" / "cond.pt")
+    assert first.keys() == init.keys() and all(torch.equal(first[k], init[k]) for k in init)
+    trained = torch.load(tmp_path / "a" / "work" / "cond.pt")
+    assert not all(torch.equal(trained[k], init[k]) for k in init)  # at the default rate the same steps move it
     assert sorted(p.name for p in (tmp_path / "out").glob("*.gguf")) == ["text_encoder.gguf", "transformer.gguf", "unconditional_transformer.gguf", "vae.gguf"]
     # regions.evaluate runs the converted model through the real pipeline at its default size and grades every picture
     r = R.evaluate(tmp_path / "out", 2, guidance=1.0, part="train", threads=1)
