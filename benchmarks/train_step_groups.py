@@ -9,8 +9,9 @@ draws them: a training batch is all JSON captions (a quarter of the batches, 60â
 values (the cost does not depend on them); the same batches for every variant; precision as ``--precision auto``
 picks it on this CPU. A training step is forward + backward + AdamW at batch 32; a sampler forward is batch 64
 without gradients (``guided_states``). ``--costs`` also times other values of ``GROUP_COST``. ``--compile`` also
-times the length groups through ``torch.compile(model, dynamic=True)`` (inductor): it first runs every batch once
-untimed, since each new group size may compile again, and reports that warm-up.
+times the length groups through ``torch.compile(model, dynamic=True)`` (inductor), and through the script's own
+``--compile`` (``train_demo128.compiled``: each layer's forward compiled, on a copy of the model): each first runs
+every batch once untimed, since each new group size may compile again, and reports that warm-up.
 
     python benchmarks/train_step_groups.py [--steps 48] [--costs 0,128,512] [--compile]
 """
@@ -18,6 +19,7 @@ untimed, since each new group size may compile again, and reports that warm-up.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -94,13 +96,13 @@ def main(argv=None) -> None:
           f"text tokens per sample in the timed training batches: {np.mean([f.shape[0] for b in train_b[1:] for f in b[2]]):.1f}, "
           f"padded to each batch's longest: {np.mean([max(f.shape[0] for f in b[2]) for b in train_b[1:]]):.1f}")
 
-    def train_step(fwd, r=0):
+    def train_step(fwd, r=0, o=opt):
         x, t, f = train_b[r]
         with T.low_precision():
             loss = fwd(model, x, t, f, (8, 8)).float().pow(2).mean()
-        opt.zero_grad()
+        o.zero_grad()
         loss.backward()
-        opt.step()
+        o.step()
 
     def sample(fwd, r=0):
         x, t, f = sample_b[r]
@@ -112,19 +114,26 @@ def main(argv=None) -> None:
         variants.append((f"length groups, GROUP_COST {c}", lambda m, x, t, f, g, c=c: T.dit_forward(m, x, t, f, g, cost=c)))
     rows = [(name, timed(lambda r=0: train_step(fwd, r), a.steps), timed(lambda r=0: sample(fwd, r), a.steps)) for name, fwd in variants]
     if a.compile:
-        compiled = torch.compile(model, dynamic=True)
-        fwd = lambda m, x, t, f, g: T.dit_forward(compiled, x, t, f, g)  # noqa: E731
-        t0 = time.perf_counter()
-        for r in range(a.steps + 1):
-            train_step(fwd, r)
-            sample(fwd, r)
-        warm = time.perf_counter() - t0
-        rows.append(("length groups, torch.compile", timed(lambda r=0: train_step(fwd, r), a.steps), timed(lambda r=0: sample(fwd, r), a.steps)))
-    print(f"{'variant':<36}{'train s/step':>14}{'speed-up':>10}{'sample s/fwd':>14}{'speed-up':>10}")
+        # the whole model, and layer by layer as the script's --compile does it (train_demo128.compiled), on a copy
+        T.COMPILE = True
+        layered = T.compiled(copy.deepcopy(model))
+        layered_opt = torch.optim.AdamW(layered.parameters(), 1e-4)
+        whole = torch.compile(model, dynamic=True)
+        warm = {}
+        for name, m, o in (("torch.compile, whole model", whole, opt), ("torch.compile, layers (--compile)", layered, layered_opt)):
+            fwd = lambda _m, x, t, f, g, m=m: T.dit_forward(m, x, t, f, g)  # noqa: E731
+            t0 = time.perf_counter()
+            for r in range(a.steps + 1):
+                train_step(fwd, r, o)
+                sample(fwd, r)
+            warm[name] = time.perf_counter() - t0
+            rows.append((f"length groups, {name}", timed(lambda r=0: train_step(fwd, r, o), a.steps), timed(lambda r=0: sample(fwd, r), a.steps)))
+    print(f"{'variant':<52}{'train s/step':>14}{'speed-up':>10}{'sample s/fwd':>14}{'speed-up':>10}")
     for name, tr, sa in rows:
-        print(f"{name:<36}{tr:>14.3f}{rows[0][1] / tr:>10.2f}{sa:>14.3f}{rows[0][2] / sa:>10.2f}")
+        print(f"{name:<52}{tr:>14.3f}{rows[0][1] / tr:>10.2f}{sa:>14.3f}{rows[0][2] / sa:>10.2f}")
     if a.compile:
-        print(f"torch.compile warm-up (compilation and one untimed pass over the batches): {warm:.0f} s")
+        for name, w in warm.items():
+            print(f"{name} warm-up (compilation and one untimed pass over the batches): {w:.0f} s")
     x, t, f = sample_b[0]
     with torch.no_grad(), T.low_precision():
         diff = (padded_forward(model, x, t, f, (8, 8)).float() - T.dit_forward(model, x, t, f, (8, 8)).float()).abs().max().item()

@@ -52,6 +52,9 @@ Stages, each cached under --work (delete a file to redo its stage):
    with ``--convert-to``, the ``CONVERT`` commands below (the real ``gguf-dit convert``).
 
 Deterministic: fixed seeds, ``torch.use_deterministic_algorithms``, single process, a fixed thread count.
+``--compile`` runs the DiT's layers through ``torch.compile`` (``compiled``): about 1.25× on the first phase's step
+on the Zen 4 (docs/benchmarks.md), and a different model from the same seed, since compiled code rounds
+differently; the shipped model was trained without it.
 
 Carried over: a run goes on from the furthest DiT stage whose two backbones are in --work (``dit_plan``,
 ``continue_point``), skipping every DiT stage before it; with ``place.pt`` there the language stage is skipped too.
@@ -111,6 +114,24 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
 BF16 = native_bf16()
 #: stage_dit's resume_every default; --resume-every sets it.
 RESUME_EVERY = 200
+#: --compile: the DiT's layers through torch.compile (``compiled``).
+COMPILE = False
+
+
+def compiled(model):
+    """The DiT ``model`` with each of its ``layers``' forward compiled by ``torch.compile`` (inductor, dynamic shapes)
+    when ``COMPILE``, else as it is. Layer by layer, so that the "where" probe's hook on the first block runs outside
+    the compiled code: a hook appending to a list inside it makes dynamo guard on the list's length and recompile
+    past its limit (docs/benchmarks.md). Compiled code rounds differently from eager code, so the two train
+    different (each deterministic) models. The text encoder stays eager: compiled layer by layer, its language step
+    took 0.40 s as eager did (36 layers of hidden 32 at varying caption lengths; docs/benchmarks.md)."""
+    if COMPILE:
+        # train and eval mode, with and without gradients, single-sample groups: more variants than dynamo's default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for layer in model.layers:
+            if "forward" not in vars(layer):
+                layer.forward = torch.compile(layer.forward, dynamic=True)
+    return model
 
 
 def low_precision(enabled: bool | None = None):
@@ -703,7 +724,7 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
     assert role in ("cond", "uncond")
     path = work / f"{role}{'_' + tag if tag else ''}.pt"
     torch.manual_seed(seed + 10)
-    model = Ideogram4Transformer2DModel(**DIT_CONFIG)
+    model = compiled(Ideogram4Transformer2DModel(**DIT_CONFIG))
     if init is not None:
         model.load_state_dict(init.state_dict())
     if path.exists():
@@ -742,7 +763,8 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
     # what the saved state is only valid for: a resume file of another configuration would train on silently
     setup = {"steps": steps, "seed": seed, "batch": batch, "role": role, "tag": tag, "lr": lr, "warm": warm, "ema_decay": ema_decay,
              "schedule_t": schedule_t, "overshoot": overshoot, "caption_noise": caption_noise, "where_weight": where_weight,
-             "object_weight": object_weight, "bf16": BF16 if bf16 is None else bf16, "samples": len(lat)}
+             "object_weight": object_weight, "bf16": BF16 if bf16 is None else bf16, "samples": len(lat),
+             **({"compile": True} if COMPILE else {})}
 
     def state(step: int) -> dict:
         return {"setup": setup, "step": step, "model": model.state_dict(), "averaged": averaged, "opt": opt.state_dict(),
@@ -951,7 +973,7 @@ def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int],
         done = all(p.exists() for p in paths)  # a round cut short is redone whole, so a resumed run equals an unbroken one
         models = []
         for path, init in zip(paths, (cond, unc)):
-            m = Ideogram4Transformer2DModel(**DIT_CONFIG)
+            m = compiled(Ideogram4Transformer2DModel(**DIT_CONFIG))
             m.load_state_dict(torch.load(path) if done else init.state_dict())
             models.append(m)
         if done:
@@ -1292,13 +1314,13 @@ def continue_point(plan) -> tuple[int, Path, Path] | None:
 def load_dit(path: Path):
     from diffusers import Ideogram4Transformer2DModel
 
-    model = Ideogram4Transformer2DModel(**DIT_CONFIG)
+    model = compiled(Ideogram4Transformer2DModel(**DIT_CONFIG))
     model.load_state_dict(torch.load(path))
     return model.eval()
 
 
 def main(argv=None) -> None:
-    global BF16, RESUME_EVERY
+    global BF16, RESUME_EVERY, COMPILE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("/tmp/demo128_ckpt"), help="checkpoint folder to write (official HF layout)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/demo128_work"), help="cache for intermediate stages")
@@ -1336,6 +1358,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="DiT matmuls under bfloat16 autocast or in float32; auto (default): bfloat16 where the CPU has it natively (native_bf16: 3x faster than float32 on a Zen 5 with AVX512_BF16, 28x slower on an AVX2-only Zen 3)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="run the DiT's layers through torch.compile (compiled): faster, and a different model from the same seed (rounding), so keep its --work apart from an eager run's")
     ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
     ap.add_argument("--stop-after", choices=("language", "features", "vae", "latents", "dit"), default=None, help="stop after this stage (for checks)")
     a = ap.parse_args(argv)
@@ -1343,6 +1366,7 @@ def main(argv=None) -> None:
         ap.error("--finish-rounds needs --match (its states have no picture of their own)")
     torch.set_num_threads(a.threads)
     torch.use_deterministic_algorithms(True)
+    COMPILE = a.compile
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     lang = language_pairs(a.language_pairs, a.seed)
