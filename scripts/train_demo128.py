@@ -52,9 +52,10 @@ Stages, each cached under --work (delete a file to redo its stage):
    with ``--convert-to``, the ``CONVERT`` commands below (the real ``gguf-dit convert``).
 
 Deterministic: fixed seeds, ``torch.use_deterministic_algorithms``, single process, a fixed thread count.
-``--compile`` runs the DiT's layers through ``torch.compile`` (``compiled``): about 1.25× on the first phase's step
-on the Zen 4 (docs/benchmarks.md), and a different model from the same seed, since compiled code rounds
-differently; the shipped model was trained without it.
+``--compile`` runs the DiT's layers through ``torch.compile`` (``compiled``): the DiT stages 1.29× faster on the Zen 4
+(2 h 19 min for the whole recipe; docs/demo.md, "The whole recipe compiled"), and a different model from the same
+seed, since compiled code rounds differently (it passed the release gate at 90.5 %); the shipped model was trained
+without it.
 
 Carried over: a run goes on from the furthest DiT stage whose two backbones are in --work (``dit_plan``,
 ``continue_point``), skipping every DiT stage before it; with ``place.pt`` there the language stage is skipped too.
