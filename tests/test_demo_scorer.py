@@ -413,6 +413,26 @@ def test_nearest_layout_finds_the_drawn_layout():
     assert np.mean(err) < 2.0, np.mean(err)
 
 
+def test_nearest_layout_computes_exactly_what_rendering_each_draw_gives():
+    """nearest_layout scores all draws at once from sample counts, in integers; it must choose, from the same
+    generator, exactly the layout that rendering each draw chooses (the recipe's bytes depend on it), on pictures
+    near and far from any draw (noisy renderings; another scene's picture), every shape and background. And the
+    counts are S.mask's, sample for sample."""
+    T, _ = _training_script()
+    gen = np.random.default_rng(0)
+    cases = C.pairs("train", 150, 5)
+    for n, (_, sc) in enumerate(cases):
+        img = S.render(sc, gen) if n % 3 else S.render(cases[n - 1][1], gen)
+        img = np.clip(img.astype(np.int16) + gen.integers(-60, 61, img.shape) * (n % 2), 0, 255).astype(np.uint8)
+        want = T.nearest_layout_by_rendering(sc, img, np.random.default_rng(n), 48)
+        assert T.nearest_layout(sc, img, np.random.default_rng(n), 48) == want, (n, sc)
+    rows, cols = slice(20, 90), slice(3, 70)
+    for shape in S.SHAPES:
+        for cx, cy, r in gen.uniform((30, 50, 10), (40, 60, 24), (40, 3)):
+            k = T.coverage_counts(shape, np.array([cx]), np.array([cy]), np.array([r]), rows, cols)[0]
+            assert np.array_equal(k / 4, S.mask(shape, cx, cy, r, ss=2)[rows, cols]), (shape, cx, cy, r)
+
+
 def test_matched_pictures_pull_each_state_to_the_layout_it_is_heading_for(monkeypatch):
     """train_demo128.matched_pictures: each state's target picture is its caption's scene drawn in the layout nearest
     to the decoded clean-picture estimate x_t + (1 − t)·v, encoded, with the tokens its objects cover. Stand-ins for
