@@ -118,6 +118,8 @@ BF16 = native_bf16()
 RESUME_EVERY = 200
 #: --compile: the DiT's layers through torch.compile (``compiled``).
 COMPILE = False
+#: --states-per-trajectory: the finish, agreement and canon rounds' states per sampler trajectory (``guided_states``).
+STATES_PER_TRAJECTORY = 1
 
 
 def compiled(model):
@@ -972,7 +974,7 @@ def matched_pictures(cond, vae, found, data, feats, scenes, seed: int, m: int = 
     return torch.cat(x1), torch.cat(covers)
 
 
-def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: str = "default-20", guidance=None):
+def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: str = "default-20", guidance=None, per: int = 1):
     """n states of the sampler's own guided trajectories: a training sample's caption, fresh noise, then k (uniform in
     1..k_max) Euler steps of ``preset``'s schedule at its guidance (or at ``guidance``, one value per step).
     Returns (sample index, state, its t).
@@ -980,26 +982,34 @@ def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: s
     Each step runs only the rows whose state lies further along, and a step at guidance 1 takes the conditional
     velocity without the image-only pass, as the runtime's sampler does: with k uniform, a batch that stepped every
     row k_max times did about twice the work it kept, and trajectories that end at guidance 1 (``interval_guidance``)
-    spent most of their time in image-only passes guidance then discards (benchmarks/train_states.py)."""
+    spent most of their time in image-only passes guidance then discards (benchmarks/train_states.py).
+
+    ``per`` > 1: each trajectory gives ``per`` states, at distinct k drawn without replacement (each k still
+    uniform), so n states cost n / per trajectories, each run to its largest k; fewer captions and noises per round.
+    ``per`` = 1 draws exactly as before."""
     from gguf_dit.runtime.schedule import PRESETS, timesteps
 
     lat, cap_idx = data
     st = PRESETS[preset]
     gs = st.guidance if guidance is None else tuple(guidance)
     assert len(gs) == st.steps, (len(gs), st.steps)
+    assert 1 <= per <= k_max, (per, k_max)
     ts = [float(x) for x in timesteps(st.steps, SIZE, SIZE, st.mu, st.std)]
     grid = (SIZE // 16, SIZE // 16)
-    idx_all = pool[torch.randint(0, len(pool), (n,), generator=g)]
-    k_all = torch.randint(1, k_max + 1, (n,), generator=g)
-    states = torch.empty(n, *lat.shape[1:])
+    m = -(-n // per)
+    idx_t = pool[torch.randint(0, len(pool), (m,), generator=g)]
+    k_t = (torch.randint(1, k_max + 1, (m, 1), generator=g) if per == 1
+           else torch.stack([torch.randperm(k_max, generator=g)[:per] + 1 for _ in range(m)]))
+    states = torch.empty(m * per, *lat.shape[1:])
     with torch.no_grad(), low_precision():
-        for s in range(0, n, 64):
-            idx, ks = idx_all[s:s + 64], k_all[s:s + 64]
+        for s in range(0, m, 64):
+            idx, ks = idx_t[s:s + 64], k_t[s:s + 64]
+            last = ks.max(1).values
             z = torch.randn(len(idx), *lat.shape[1:], generator=g)
             fb = [feats[int(cap_idx[i])] for i in idx]
             live = torch.arange(len(idx))
             for k in range(k_max):
-                live = live[ks[live] > k]
+                live = live[last[live] > k]
                 if not len(live):
                     break
                 zl, fl = z[live], [fb[i] for i in live]
@@ -1009,10 +1019,12 @@ def guided_states(cond, unc, data, feats, pool, n: int, k_max: int, g, preset: s
                     vu = dit_forward(unc, zl, t, None, grid).float()
                     v = vu + gs[k] * (v - vu)
                 z[live] = zl + v * (ts[k + 1] - ts[k])
-                end = live[ks[live] == k + 1]
-                states[s + end] = z[end]
+                for c in range(per):
+                    end = live[ks[live, c] == k + 1]
+                    states[(s + end) * per + c] = z[end]
+    k_all = k_t.flatten()[:n]
     t_all = torch.tensor([ts[int(k)] for k in k_all]).to(torch.bfloat16).float()  # the runtime rounds t to bfloat16
-    return idx_all, states, t_all
+    return idx_t.repeat_interleave(per)[:n], states[:n], t_all
 
 
 def stage_guided(work: Path, cond, unc, data, feats, is_json, rounds: list[int], steps: int, seed: int, batch: int, *,
@@ -1244,9 +1256,9 @@ def interval_guidance(tau: float, preset: str = "default-20") -> list[float]:
 
 def trajectory_states(cond, unc, data, feats, pool, n: int, tau: float, g):
     """``guided_states`` along the whole trajectory the sampler follows once the two backbones agree from ``tau`` on
-    (k up to the last step; ``interval_guidance``)."""
+    (k up to the last step; ``interval_guidance``), ``STATES_PER_TRAJECTORY`` states a trajectory."""
     interval = interval_guidance(tau)
-    return guided_states(cond.eval(), unc.eval(), data, feats, pool, n, len(interval) - 1, g, guidance=interval)
+    return guided_states(cond.eval(), unc.eval(), data, feats, pool, n, len(interval) - 1, g, guidance=interval, per=STATES_PER_TRAJECTORY)
 
 
 def stage_finish(work: Path, cond, unc, data, feats, is_json, steps: int, tau: float, seed: int, batch: int, *, r: int = 0,
@@ -1383,7 +1395,7 @@ def load_dit(path: Path):
 
 
 def main(argv=None) -> None:
-    global BF16, RESUME_EVERY, COMPILE
+    global BF16, RESUME_EVERY, COMPILE, STATES_PER_TRAJECTORY
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("/tmp/demo128_ckpt"), help="checkpoint folder to write (official HF layout)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/demo128_work"), help="cache for intermediate stages")
@@ -1422,6 +1434,7 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="DiT matmuls under bfloat16 autocast or in float32; auto (default): bfloat16 where the CPU has it natively (native_bf16: 3x faster than float32 on a Zen 5 with AVX512_BF16, 28x slower on an AVX2-only Zen 3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="run the DiT's layers through torch.compile (compiled; the default, as the shipped model was trained): 1.29x faster DiT stages on a Zen 4; --no-compile trains eagerly, a different model from the same seed (rounding), so keep its --work apart")
+    ap.add_argument("--states-per-trajectory", type=int, default=1, help="states the finish, agreement and canon rounds take from each sampler trajectory, at distinct steps (guided_states per): fewer trajectories for the same states; 1, the default, as the shipped model was trained")
     ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
     ap.add_argument("--stop-after", choices=("language", "features", "vae", "latents", "dit"), default=None, help="stop after this stage (for checks)")
     a = ap.parse_args(argv)
@@ -1430,6 +1443,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     torch.use_deterministic_algorithms(True)
     COMPILE = a.compile
+    STATES_PER_TRAJECTORY = a.states_per_trajectory
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     lang = language_pairs(a.language_pairs, a.seed)

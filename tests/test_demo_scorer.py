@@ -391,6 +391,44 @@ def test_guided_states_are_the_presets_own_euler_steps():
         T.guided_states(cond, unc, (lat, cap_idx), feats, torch.arange(6), 5, 2, torch.Generator().manual_seed(3), guidance=(7.0,) * 19)
 
 
+def test_guided_states_several_per_trajectory_are_points_of_one_trajectory():
+    """guided_states(per=3): n states from ceil(n / 3) trajectories, each giving its states at 3 distinct depths k
+    drawn without replacement; every state is its trajectory's noise after k of the preset's guided Euler steps, with
+    its trajectory's caption and the schedule's k-th t."""
+    import torch
+    from diffusers import Ideogram4Transformer2DModel
+
+    T, dit_forward = _training_script()
+    from gguf_dit.runtime.schedule import timesteps
+
+    torch.manual_seed(0)
+    cond, unc = (Ideogram4Transformer2DModel(**T.DIT_CONFIG).eval() for _ in range(2))
+    lat, cap_idx = torch.zeros(6, 64, 128), torch.tensor([0, 1, 2, 0, 1, 2])
+    feats = [torch.randn(n, 416).half() for n in (5, 7, 6)]
+    idx, states, t = T.guided_states(cond, unc, (lat, cap_idx), feats, torch.arange(6), 7, 4, torch.Generator().manual_seed(3), per=3)
+    assert len(idx) == len(states) == len(t) == 7
+    g = torch.Generator().manual_seed(3)  # replayed: 3 trajectories' samples, their depths, one noise tensor
+    idx_t = torch.randint(0, 6, (3,), generator=g)
+    k_t = torch.stack([torch.randperm(4, generator=g)[:3] + 1 for _ in range(3)])
+    z = torch.randn(3, 64, 128, generator=g)
+    assert torch.equal(idx, idx_t.repeat_interleave(3)[:7])
+    assert all(len(set(row.tolist())) == 3 for row in k_t)
+    ts = [float(x) for x in timesteps(20, 128, 128, 0.0, 1.75)]
+    fb = [feats[int(cap_idx[i])] for i in idx_t]
+    checked = 0
+    with torch.no_grad(), T.low_precision():
+        for k in range(4):
+            tk = torch.full((3,), ts[k]).to(torch.bfloat16).float()
+            vc, vu = dit_forward(cond, z, tk, fb, (8, 8)).float(), dit_forward(unc, z, tk, None, (8, 8)).float()
+            z = z + (vu + 7.0 * (vc - vu)) * (ts[k + 1] - ts[k])
+            for j, c in torch.nonzero(k_t == k + 1).tolist():
+                if j * 3 + c < 7:
+                    assert (states[j * 3 + c] - z[j]).abs().max().item() <= 2e-6, (k, j, c)
+                    assert t[j * 3 + c].item() == torch.tensor(ts[k + 1]).to(torch.bfloat16).float().item()
+                    checked += 1
+    assert checked == 7
+
+
 def test_nearest_layout_finds_the_drawn_layout():
     """train_demo128.nearest_layout: given a rendering of one of a scene's training layouts, it returns a layout of the
     same objects, in the training ranges (place ±JITTER, size in its range, the two-object gap), near the drawn one."""
