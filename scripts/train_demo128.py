@@ -3,9 +3,10 @@
     python scripts/train_demo128.py --root /tmp/demo128_ckpt --work /tmp/demo128_work --convert-to /tmp/demo128
 
 The defaults are the recipe of the shipped demo model (docs/demo.md); ``--root`` is its float checkpoint, written
-in bfloat16 (the shipped one: checkpoints/demo/). Measured: 2 h 19 min on a 2-core AMD EPYC Zen 4 (AVX512_BF16,
-bfloat16 autocast, ``--compile``; the stage table in docs/demo.md; 2 h 48 min eager); about 4 hours estimated on an
-AVX2-only Zen 3, which trains in float32 (``--precision``). Needs the test extras (diffusers, transformers).
+in bfloat16 (the shipped one: checkpoints/demo/). Measured: 2 h 12 min on a 2-core AMD EPYC Zen 4 (AVX512_BF16,
+bfloat16 autocast, ``--compile``, four states per trajectory in the canon rounds; the stage table in docs/demo.md;
+2 h 48 min eager with one); about 4 hours estimated on an AVX2-only Zen 3, which trains in float32
+(``--precision``). Needs the test extras (diffusers, transformers).
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
 nine places, two sizes, four backgrounds, and many ways to ask for them; a fixed split holds sentence patterns,
@@ -45,7 +46,8 @@ Stages, each cached under --work (delete a file to redo its stage):
    (``stage_own``, before the guided rounds, is off by default: ``--own-steps``.) Last, four rounds of
    ``stage_canon``: every state of the trajectory and every sample of a caption is pulled to one picture, the
    caption's scene at its nominal places and sizes, so that the mean the loss rewards at small t is a shape and
-   not the blur of the jittered training pictures.
+   not the blur of the jittered training pictures; each sampler trajectory gives four of a round's states, at
+   distinct steps (``--canon-states-per-trajectory``).
 5. decoder: the VAE decoder is fine-tuned on full 128×128 pictures of every attribute combination with the encoder
    frozen (same latent space; ``image_scenes``).
 6. save: ``text_encoder/``, ``transformer/``, ``unconditional_transformer/`` and ``vae/`` in the official layout, bfloat16;
@@ -54,8 +56,9 @@ Stages, each cached under --work (delete a file to redo its stage):
 Deterministic: fixed seeds, ``torch.use_deterministic_algorithms``, single process, a fixed thread count.
 ``--compile`` (the default) runs the DiT's layers through ``torch.compile`` (``compiled``): the DiT stages 1.29×
 faster on the Zen 4 (2 h 19 min for the whole recipe against 2 h 48 min; docs/demo.md, "The whole recipe compiled").
-Compiled code rounds differently, so ``--no-compile`` trains a different model from the same seed (the one shipped
-until 5 December 2026, 91.7 % against the compiled one's 90.5 %); each is deterministic on one machine.
+Compiled code rounds differently, so ``--no-compile`` trains a different model from the same seed (the eager one,
+shipped until 5 December 2026, scored 91.7 %; compiled, 90.5 % with one state per canon trajectory and 91.9 % with
+four, the shipped one); each is deterministic on one machine.
 
 Carried over: a run goes on from the furthest DiT stage whose two backbones are in --work (``dit_plan``,
 ``continue_point``), skipping every DiT stage before it; with ``place.pt`` there the language stage is skipped too.
@@ -118,8 +121,6 @@ BF16 = native_bf16()
 RESUME_EVERY = 200
 #: --compile: the DiT's layers through torch.compile (``compiled``).
 COMPILE = False
-#: --states-per-trajectory: the finish, agreement and canon rounds' states per sampler trajectory (``guided_states``).
-STATES_PER_TRAJECTORY = 1
 
 
 def compiled(model):
@@ -1254,11 +1255,11 @@ def interval_guidance(tau: float, preset: str = "default-20") -> list[float]:
     return [gk if float(ts[k]) < tau else 1.0 for k, gk in enumerate(st.guidance)]
 
 
-def trajectory_states(cond, unc, data, feats, pool, n: int, tau: float, g):
+def trajectory_states(cond, unc, data, feats, pool, n: int, tau: float, g, per: int = 1):
     """``guided_states`` along the whole trajectory the sampler follows once the two backbones agree from ``tau`` on
-    (k up to the last step; ``interval_guidance``), ``STATES_PER_TRAJECTORY`` states a trajectory."""
+    (k up to the last step; ``interval_guidance``), ``per`` states a trajectory."""
     interval = interval_guidance(tau)
-    return guided_states(cond.eval(), unc.eval(), data, feats, pool, n, len(interval) - 1, g, guidance=interval, per=STATES_PER_TRAJECTORY)
+    return guided_states(cond.eval(), unc.eval(), data, feats, pool, n, len(interval) - 1, g, guidance=interval, per=per)
 
 
 def stage_finish(work: Path, cond, unc, data, feats, is_json, steps: int, tau: float, seed: int, batch: int, *, r: int = 0,
@@ -1305,7 +1306,7 @@ def canonical_data(work: Path, vae, scenes) -> tuple[torch.Tensor, torch.Tensor]
 
 def stage_canon(work: Path, cond, unc, feats, is_json, steps: int, agree_steps: int, tau: float, seed: int, batch: int, *,
                 r: int = 0, n_states: int = 2048, share: float = 0.5, object_weight: float = 1.0, bf16: bool | None = None,
-                vae=None, scenes=None):
+                vae=None, scenes=None, per: int = 4):
     """Teach both backbones one picture per caption: its nominal layout (``canonical_data``). Training pictures
     jitter each object's place (±5 px) and size, and draw a size the caption leaves open at random; at small t the
     loss rewards the mean of those pictures, and what is left of it after twenty steps is a ragged blob, neither
@@ -1314,7 +1315,9 @@ def stage_canon(work: Path, cond, unc, feats, is_json, steps: int, agree_steps: 
     (as ``stage_finish``, late states weighted on the clean-picture estimate), then the image-only one
     ``agree_steps`` on new states of the new conditional backbone's trajectories (as ``stage_agree``: the
     conditional backbone's prediction where t >= tau, the nominal picture's target below). Seeds apart for the two
-    halves, so a run resumed between them equals an unbroken one."""
+    halves, so a run resumed between them equals an unbroken one. ``per`` states a trajectory (``guided_states``):
+    with 4 instead of 1 the states cost about 30 s instead of 80 a half-round on the Zen 4, and the model scored
+    higher (docs/demo.md, "Four states per trajectory")."""
     paths = [work / f"{role}_canon{r + 1}.pt" for role in ("cond", "uncond")]
     lat, covers = canonical_data(work, vae, scenes)
     data = (lat, torch.arange(len(lat)))  # sample i is caption i
@@ -1324,7 +1327,7 @@ def stage_canon(work: Path, cond, unc, feats, is_json, steps: int, agree_steps: 
             continue
         g = torch.Generator().manual_seed(seed + 120 + part + 1000 * r)
         t0 = time.time()
-        found = trajectory_states(cond, unc, data, feats, pool, n_states, tau, g)
+        found = trajectory_states(cond, unc, data, feats, pool, n_states, tau, g, per=per)
         found = (*found, lat[found[0]].float(), covers[found[0]])
         log(f"canon round {r + 1} {('cond', 'uncond')[part]}: {n_states} states ({time.time() - t0:.0f} s)")
         noise, sample_t = flow_sampling(g, SIZE, lat[:4096].float().mean(0), 0.0, 0.5)
@@ -1395,7 +1398,7 @@ def load_dit(path: Path):
 
 
 def main(argv=None) -> None:
-    global BF16, RESUME_EVERY, COMPILE, STATES_PER_TRAJECTORY
+    global BF16, RESUME_EVERY, COMPILE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("/tmp/demo128_ckpt"), help="checkpoint folder to write (official HF layout)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/demo128_work"), help="cache for intermediate stages")
@@ -1434,7 +1437,7 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="DiT matmuls under bfloat16 autocast or in float32; auto (default): bfloat16 where the CPU has it natively (native_bf16: 3x faster than float32 on a Zen 5 with AVX512_BF16, 28x slower on an AVX2-only Zen 3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="run the DiT's layers through torch.compile (compiled; the default, as the shipped model was trained): 1.29x faster DiT stages on a Zen 4; --no-compile trains eagerly, a different model from the same seed (rounding), so keep its --work apart")
-    ap.add_argument("--states-per-trajectory", type=int, default=1, help="states the finish, agreement and canon rounds take from each sampler trajectory, at distinct steps (guided_states per): fewer trajectories for the same states; 1, the default, as the shipped model was trained")
+    ap.add_argument("--canon-states-per-trajectory", type=int, default=4, help="states each canon round takes from one sampler trajectory, at distinct steps (guided_states per): a quarter of the trajectories for the same states (4, the default, as the shipped model was trained: 91.9 %% against 90.5 %% with 1, and the canon rounds 1581 s against 1991 s on the Zen 4; docs/demo.md)")
     ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
     ap.add_argument("--stop-after", choices=("language", "features", "vae", "latents", "dit"), default=None, help="stop after this stage (for checks)")
     a = ap.parse_args(argv)
@@ -1443,7 +1446,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     torch.use_deterministic_algorithms(True)
     COMPILE = a.compile
-    STATES_PER_TRAJECTORY = a.states_per_trajectory
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     lang = language_pairs(a.language_pairs, a.seed)
@@ -1514,7 +1516,8 @@ def main(argv=None) -> None:
 
     def canon(r):
         return lambda cond, unc: stage_canon(a.work, cond, unc, feats, is_json, a.canon_steps, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
-                                             n_states=a.later_states or a.guided_states, object_weight=a.object_weight, bf16=bf16, vae=vae, scenes=scenes)
+                                             n_states=a.later_states or a.guided_states, object_weight=a.object_weight, bf16=bf16, vae=vae, scenes=scenes,
+                                             per=a.canon_states_per_trajectory)
 
     run = {"dit": first_phase, "late": second_phase, "copy": copy, "own": own, "guided": guided,
            **{f"finish{r + 1}": finish(r) for r in range(a.finish_rounds)}, **{f"agree{r + 1}": agree(r) for r in range(max(a.finish_rounds, 1))},

@@ -43,8 +43,9 @@ def test_small_tiles_wreck_the_demo_vae_and_the_minimum_does_not():
 
     The latents (tests/data/demo_latents_256.npz, float16) are the ones the 128×128 demo model shipped until
     5 December 2026 drew at 256×256 for "A yellow triangle at the top." (seed 0) and "A large white circle in the
-    centre on a purple background." (seed 1). The VAE is still the same file; the model released that day draws
-    next to nothing at 256×256 (docs/demo.md, "Other sizes"), and a flat picture does not show what tiling does."""
+    centre on a purple background." (seed 1). The VAE is still the same file, but what a model draws at 256×256
+    changes with every release (a candidate of 5 December drew next to nothing there, and a flat picture does not
+    show what tiling does), so the measure keeps these pictures."""
     import torch
 
     from gguf_dit.runtime import demo
