@@ -679,7 +679,8 @@ def test_canonical_data_is_each_captions_nominal_picture(tmp_path, monkeypatch):
 def test_stage_canon_pulls_every_state_and_sample_to_its_captions_nominal_picture(tmp_path, monkeypatch):
     """train_demo128.stage_canon: the conditional backbone, then the image-only one (on states of the new conditional
     backbone's trajectories, with the agreement's targets), each on samples whose picture is their caption's canonical
-    one; both saved, and a resumed round loads them instead of training."""
+    one; both saved, and a resumed round loads them instead of training. Its states come four a trajectory by
+    default (``per``, --canon-states-per-trajectory)."""
     import torch
     from diffusers import Ideogram4Transformer2DModel
 
@@ -691,9 +692,9 @@ def test_stage_canon_pulls_every_state_and_sample_to_its_captions_nominal_pictur
     is_json = torch.tensor([False, True, False, False, True, False])
     calls = []
 
-    def states(cond, unc, data, feats, pool, n_states, tau, g):
+    def states(cond, unc, data, feats, pool, n_states, tau, g, per=1):
         assert torch.equal(data[0], lat) and torch.equal(data[1], torch.arange(n)) and torch.equal(pool, torch.tensor([0, 2, 3, 5]))
-        calls.append(("states", cond.marker))
+        calls.append(("states", cond.marker, per))
         idx = pool[torch.randint(0, len(pool), (n_states,), generator=g)]
         return idx, torch.randn(n_states, 64, 128, generator=g), torch.rand(n_states, generator=g)
 
@@ -709,7 +710,7 @@ def test_stage_canon_pulls_every_state_and_sample_to_its_captions_nominal_pictur
     cond, unc = (Ideogram4Transformer2DModel(**T.DIT_CONFIG) for _ in range(2))
     cond.marker = unc.marker = "base"
     T.stage_canon(tmp_path, cond, unc, None, is_json, 5, 7, 0.3, 0, 4, r=1, n_states=16, object_weight=10.0, scenes=scenes)
-    assert calls == [("states", "base"), ("cond", 5, 0.5, False), ("states", "trained cond"), ("uncond", 7, 0.0, True)]
+    assert calls == [("states", "base", 4), ("cond", 5, 0.5, False), ("states", "trained cond", 4), ("uncond", 7, 0.0, True)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cond_canon2.pt", "uncond_canon2.pt"]
     calls.clear()
     T.stage_canon(tmp_path, cond, unc, None, is_json, 5, 7, 0.3, 0, 4, r=1, n_states=16, object_weight=10.0, scenes=scenes)
