@@ -883,6 +883,13 @@ def coverage_counts(shape: str, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, r
     return (m[:, 0::2, 0::2] + m[:, 0::2, 1::2] + m[:, 1::2, 0::2] + m[:, 1::2, 1::2]).astype(np.int64)
 
 
+def _window(o: S.Obj) -> tuple[slice, slice]:
+    """The rows and columns around an object's place that any training-style draw of it can cover."""
+    reach = S.JITTER + max(S.SIZES["large"]) + 2
+    px, py = S.POSITIONS[o.position]
+    return slice(max(int(py - reach), 0), min(int(py + reach) + 1, SIZE)), slice(max(int(px - reach), 0), min(int(px + reach) + 1, SIZE))
+
+
 @functools.lru_cache(maxsize=None)
 def _pairs_by_rank(m: int) -> list[tuple[int, int]]:
     return [(i, j) for _, i, j in sorted((i + j, i, j) for i in range(m) for j in range(m))]
@@ -895,14 +902,14 @@ def nearest_layout(scene: S.Scene, img: np.ndarray, rng: np.random.Generator, m:
     The distance is sum((img - bg - cover · (colour - bg))²) over the window, cover = ``S.mask(..., ss=2)``. Every
     term is a multiple of 1/16 (integer pixels and colours, cover in quarters) and the sum stays below 2^36 of
     them, so it is computed exactly, in integers, from the samples' counts (``coverage_counts``), for all ``m``
-    draws at once: the same numbers, and so the same choice, as rendering each draw (a test), 10× faster."""
+    draws at once: the same numbers, and so the same choice, as rendering each draw (a test), 8.7× faster
+    (benchmarks/nearest_layout.py)."""
     d = img.astype(np.int64) - np.array(S.BACKGROUNDS[scene.background], np.int64)
-    reach = S.JITTER + max(S.SIZES["large"]) + 2
     ranked = []
     for o in scene.objects:
         c = np.array(S.COLOURS[o.colour], np.int64) - np.array(S.BACKGROUNDS[scene.background], np.int64)
         px, py = S.POSITIONS[o.position]
-        rows, cols = slice(max(int(py - reach), 0), min(int(py + reach) + 1, SIZE)), slice(max(int(px - reach), 0), min(int(px + reach) + 1, SIZE))
+        rows, cols = _window(o)
         draws = []
         for _ in range(m):
             size = o.size or ("small", "large")[int(rng.integers(2))]
@@ -931,11 +938,10 @@ def nearest_layout_by_rendering(scene: S.Scene, img: np.ndarray, rng: np.random.
     draws sorted by it (stably), the first pair in rank order that keeps the gap. Kept as the reference that
     ``nearest_layout`` must equal (tests/test_demo_scorer.py) and the baseline of benchmarks/nearest_layout.py."""
     img, bg = img.astype(np.float32), np.array(S.BACKGROUNDS[scene.background], np.float32)
-    reach = S.JITTER + max(S.SIZES["large"]) + 2
     ranked = []
     for o in scene.objects:
         col, (px, py) = np.array(S.COLOURS[o.colour], np.float32), S.POSITIONS[o.position]
-        win = (slice(max(int(py - reach), 0), min(int(py + reach) + 1, SIZE)), slice(max(int(px - reach), 0), min(int(px + reach) + 1, SIZE)))
+        win = _window(o)
         cands = []
         for _ in range(m):
             size = o.size or ("small", "large")[int(rng.integers(2))]
@@ -1437,7 +1443,7 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="DiT matmuls under bfloat16 autocast or in float32; auto (default): bfloat16 where the CPU has it natively (native_bf16: 3x faster than float32 on a Zen 5 with AVX512_BF16, 28x slower on an AVX2-only Zen 3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="run the DiT's layers through torch.compile (compiled; the default, as the shipped model was trained): 1.29x faster DiT stages on a Zen 4; --no-compile trains eagerly, a different model from the same seed (rounding), so keep its --work apart")
-    ap.add_argument("--canon-states-per-trajectory", type=int, default=4, help="states each canon round takes from one sampler trajectory, at distinct steps (guided_states per): a quarter of the trajectories for the same states (4, the default, as the shipped model was trained: 91.9 %% against 90.5 %% with 1, and the canon rounds 1581 s against 1991 s on the Zen 4; docs/demo.md)")
+    ap.add_argument("--canon-states-per-trajectory", type=int, default=4, help="states each canon round takes from one sampler trajectory, at distinct steps (guided_states per): a quarter of the trajectories for the same states (4, the default, as the shipped model was trained: 91.9 %% against 90.5 %% with 1, and the canon rounds 1572 s against 1991 s on the Zen 4; docs/demo.md)")
     ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
     ap.add_argument("--stop-after", choices=("language", "features", "vae", "latents", "dit"), default=None, help="stop after this stage (for checks)")
     a = ap.parse_args(argv)
