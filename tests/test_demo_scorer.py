@@ -241,12 +241,17 @@ def test_training_script_128_is_deterministic(tmp_path):
                "--language-pairs", "40", "--language-steps", "3", "--place-steps", "3", "--captions", "24", "--images-per-caption", "1", "--vae-steps", "3",
                "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--guided-steps", "3", "--guided-states", "8", "--later-states", "4", "--own-steps", "3", "--agree-steps", "3",
                "--match", "4", "--finish-rounds", "2", "--finish-steps", "3", "--canon-rounds", "2", "--canon-steps", "3",
-               "--batch", "16", "--threads", "2"]  # 16: most batches split into length groups (dit_forward), the "where" probe's path
+               "--batch", "16", "--threads", "2",  # 16: most batches split into length groups (dit_forward), the "where" probe's path
+               "--compile-encoder", "--finish-states-per-trajectory", "4"]  # the options run q tried (docs/demo.md), deterministic too
         if run == "a":
             cmd += ["--convert-to", str(tmp_path / "out")]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         # --guided-states for the guided rounds, --later-states for every later stage's sampler states
-        for line in ("guided round 3: 8 states", "finish round 2: 4 matched states", "agree: 4 guided states", "canon round 2 uncond: 4 states"):
+        # with the options: the finish, agreement and canon rounds take four states a trajectory, and the encoder trains
+        # compiled, at one length
+        for line in ("guided round 3: 8 states", "finish round 2: 4 matched states, 4 a trajectory", "agree: 4 guided states, 4 a trajectory",
+                     "canon round 2 uncond: 4 states, 4 a trajectory", "language: the encoder's forward compiled whole, every batch padded to",
+                     "place: the encoder's forward compiled whole, every batch padded to"):
             assert line in log, (line, log)
         files = sorted((tmp_path / run / "ckpt").rglob("*.safetensors")) + sorted((tmp_path / run / "ckpt").rglob("tokenizer.json"))
         hashes.append({str(f.relative_to(tmp_path / run)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files})
@@ -715,6 +720,37 @@ def test_stage_canon_pulls_every_state_and_sample_to_its_captions_nominal_pictur
     calls.clear()
     T.stage_canon(tmp_path, cond, unc, None, is_json, 5, 7, 0.3, 0, 4, r=1, n_states=16, object_weight=10.0, scenes=scenes)
     assert calls == []
+
+
+def test_encoder_padded_to_one_length_computes_the_same_losses():
+    """--compile-encoder pads every language batch to the corpus's longest caption (one compiled shape). Right
+    padding must change nothing the encoder stage trains on: the features of real tokens (causal attention), the
+    slot and place readers' losses (masked pooling) and the minimal pairs' invariance. The shipped encoder, float32."""
+    import torch
+
+    T, _ = _training_script()
+    torch.manual_seed(0)
+    model = T.te_model(ROOT / "checkpoints" / "demo").eval()
+    g = torch.Generator().manual_seed(1)
+    ta = [torch.randint(10, 500, (n,), generator=g).tolist() for n in (7, 12, 9)]
+    tb = [a[:3] + [a[3] + 1] + a[4:] for a in ta]  # minimal twins: one token swapped
+    fill = 3
+    scenes = [s for _, s in C.pairs("train", 6, 0)]  # labels for the losses (any six scenes will do)
+    obj, bg = T.scene_labels(scenes)
+    places = T.place_labels(scenes)
+    reader, place_reader = T.Reader(), T.PlaceReader()
+    out = []
+    with torch.no_grad():
+        for length in (0, 20):
+            ids, valid = T.pad(ta + tb, fill, length)
+            assert ids.shape == (6, max(12, length)) and valid.sum().item() == sum(map(len, ta + tb))
+            f = T.te_features(model, ids)
+            out.append((f[valid], T.reader_loss(reader, f, valid, obj, bg), T.place_loss(place_reader, f, valid, places, bg)[0],
+                        T.invariance_loss(f[:3], f[3:], ta, tb)))
+    (fa, ra, pa, ia), (fb, rb, pb, ib) = out
+    assert torch.allclose(fa, fb, rtol=0, atol=1e-5 * fa.abs().max().item())
+    for x, y in ((ra, rb), (pa, pb), (ia, ib)):
+        assert abs(x.item() - y.item()) <= 1e-6 * abs(x.item()), (x, y)
 
 
 def test_training_precision_follows_the_cpus_native_bfloat16():
