@@ -748,9 +748,10 @@ def test_encoder_padded_to_one_length_computes_the_same_losses():
             out.append((f[valid], T.reader_loss(reader, f, valid, obj, bg), T.place_loss(place_reader, f, valid, places, bg)[0],
                         T.invariance_loss(f[:3], f[3:], ta, tb)))
     (fa, ra, pa, ia), (fb, rb, pb, ib) = out
-    assert torch.allclose(fa, fb, rtol=0, atol=1e-5 * fa.abs().max().item())
+    # observed on the Zen 4 (AVX512_BF16): features 4.6e-7 of their largest, losses 0 to 9e-8 relative
+    assert torch.allclose(fa, fb, rtol=0, atol=2e-6 * fa.abs().max().item())
     for x, y in ((ra, rb), (pa, pb), (ia, ib)):
-        assert abs(x.item() - y.item()) <= 1e-6 * abs(x.item()), (x, y)
+        assert abs(x.item() - y.item()) <= 5e-7 * abs(x.item()), (x, y)
 
 
 def test_training_precision_follows_the_cpus_native_bfloat16():
