@@ -68,12 +68,15 @@ class Scene:
             raise ValueError(f"two objects {self.objects[0].position!r} and {self.objects[1].position!r} are too close (see PAIRS)")
 
 
-def mask(shape: str, cx: float, cy: float, r: float, ss: int = 4) -> np.ndarray:
-    """Anti-aliased coverage (SIZE, SIZE) in [0, 1] (``ss``² samples per pixel); triangles point up, base 2r, height 2r."""
-    out = np.zeros((SIZE, SIZE))
-    x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, SIZE)  # only the shape's box is sampled
+def coverage(shape: str, cx: float, cy: float, r: float, ss: int = 4) -> tuple[slice, slice, np.ndarray]:
+    """The shape's box (rows, cols) and its anti-aliased coverage there, in [0, 1] (``ss``² samples per pixel);
+    everywhere outside the box the coverage is 0. Triangles point up, base 2r, height 2r."""
+    x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, SIZE)
     y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, SIZE)
-    x, y = np.meshgrid((np.arange(x0 * ss, x1 * ss) + 0.5) / ss, (np.arange(y0 * ss, y1 * ss) + 0.5) / ss)
+    # one row and one column of sample coordinates, broadcast: the same float64 tests as a full meshgrid, with less
+    # memory traffic (render 2.35x faster on an AMX Xeon with the box-only blend below; benchmarks/render_scenes.py)
+    x = (np.arange(x0 * ss, x1 * ss) + 0.5) / ss
+    y = ((np.arange(y0 * ss, y1 * ss) + 0.5) / ss)[:, None]
     if shape == "circle":
         m = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
     elif shape == "square":
@@ -83,7 +86,14 @@ def mask(shape: str, cx: float, cy: float, r: float, ss: int = 4) -> np.ndarray:
         m = (fy >= 0) & (fy <= 1) & (np.abs(x - cx) <= r * fy)
     else:
         raise ValueError(shape)
-    out[y0:y1, x0:x1] = m.reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3))
+    return slice(y0, y1), slice(x0, x1), m.reshape(y1 - y0, ss, x1 - x0, ss).sum(axis=(1, 3)) / (ss * ss)
+
+
+def mask(shape: str, cx: float, cy: float, r: float, ss: int = 4) -> np.ndarray:
+    """Anti-aliased coverage (SIZE, SIZE) in [0, 1] (``ss``² samples per pixel): ``coverage`` on the whole picture."""
+    out = np.zeros((SIZE, SIZE))
+    rows, cols, cov = coverage(shape, cx, cy, r, ss)
+    out[rows, cols] = cov
     return out
 
 
@@ -111,8 +121,11 @@ def _apart(a, b, gap: float = 4.0) -> bool:
 
 def render(scene: Scene, rng: np.random.Generator | None = None, lay: list | None = None) -> np.ndarray:
     """uint8 (SIZE, SIZE, 3); ``lay``: draw this ``layout`` instead of drawing one."""
-    img = np.broadcast_to(np.array(BACKGROUNDS[scene.background], np.float32), (SIZE, SIZE, 3)).copy()
+    img = np.empty((SIZE, SIZE, 3))  # float64: the blend of coverage and colours is exact, and so is rounding it
+    img[:] = BACKGROUNDS[scene.background]
     for o, cx, cy, r in layout(scene, rng) if lay is None else lay:
-        m = mask(o.shape, cx, cy, r)[..., None]
-        img = (1 - m) * img + m * np.array(COLOURS[o.colour], np.float32)
+        # outside its box an object's coverage is 0 and leaves the picture as it is, so only the box is blended
+        rows, cols, cov = coverage(o.shape, cx, cy, r)
+        m = cov[..., None]
+        img[rows, cols] = (1 - m) * img[rows, cols] + m * np.array(COLOURS[o.colour], np.float64)
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
