@@ -8,7 +8,9 @@ bfloat16 autocast, ``--compile``, four states per trajectory in the canon rounds
 2 h 48 min eager with one); about 4 hours estimated on an AVX2-only Zen 3, which trains in float32
 (``--precision``). Needs the test extras (diffusers, transformers). Two faster options, off by default
 (``--compile-encoder``, ``--finish-states-per-trajectory 4``): one uninterrupted run with both took 2 h 06 min 36 s
-on the same Zen 4 but scored 86.9 %, below issue 13's bar (docs/demo.md, run q).
+on the same Zen 4 but scored 86.9 %, below issue 13's bar (docs/demo.md, run q); ``--no-length-groups`` runs each
+conditional DiT batch as one, padded to its longest caption: the first phase about 1.1× faster on that Zen 4, a
+model that has not been trained whole and gated yet (docs/demo.md, run r).
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
 nine places, two sizes, four backgrounds, and many ways to ask for them; a fixed split holds sentence patterns,
@@ -125,6 +127,8 @@ RESUME_EVERY = 200
 COMPILE = False
 #: --compile-encoder: the text encoder's training forward through torch.compile, whole, at one length (``train_encoder``).
 COMPILE_TE = False
+#: --length-groups: the DiT's conditional forwards split by caption length (``forward_groups``); off, one padded batch.
+LENGTH_GROUPS = True
 
 
 def compiled(model):
@@ -171,8 +175,9 @@ def length_groups(n_text: list[int], n_img: int, cost: int = GROUP_COST) -> list
 
 
 def forward_groups(batch: int, feats, n_img: int, cost: int | None = None) -> list[list[int]]:
-    """The groups ``dit_forward`` runs a batch in, in its order of forwards (one group: the batch as it is)."""
-    if feats is None or batch < 2:
+    """The groups ``dit_forward`` runs a batch in, in its order of forwards (one group: the batch as it is; always,
+    without ``LENGTH_GROUPS``)."""
+    if feats is None or batch < 2 or not LENGTH_GROUPS:
         return [list(range(batch))]
     return length_groups([f.shape[0] for f in feats], n_img, GROUP_COST if cost is None else cost)
 
@@ -785,7 +790,7 @@ def stage_dit(work: Path, data, feats, is_json, steps: int, seed: int, batch: in
     setup = {"steps": steps, "seed": seed, "batch": batch, "role": role, "tag": tag, "lr": lr, "warm": warm, "ema_decay": ema_decay,
              "schedule_t": schedule_t, "overshoot": overshoot, "caption_noise": caption_noise, "where_weight": where_weight,
              "object_weight": object_weight, "bf16": BF16 if bf16 is None else bf16, "samples": len(lat),
-             **({"compile": True} if COMPILE else {})}
+             **({"compile": True} if COMPILE else {}), **({} if LENGTH_GROUPS else {"length_groups": False})}
 
     def state(step: int) -> dict:
         return {"setup": setup, "step": step, "model": model.state_dict(), "averaged": averaged, "opt": opt.state_dict(),
@@ -1422,7 +1427,7 @@ def load_dit(path: Path):
 
 
 def main(argv=None) -> None:
-    global BF16, RESUME_EVERY, COMPILE, COMPILE_TE
+    global BF16, RESUME_EVERY, COMPILE, COMPILE_TE, LENGTH_GROUPS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("/tmp/demo128_ckpt"), help="checkpoint folder to write (official HF layout)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/demo128_work"), help="cache for intermediate stages")
@@ -1464,6 +1469,7 @@ def main(argv=None) -> None:
     ap.add_argument("--canon-states-per-trajectory", type=int, default=4, help="states each canon round takes from one sampler trajectory, at distinct steps (guided_states per): a quarter of the trajectories for the same states (4, the default, as the shipped model was trained: 91.9 %% against 90.5 %% with 1, and the canon rounds 1572 s against 1991 s on the Zen 4; docs/demo.md)")
     ap.add_argument("--finish-states-per-trajectory", type=int, default=1, help="the same for the finish and agreement rounds' sampler states (default 1, as the shipped model was trained; 4 made their states 90 and 60 s quicker on the Zen 4, but the one run with it and --compile-encoder scored 86.9 %%, below the bar: docs/demo.md, run q)")
     ap.add_argument("--compile-encoder", action=argparse.BooleanOptionalAction, default=False, help="run the text encoder's training forward through torch.compile, whole, every batch padded to the corpus's longest caption (train_encoder): its stage 1135 s instead of ~1470 on a Zen 4, compilation included; another model (off by default: the one run with it and 4 --finish-states-per-trajectory scored 86.9 %%, docs/demo.md, run q)")
+    ap.add_argument("--length-groups", action=argparse.BooleanOptionalAction, default=True, help="split each conditional DiT batch into runs of similar caption length (length_groups; the default, as the shipped model was trained); --no-length-groups runs the batch as one, padded to its longest caption: fewer, larger forwards, another model (rounding)")
     ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
     ap.add_argument("--stop-after", choices=("language", "features", "vae", "latents", "dit"), default=None, help="stop after this stage (for checks)")
     a = ap.parse_args(argv)
@@ -1473,6 +1479,7 @@ def main(argv=None) -> None:
     torch.use_deterministic_algorithms(True)
     COMPILE = a.compile
     COMPILE_TE = a.compile_encoder
+    LENGTH_GROUPS = a.length_groups
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     lang = language_pairs(a.language_pairs, a.seed)

@@ -832,6 +832,25 @@ def test_length_groups_split_a_batch_at_least_cost():
     assert (a - b).abs().max().item() <= 1e-6 * a.abs().max().item()
 
 
+def test_without_length_groups_every_forward_is_the_padded_batch(monkeypatch):
+    """--no-length-groups (``LENGTH_GROUPS`` off): ``forward_groups`` gives one group, the batch in its order, and
+    ``dit_forward`` is the one padded forward, bit for bit, where the length groups would split the same batch."""
+    import torch
+    from diffusers import Ideogram4Transformer2DModel
+
+    T, padded_forward = _training_script()
+    feats = [torch.randn(k, 416).half() for k in (40, 150, 41, 149, 60)]
+    assert len(T.forward_groups(5, feats, 64)) > 1
+    monkeypatch.setattr(T, "LENGTH_GROUPS", False)
+    assert T.forward_groups(5, feats, 64) == [[0, 1, 2, 3, 4]]
+    torch.manual_seed(0)
+    model = Ideogram4Transformer2DModel(**T.DIT_CONFIG).eval()
+    x, t = torch.randn(5, 64, 128), torch.rand(5)
+    with torch.no_grad():
+        assert torch.equal(T.dit_forward(model, x, t, feats, (8, 8)), padded_forward(model, x, t, feats, (8, 8)))
+    assert T.forward_groups(5, None, 64) == [[0, 1, 2, 3, 4]]  # image-only forwards never split
+
+
 def test_a_dit_stage_stopped_mid_way_resumes_to_the_bytes_of_an_unstopped_one(tmp_path, monkeypatch):
     """stage_dit's resume state (weights, their average, AdamW, the schedule, the generators, the "where" probe): a
     first phase stopped after 5 of 8 steps and run again ends with the weights of one run straight through, and leaves
