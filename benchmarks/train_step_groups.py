@@ -10,8 +10,9 @@ values (the cost does not depend on them); the same batches for every variant; p
 picks it on this CPU. A training step is forward + backward + AdamW at batch 32; a sampler forward is batch 64
 without gradients (``guided_states``). ``--costs`` also times other values of ``GROUP_COST``. ``--compile`` also
 times the length groups through ``torch.compile(model, dynamic=True)`` (inductor), and through the script's own
-``--compile`` (``train_demo128.compiled``: each layer's forward compiled, on a copy of the model): each first runs
-every batch once untimed, since each new group size may compile again, and reports that warm-up.
+``--compile`` (``train_demo128.compiled``: each layer's forward compiled, on a copy of the model), and the
+script's ``--compile`` on one padded batch (``--no-length-groups``): each first runs every batch once untimed,
+since each new group size may compile again, and reports that warm-up.
 
     python benchmarks/train_step_groups.py [--steps 48] [--costs 0,128,512] [--compile]
 """
