@@ -9,8 +9,9 @@ bfloat16 autocast, ``--compile``, four states per trajectory in the canon rounds
 (``--precision``). Needs the test extras (diffusers, transformers). Two faster options, off by default
 (``--compile-encoder``, ``--finish-states-per-trajectory 4``): one uninterrupted run with both took 2 h 06 min 36 s
 on the same Zen 4 but scored 86.9 %, below issue 13's bar (docs/demo.md, run q); ``--no-length-groups`` runs each
-conditional DiT batch as one, padded to its longest caption: the first phase about 1.1× faster on that Zen 4, a
-model that has not been trained whole and gated yet (docs/demo.md, run r).
+conditional DiT batch as one, padded to its longest caption: the first phase about 1.1× faster on that Zen 4; the
+one whole run with it, on a 2-core AMX Xeon, took 1 h 20 min but scored 82.5 % (docs/demo.md, run r2), so it is
+off by default.
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
 nine places, two sizes, four backgrounds, and many ways to ask for them; a fixed split holds sentence patterns,
@@ -1469,7 +1470,7 @@ def main(argv=None) -> None:
     ap.add_argument("--canon-states-per-trajectory", type=int, default=4, help="states each canon round takes from one sampler trajectory, at distinct steps (guided_states per): a quarter of the trajectories for the same states (4, the default, as the shipped model was trained: 91.9 %% against 90.5 %% with 1, and the canon rounds 1572 s against 1991 s on the Zen 4; docs/demo.md)")
     ap.add_argument("--finish-states-per-trajectory", type=int, default=1, help="the same for the finish and agreement rounds' sampler states (default 1, as the shipped model was trained; 4 made their states 90 and 60 s quicker on the Zen 4, but the one run with it and --compile-encoder scored 86.9 %%, below the bar: docs/demo.md, run q)")
     ap.add_argument("--compile-encoder", action=argparse.BooleanOptionalAction, default=False, help="run the text encoder's training forward through torch.compile, whole, every batch padded to the corpus's longest caption (train_encoder): its stage 1135 s instead of ~1470 on a Zen 4, compilation included; another model (off by default: the one run with it and 4 --finish-states-per-trajectory scored 86.9 %%, docs/demo.md, run q)")
-    ap.add_argument("--length-groups", action=argparse.BooleanOptionalAction, default=True, help="split each conditional DiT batch into runs of similar caption length (length_groups; the default, as the shipped model was trained); --no-length-groups runs the batch as one, padded to its longest caption: fewer, larger forwards, another model (rounding)")
+    ap.add_argument("--length-groups", action=argparse.BooleanOptionalAction, default=True, help="split each conditional DiT batch into runs of similar caption length (length_groups; the default, as the shipped model was trained); --no-length-groups runs the batch as one, padded to its longest caption: fewer, larger forwards, another model (rounding); its one whole run, on a 2-core AMX Xeon, took 1 h 20 min and scored 82.5 %%, below the bar (docs/demo.md, run r2)")
     ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
     ap.add_argument("--stop-after", choices=("language", "features", "vae", "latents", "dit"), default=None, help="stop after this stage (for checks)")
     a = ap.parse_args(argv)
