@@ -263,6 +263,40 @@ def test_place_labels_and_the_place_reader_score():
     assert lo.shape == (2, 9, sum(T.PlaceReader.OUT.values())) and lb.shape == (2, 4)
 
 
+class _Roundtrip:
+    """An autoencoder stand-in for roundtrip_shapes: ``encode(x).latent_dist.mean`` is x pooled ``k``×``k`` (k = 1:
+    the identity), ``decode(z).sample`` scales it back up to 128×128, so k > 1 blurs."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def encode(self, x):
+        import torch.nn.functional as F
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=F.avg_pool2d(x, self.k) if self.k > 1 else x))
+
+    def decode(self, z):
+        import torch.nn.functional as F
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=F.interpolate(z, size=(S.SIZE, S.SIZE), mode="bilinear") if self.k > 1 else z)
+
+
+def test_roundtrip_shapes_reads_every_rendered_shape_and_catches_an_autoencoder_that_rounds_small_ones():
+    """train_demo128.roundtrip_shapes (logged after the VAE and decoder stages): through the identity every rendered
+    shape of both sizes is read right, as the scorer reads real renders; through a blur (5×5 pooled and scaled back)
+    large shapes and circles stay readable and small squares, rounded off, are read as circles."""
+    T, _ = _training_script()
+    keys = [f"{sh} {sz}" for sh in S.SHAPES for sz in S.SIZES]
+    same = T.roundtrip_shapes(_Roundtrip(1), n=32)
+    assert same == {k: 1.0 for k in keys}
+    blur = T.roundtrip_shapes(_Roundtrip(5), n=32)
+    assert list(blur) == keys
+    assert min(blur[k] for k in ("circle large", "square large", "triangle large", "circle small")) >= 0.9, blur
+    assert blur["square small"] <= 0.5, blur
+
+
 def test_place_reader_sink_is_somewhere_to_look_besides_the_caption():
     """PlaceReader(sink=True) (--place-sink): one learned key and value join the caption's tokens for every query,
     padding still masked. A query that matches the sink's key reads the sink's value whatever the caption says; one
@@ -312,9 +346,12 @@ def test_training_script_128_is_deterministic(tmp_path):
                "--batch", "16", "--threads", "2",  # 16: most batches split into length groups (dit_forward), the "where" probe's path
                "--compile-encoder", "--finish-states-per-trajectory", "4",  # the options run q tried (docs/demo.md), deterministic too
                "--min-encoder-right", "0"]  # three encoder steps learn nothing; the check has its own test
-        if run == "a":
-            cmd += ["--convert-to", str(tmp_path / "out")]
+        # run a logs the autoencoder's round trip (4 renders per shape and size), run b skips it: the same bytes,
+        # so the measurement draws on no random stream of training
+        cmd += ["--convert-to", str(tmp_path / "out"), "--roundtrip-renders", "4"] if run == "a" else ["--roundtrip-renders", "0"]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        for when in ("vae", "decoder"):
+            assert (f"{when} round trip, shapes read right: circle small " in log) == (run == "a"), log
         # --guided-states for the guided rounds, --later-states for every later stage's sampler states
         # with the options: the finish, agreement and canon rounds take four states a trajectory, and the encoder trains
         # compiled, at one length
