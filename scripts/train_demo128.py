@@ -56,7 +56,10 @@ Stages, each cached under --work (delete a file to redo its stage):
    ``stage_canon``: every state of the trajectory and every sample of a caption is pulled to one picture, the
    caption's scene at its nominal places and sizes, so that the mean the loss rewards at small t is a shape and
    not the blur of the jittered training pictures; each sampler trajectory gives four of a round's states, at
-   distinct steps (``--canon-states-per-trajectory``).
+   distinct steps (``--canon-states-per-trajectory``). ``--dit-seed N`` draws these stages from another seed than
+   the rest of the run (the encoder, captions, autoencoder, latents and decoder stay ``--seed``'s): a redraw of the
+   hour of DiT stages on an encoder and autoencoder already known to be good. Its files go to ``--work``'s
+   ``dit_seed<N>/`` (``dit_work``), so the stages before it stay cached and ``--seed``'s own DiT files are untouched.
 5. decoder: the VAE decoder is fine-tuned on full 128×128 pictures of every attribute combination with the encoder
    frozen (same latent space; ``image_scenes``).
 6. save: ``text_encoder/``, ``transformer/``, ``unconditional_transformer/`` and ``vae/`` in the official layout, bfloat16;
@@ -1459,10 +1462,22 @@ CONVERT = [
 ]
 
 
+def dit_seed(a) -> int:
+    """The seed of the DiT stages: ``--dit-seed``, or ``--seed`` when it is not given."""
+    return a.seed if a.dit_seed is None else a.dit_seed
+
+
+def dit_work(a) -> Path:
+    """Where the DiT stages keep their files: --work itself for ``--seed``'s own draw, ``dit_seed<N>/`` under it for
+    another ``--dit-seed`` (the stage files are not named by seed, so a redraw beside them would read theirs)."""
+    return a.work if dit_seed(a) == a.seed else a.work / f"dit_seed{dit_seed(a)}"
+
+
 def dit_plan(a) -> list[tuple[str, Path | None, Path | None]]:
-    """The DiT stages main() runs, in order, each with the conditional and image-only weights it leaves in --work
-    (None: that backbone is unchanged by the stage). A stage of several rounds (guided) names its last round's files."""
-    w = a.work
+    """The DiT stages main() runs, in order, each with the conditional and image-only weights it leaves in
+    ``dit_work`` (None: that backbone is unchanged by the stage). A stage of several rounds (guided) names its last
+    round's files."""
+    w = dit_work(a)
     plan: list[tuple[str, Path | None, Path | None]] = [("dit", w / "cond.pt", None)]
     if a.late_steps:
         plan.append(("late", w / "cond_late.pt", None))
@@ -1509,6 +1524,7 @@ def main(argv=None) -> None:
     ap.add_argument("--root", type=Path, default=Path("/tmp/demo128_ckpt"), help="checkpoint folder to write (official HF layout)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/demo128_work"), help="cache for intermediate stages")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dit-seed", type=int, default=None, help="draw the DiT stages from this seed instead of --seed (the encoder, captions, autoencoder, latents and decoder stay --seed's); their files go to --work's dit_seed<N>/")
     ap.add_argument("--captions", type=int, default=12000, help="training (caption, scene) pairs")
     ap.add_argument("--images-per-caption", type=int, default=3)
     ap.add_argument("--language-pairs", type=int, default=20000, help="minimal pairs of the language corpus")
@@ -1592,15 +1608,19 @@ def main(argv=None) -> None:
     if a.stop_after == "latents":
         return
     objects = object_tokens(a.work, train, a.images_per_caption, a.seed) if a.object_weight != 1.0 else None
+    seed, work = dit_seed(a), dit_work(a)
+    work.mkdir(exist_ok=True)
+    if seed != a.seed:
+        log(f"DiT stages from --dit-seed {seed} in {work}")
 
     # The DiT stages in order, each a function of the two backbones so far (see dit_plan for the files each leaves).
     def first_phase(cond, unc):
-        return stage_dit(a.work, data, feats, is_json, a.dit_steps, a.seed, a.batch, caption_noise=a.caption_noise, snapshot_every=a.snapshot_every,
+        return stage_dit(work, data, feats, is_json, a.dit_steps, seed, a.batch, caption_noise=a.caption_noise, snapshot_every=a.snapshot_every,
                          lr=a.dit_lr, bf16=bf16, where_weight=a.where_weight, objects=objects, object_weight=a.object_weight), unc
 
     def second_phase(cond, unc):
         # No "where" probe here: a fresh head would start at chance and pull on the first block, which already knows.
-        return stage_dit(a.work, data, feats, is_json, a.late_steps, a.seed, a.batch, caption_noise=a.caption_noise,
+        return stage_dit(work, data, feats, is_json, a.late_steps, seed, a.batch, caption_noise=a.caption_noise,
                          lr=5e-4, warm=50, schedule_t=0.5, overshoot=3.0, init=cond, tag="late", bf16=bf16,
                          objects=objects, object_weight=a.object_weight), unc
 
@@ -1609,30 +1629,30 @@ def main(argv=None) -> None:
         # backbones disagree on, and two separately initialised networks disagree by their own, unrelated errors
         # where the picture is already decided (docs/demo.md: the first 64×64 release ran away that way).
         # Its loss weighs objects as the conditional one's does, so that the two weigh their errors alike.
-        return cond, stage_dit(a.work, data, feats, is_json, a.uncond_steps, a.seed, a.batch, role="uncond",
+        return cond, stage_dit(work, data, feats, is_json, a.uncond_steps, seed, a.batch, role="uncond",
                                lr=5e-4, warm=50, schedule_t=0.5, init=cond, tag="copy", bf16=bf16, objects=objects, object_weight=a.object_weight)
 
     def own(cond, unc):
-        return stage_own(a.work, cond, unc, data, feats, is_json, a.own_steps, a.own_from, a.seed, a.batch,
+        return stage_own(work, cond, unc, data, feats, is_json, a.own_steps, a.own_from, seed, a.batch,
                          n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16)
 
     def guided(cond, unc):
-        return stage_guided(a.work, cond, unc, data, feats, is_json, a.guided_rounds, a.guided_steps, a.seed, a.batch,
+        return stage_guided(work, cond, unc, data, feats, is_json, a.guided_rounds, a.guided_steps, seed, a.batch,
                             n_states=a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
                             match=a.match, vae=vae, scenes=scenes)
 
     def finish(r):
-        return lambda cond, unc: (stage_finish(a.work, cond, unc, data, feats, is_json, a.finish_steps, a.agree_tau, a.seed, a.batch, r=r,
+        return lambda cond, unc: (stage_finish(work, cond, unc, data, feats, is_json, a.finish_steps, a.agree_tau, seed, a.batch, r=r,
                                                n_states=a.later_states or a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
                                                match=a.match, vae=vae, scenes=scenes, per=a.finish_states_per_trajectory), unc)
 
     def agree(r):
-        return lambda cond, unc: (cond, stage_agree(a.work, cond, unc, data, feats, is_json, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
+        return lambda cond, unc: (cond, stage_agree(work, cond, unc, data, feats, is_json, a.agree_steps, a.agree_tau, seed, a.batch, r=r,
                                                     n_states=a.later_states or a.guided_states, objects=objects, object_weight=a.object_weight, bf16=bf16,
                                                     match=a.match, vae=vae, scenes=scenes, per=a.finish_states_per_trajectory))
 
     def canon(r):
-        return lambda cond, unc: stage_canon(a.work, cond, unc, feats, is_json, a.canon_steps, a.agree_steps, a.agree_tau, a.seed, a.batch, r=r,
+        return lambda cond, unc: stage_canon(work, cond, unc, feats, is_json, a.canon_steps, a.agree_steps, a.agree_tau, seed, a.batch, r=r,
                                              n_states=a.later_states or a.guided_states, object_weight=a.object_weight, bf16=bf16, vae=vae, scenes=scenes,
                                              per=a.canon_states_per_trajectory)
 

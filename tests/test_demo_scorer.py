@@ -394,6 +394,24 @@ def test_training_script_128_is_deterministic(tmp_path):
     assert first.keys() == init.keys() and all(torch.equal(first[k], init[k]) for k in init)
     trained = torch.load(tmp_path / "a" / "work" / "cond.pt")
     assert not all(torch.equal(trained[k], init[k]) for k in init)  # at the default rate the same steps move it
+    # --dit-seed 5 redraws the DiT stages alone, from seed 5 (its backbone built after torch.manual_seed(15)), into
+    # work/dit_seed5/: every DiT stage's file is there, the encoder and autoencoder stay cached, seed 0's files stay
+    d = tmp_path / "d" / "work"
+    seed0 = {p.name: p.read_bytes() for p in d.glob("*.pt")}
+    log = subprocess.run([*cmd[:2], "--root", str(tmp_path / "d" / "ckpt"), "--work", str(d), *cmd[6:], "--dit-lr", "0", "--dit-seed", "5",
+                          "--stop-after", "dit"], check=True, capture_output=True, text=True).stdout
+    assert f"DiT stages from --dit-seed 5 in {d / 'dit_seed5'}" in log and "language step" not in log, log
+    torch.manual_seed(15)
+    init5 = Ideogram4Transformer2DModel(**T128.DIT_CONFIG).state_dict()
+    first5 = torch.load(d / "dit_seed5" / "cond.pt")
+    assert all(torch.equal(first5[k], init5[k]) for k in init5) and not all(torch.equal(first5[k], init[k]) for k in init)
+    dit_files = {n for n in seed0 if n.startswith(("cond", "uncond", "canon_"))}
+    assert len(dit_files) == 20 and {p.name for p in (d / "dit_seed5").glob("*.pt")} == dit_files
+    assert {p.name: p.read_bytes() for p in d.glob("*.pt")} == seed0
+    # --dit-seed equal to --seed is --seed's own draw: its cached files in work itself, nothing retrained
+    log = subprocess.run([*cmd[:2], "--root", str(tmp_path / "d" / "ckpt"), "--work", str(d), *cmd[6:], "--dit-lr", "0", "--dit-seed", "0",
+                          "--stop-after", "dit"], check=True, capture_output=True, text=True).stdout
+    assert "dit cond step" not in log and "--dit-seed" not in log and not (d / "dit_seed0").exists(), log
     assert sorted(p.name for p in (tmp_path / "out").glob("*.gguf")) == ["text_encoder.gguf", "transformer.gguf", "unconditional_transformer.gguf", "vae.gguf"]
     # regions.evaluate runs the converted model through the real pipeline at its default size and grades every picture
     r = R.evaluate(tmp_path / "out", 2, guidance=1.0, part="train", threads=1)
