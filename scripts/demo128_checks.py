@@ -160,7 +160,7 @@ def draw(a) -> None:
         lat = z * torch.from_numpy(LATENT_SCALE.copy()) + torch.from_numpy(LATENT_SHIFT.copy())  # inverse of latent_tokens
         lat = lat.view(-1, *GRID, 2, 2, 32).permute(0, 5, 1, 3, 2, 4).reshape(-1, 32, 2 * GRID[0], 2 * GRID[1])
         img = vae.eval().decode(lat).sample
-    img = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    img = T.to_uint8(img)
     found = [R.analyse(im) for im in img]
     graded = [R.grade(sc, f) for (_, sc), f in zip(test, found)]
     for label, keep in (("all", lambda sc: True), ("one object", lambda sc: len(sc.objects) == 1), ("two objects", lambda sc: len(sc.objects) == 2)):

@@ -92,6 +92,11 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """A decoder's (B, 3, H, W) output in [-1, 1] -> (B, H, W, 3) uint8 pictures: ``to_tensor``'s inverse, rounded."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 @torch.no_grad()
 def fold_latent_norm(vae, mu: torch.Tensor, batch_norm_eps: float) -> None:
     """Fold a per-channel affine into quant_conv / post_quant_conv: new latent z' = a·z + b, so that

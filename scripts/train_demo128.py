@@ -97,7 +97,7 @@ from gguf_dit.demo import captions as C, scene as S
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_demo  # noqa: E402  (the 64×64 recipe: its configs and shared pieces)
-from train_demo import dit_forward as padded_forward, dit_step, ema_state, flow_sampling, fold_latent_norm, log, save, to_tensor  # noqa: E402
+from train_demo import dit_forward as padded_forward, dit_step, ema_state, flow_sampling, fold_latent_norm, log, save, to_tensor, to_uint8  # noqa: E402
 
 # One head of 256: the converter refuses other head widths (the official RoPE slot map and attention scale are for
 # 256), so more heads would mean a wider model (2 x 256 = 512).
@@ -710,7 +710,7 @@ def roundtrip_shapes(vae, n: int = 96, seed: int = 0) -> dict[str, float]:
             x = to_tensor(np.stack([S.render(sc, rng) for sc in scenes]))
             with torch.no_grad():
                 y = torch.cat([vae.decode(vae.encode(x[i:i + 16]).latent_dist.mean).sample for i in range(0, n, 16)])
-            imgs = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            imgs = to_uint8(y)
             out[f"{shape} {size}"] = float(np.mean([R.grade(sc, R.analyse(im))["shape"][0] for sc, im in zip(scenes, imgs)]))
     return out
 
@@ -959,7 +959,7 @@ def token_pictures(vae, tokens: torch.Tensor) -> np.ndarray:
         for i in range(0, len(tokens), 64):
             lat = tokens[i:i + 64] * torch.from_numpy(LATENT_SCALE.copy()) + torch.from_numpy(LATENT_SHIFT.copy())
             lat = lat.view(-1, g, g, 2, 2, lat.shape[-1] // 4).permute(0, 5, 1, 3, 2, 4).reshape(-1, lat.shape[-1] // 4, 2 * g, 2 * g)
-            out.append(((vae.decode(lat).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+            out.append(to_uint8(vae.decode(lat).sample))
     return np.concatenate(out)
 
 

@@ -297,6 +297,28 @@ def test_roundtrip_shapes_reads_every_rendered_shape_and_catches_an_autoencoder_
     assert blur["square small"] <= 0.5, blur
 
 
+def test_to_uint8_is_to_tensors_rounded_inverse():
+    """train_demo.to_uint8 (the decoder's pictures for the scorer, in roundtrip_shapes, token_pictures and
+    demo128_checks.py): every byte value comes back from to_tensor, a value off by less than half a step rounds back
+    to it (either side), and values outside [-1, 1] clamp to 0 and 255."""
+    import torch
+
+    _training_script()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from train_demo import to_tensor, to_uint8
+    finally:
+        sys.path.pop(0)
+    imgs = (np.arange(256 * 3) % 256).reshape(1, 16, 16, 3).astype(np.uint8)  # every value, three times
+    assert np.array_equal(to_uint8(to_tensor(imgs)), imgs)
+    inner = imgs.clip(1, 254)  # a step either side stays in range
+    for off in (-0.45, 0.45):
+        assert np.array_equal(to_uint8(to_tensor(inner) + off / 127.5), inner), off
+    assert np.array_equal(to_uint8(to_tensor(inner) + 0.55 / 127.5), inner + 1)
+    out = to_uint8(torch.tensor([-1.7, -1.0, 1.0, 1.3]).view(1, 1, 1, 4).expand(1, 3, 1, 4))
+    assert out.dtype == np.uint8 and out.shape == (1, 1, 4, 3) and out[0, 0, :, 0].tolist() == [0, 0, 255, 255]
+
+
 def test_place_reader_sink_is_somewhere_to_look_besides_the_caption():
     """PlaceReader(sink=True) (--place-sink): one learned key and value join the caption's tokens for every query,
     padding still masked. A query that matches the sink's key reads the sink's value whatever the caption says; one
