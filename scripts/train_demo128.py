@@ -267,6 +267,11 @@ def stage_skeleton(root: Path, work: Path, lang, train) -> None:
     from gguf_dit.converter.tiny import write_tiny_checkpoint
 
     if (work / "skeleton.done").exists():
+        if not (root / "text_encoder" / "config.json").exists():
+            # the cached stages write their weights into the skeleton's folders; they cannot make them (tokenizer, configs)
+            print(f"error: {root}: no checkpoint skeleton (text_encoder/config.json), but {work / 'skeleton.done'} says one was "
+                  f"written; use the --root that --work was made with, or a copy of it", file=sys.stderr)
+            raise SystemExit(2)
         return
     corpus = [C.encoder_string(c) for c, *_ in lang] + [C.encoder_string(c) for c, _ in train] + ["user\n", "assistant\n"] * 2
     write_tiny_checkpoint(root, force=True, tokenizer_corpus=corpus)
@@ -694,8 +699,8 @@ def roundtrip_shapes(vae, n: int = 96, seed: int = 0) -> dict[str, float]:
     the gate's shape score the autoencoder alone leaves. Logged after the VAE and decoder stages; it touches no
     random stream of training, so the run's bytes are the same. Small squares and triangles are where autoencoders
     differ: after the decoder stage 74-94 % and 74-91 % for seeds 0 and 2 and the shipped model's, and seed 2's
-    (74 % and 74 %) went with the lowest DiT shape score of the three (70 % against 81 and 86 %; docs/demo.md, "Run x
-    and the autoencoder")."""
+    (74 % and 74 %) went with the lowest DiT shape score of the three (70 % against 81 and 86 %; 2-core Intel Xeon with
+    AMX; docs/demo.md, "Run x and the autoencoder")."""
     from gguf_dit.demo import regions as R
 
     rng = np.random.default_rng(seed)

@@ -303,12 +303,8 @@ def test_to_uint8_is_to_tensors_rounded_inverse():
     to it (either side), and values outside [-1, 1] clamp to 0 and 255."""
     import torch
 
-    _training_script()
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from train_demo import to_tensor, to_uint8
-    finally:
-        sys.path.pop(0)
+    T, _ = _training_script()
+    to_tensor, to_uint8 = T.to_tensor, T.to_uint8  # train_demo's, imported there
     imgs = (np.arange(256 * 3) % 256).reshape(1, 16, 16, 3).astype(np.uint8)  # every value, three times
     assert np.array_equal(to_uint8(to_tensor(imgs)), imgs)
     inner = imgs.clip(1, 254)  # a step either side stays in range
@@ -798,6 +794,14 @@ def test_encoder_stages_must_converge_before_the_dit_stages(tmp_path):
     r = subprocess.run([*cmd, "--min-encoder-right", "0", "--stop-after", "language"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in work.iterdir()) == ["language.json", "language.pt", "place.json", "place.pt", "skeleton.done", "te_language", "te_random"]
+    # a new --root on that --work (as a --dit-seed redraw might try): the cached stages cannot write into a skeleton
+    # they did not make, so the run stops at once with one line, and makes no folder
+    other = tmp_path / "other_ckpt"
+    r = subprocess.run([*cmd[:3], str(other), *cmd[4:], "--min-encoder-right", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: {other}: no checkpoint skeleton (text_encoder/config.json), but "
+                                                      f"{work / 'skeleton.done'} says one was written; use the --root that --work "
+                                                      f"was made with, or a copy of it"), r.stderr
+    assert not other.exists()
 
 
 def test_train_on_states_pulls_states_to_their_matched_pictures():
