@@ -361,6 +361,7 @@ def test_training_script_128_is_deterministic(tmp_path):
                "--language-pairs", "40", "--language-steps", "3", "--place-steps", "3", "--captions", "24", "--images-per-caption", "1", "--vae-steps", "3",
                "--decoder-steps", "3", "--dit-steps", "3", "--late-steps", "3", "--uncond-steps", "3", "--guided-steps", "3", "--guided-states", "8", "--later-states", "4", "--own-steps", "3", "--agree-steps", "3",
                "--match", "4", "--finish-rounds", "2", "--finish-steps", "3", "--canon-rounds", "2", "--canon-steps", "3",
+               "--decoder-scenes", "64", "--sampled-decoder-steps", "3", "--sampled-decoder-pictures", "4",
                "--batch", "16", "--threads", "2",  # 16: most batches split into length groups (dit_forward), the "where" probe's path
                "--compile-encoder", "--finish-states-per-trajectory", "4",  # the options run q tried (docs/demo.md), deterministic too
                "--min-encoder-right", "0"]  # three encoder steps learn nothing; the check has its own test
@@ -368,12 +369,12 @@ def test_training_script_128_is_deterministic(tmp_path):
         # so the measurement draws on no random stream of training
         cmd += ["--convert-to", str(tmp_path / "out"), "--roundtrip-renders", "4"] if run == "a" else ["--roundtrip-renders", "0"]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        for when in ("vae", "decoder"):
-            assert (f"{when} round trip, shapes read right: circle small " in log) == (run == "a"), log
+        for when in ("vae", "decoder", "sampled decoder"):
+            assert (f"\n{when} round trip, shapes read right: circle small " in log.replace("] ", "\n")) == (run == "a"), log
         # --guided-states for the guided rounds, --later-states for every later stage's sampler states
         # with the options: the finish, agreement and canon rounds take four states a trajectory, and the encoder trains
         # compiled, at one length
-        for line in ("guided round 3: 8 states", "finish round 2: 4 matched states, 4 a trajectory", "agree: 4 guided states, 4 a trajectory",
+        for line in ("sampled decoder: 4 pictures of the preset", "guided round 3: 8 states", "finish round 2: 4 matched states, 4 a trajectory", "agree: 4 guided states, 4 a trajectory",
                      "canon round 2 uncond: 4 states, 4 a trajectory", "language: the encoder's forward compiled whole, every batch padded to",
                      "place: the encoder's forward compiled whole, every batch padded to"):
             assert line in log, (line, log)
@@ -534,6 +535,40 @@ def test_guided_states_are_the_presets_own_euler_steps():
                 assert torch.equal(states[i], z[i]), (own[1], k, i, (states[i] - z[i]).abs().max().item())
     with pytest.raises(AssertionError):
         T.guided_states(cond, unc, (lat, cap_idx), feats, torch.arange(6), 5, 2, torch.Generator().manual_seed(3), guidance=(7.0,) * 19)
+    # k_fixed (the sampled-decoder stage's pictures): every trajectory runs exactly that many steps and no k is drawn,
+    # so the noise is the draw after the indices; the states are the replay's after two steps
+    idx2, states2, t2 = T.guided_states(cond, unc, (lat, cap_idx), feats, torch.arange(6), 5, 2, torch.Generator().manual_seed(3), k_fixed=2)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(idx2, torch.randint(0, 6, (5,), generator=g))
+    z = torch.randn(5, 64, 128, generator=g)
+    fb2 = [feats[int(cap_idx[i])] for i in idx2]
+    with torch.no_grad(), T.low_precision():
+        for k in range(2):
+            tk = torch.full((5,), ts[k]).to(torch.bfloat16).float()
+            vc, vu = dit_forward(cond, z, tk, fb2, (8, 8)).float(), dit_forward(unc, z, tk, None, (8, 8)).float()
+            z = z + (vu + 7.0 * (vc - vu)) * (ts[k + 1] - ts[k])
+    assert (states2 - z).abs().max().item() <= 2e-6 and not torch.equal(states2, states)
+    assert torch.equal(t2, torch.full((5,), ts[2]).to(torch.bfloat16).float())
+    with pytest.raises(AssertionError):
+        T.guided_states(cond, unc, (lat, cap_idx), feats, torch.arange(6), 5, 2, torch.Generator().manual_seed(3), k_fixed=2, per=2)
+
+
+def test_token_latents_invert_the_dit_tokens():
+    """train_demo128.token_latents (the sampled-decoder stage's latents, token_pictures' decoder input) undoes
+    train_demo.latent_tokens: tokens of two rendered scenes go back to the encoder's own posterior means."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    T, _ = _training_script()
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(**T.VAE_CONFIG).eval()
+    rng = np.random.default_rng(0)
+    imgs = np.stack([S.render(sc, rng) for _, sc in C.pairs("train", 2, 0)])
+    with torch.no_grad():
+        mean = vae.encode(T.to_tensor(imgs)).latent_dist.mean
+    back = T.token_latents(T.train_demo.latent_tokens(vae, imgs))
+    assert back.shape == mean.shape == (2, 32, 16, 16)
+    assert (back - mean).abs().max().item() <= 1e-5 * mean.abs().max().item()
 
 
 def test_guided_states_several_per_trajectory_are_points_of_one_trajectory():
