@@ -778,8 +778,8 @@ def stage_sampled_decoder(work: Path, vae, cond, unc, data, feats, is_json, scen
     beside an object): the decoder learns to draw what those latents were meant to be, from training captions only.
     On run w (AMX Xeon; its pictures drawn eagerly by a first version of this stage): shape 81.4 -> 85.1 %, all
     attributes 92.0 -> 92.7 % on the test captions, 92.4 -> 92.9 % on validation ones; the example's round square
-    stayed round (docs/demo.md, "a decoder for the sampler's pictures"). Off by default. Its file goes to the DiT
-    seed's folder, as it depends on the backbones."""
+    stayed round. On run w6, this stage: 90.7 -> 89.4 %, colours worse (docs/demo.md, "a decoder for the sampler's
+    pictures"). So off by default. Its file goes to the DiT seed's folder, as it depends on the backbones."""
     from gguf_dit.runtime.schedule import PRESETS
 
     path = work / "vae_sampled_decoder.pt"
@@ -1630,7 +1630,7 @@ def main(argv=None) -> None:
     ap.add_argument("--resume-every", type=int, default=RESUME_EVERY, help="save the DiT stages' whole training state every N steps; a rerun with the same --work goes on from it (0: never)")
     ap.add_argument("--decoder-steps", type=int, default=600)
     ap.add_argument("--decoder-scenes", type=int, default=8000, help="scenes of every combination the decoder stages draw their clean pictures from (image_scenes)")
-    ap.add_argument("--sampled-decoder-steps", type=int, default=0, help="then fine-tune the decoder on the preset's own pictures of training captions, targets their scenes in the nearest layout (stage_sampled_decoder; 0: none, as the shipped model)")
+    ap.add_argument("--sampled-decoder-steps", type=int, default=0, help="then fine-tune the decoder on the preset's own pictures of training captions, targets their scenes in the nearest layout (stage_sampled_decoder; 0: none, as the shipped model; 600 gained run w 0.7 points and cost run w6 1.3, docs/demo.md)")
     ap.add_argument("--sampled-decoder-pictures", type=int, default=3072, help="pictures the sampled-decoder stage draws with the preset")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="DiT matmuls under bfloat16 autocast or in float32; auto (default): bfloat16 where the CPU has it natively (native_bf16: 3x faster than float32 on a Zen 5 with AVX512_BF16, 28x slower on an AVX2-only Zen 3)")
