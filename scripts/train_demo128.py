@@ -746,23 +746,32 @@ def stage_decoder(work: Path, vae, scenes, steps: int, seed: int):
         vae.load_state_dict(torch.load(path))
         return vae.eval()
     x_all, z_all = decoder_data(vae, scenes, seed)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.05)
     g = torch.Generator().manual_seed(seed + 6)
+
+    def batch():
+        idx = torch.randint(0, len(x_all), (8,), generator=g)
+        return z_all[idx] + 0.1 * 1.65 * torch.randn(z_all[idx].shape, generator=g), x_all[idx]
+
+    return fit_decoder(vae, path, batch, steps, 1e-3, "decoder")
+
+
+def fit_decoder(vae, path: Path, batch, steps: int, lr: float, name: str):
+    """Train the decoder and post_quant_conv ``steps`` steps on ``batch()``'s (latents, pictures) with
+    ``recon_loss`` (AdamW, one cycle to ``lr``), then save the autoencoder to ``path``."""
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
     t0 = time.time()
     vae.train()
     for step in range(steps):
-        idx = torch.randint(0, len(x_all), (8,), generator=g)
-        z = z_all[idx] + 0.1 * 1.65 * torch.randn(z_all[idx].shape, generator=g)
-        rec = vae.decode(z).sample
-        loss = recon_loss(rec, x_all[idx])
+        z, x = batch()
+        loss = recon_loss(vae.decode(z).sample, x)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"decoder step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+            log(f"{name} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     vae.eval()
     torch.save(vae.state_dict(), path)
     return vae
@@ -799,25 +808,15 @@ def stage_sampled_decoder(work: Path, vae, cond, unc, data, feats, is_json, scen
     log(f"sampled decoder: {n} pictures of the preset, mean |picture - nearest layout| {(to_tensor(pics) - x_gen).abs().mean().item() * 127.5:.2f} "
         f"of 255 ({time.time() - t0:.0f} s)")
     x_all, z_all = decoder_data(vae, clean_scenes, seed)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
     n_gen = int(round(batch * share))
-    vae.train()
-    for step in range(steps):
+
+    def mixed():
         i_c = torch.randint(0, len(x_all), (batch - n_gen,), generator=g)
         i_s = torch.randint(0, len(x_gen), (n_gen,), generator=g)
         z = torch.cat([z_all[i_c] + 0.1 * 1.65 * torch.randn(z_all[i_c].shape, generator=g), z_gen[i_s]])
-        loss = recon_loss(vae.decode(z).sample, torch.cat([x_all[i_c], x_gen[i_s]]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"sampled decoder step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-    vae.eval()
-    torch.save(vae.state_dict(), path)
-    return vae
+        return z, torch.cat([x_all[i_c], x_gen[i_s]])
+
+    return fit_decoder(vae, path, mixed, steps, lr, "sampled decoder")
 
 
 # -- 4. DiT -------------------------------------------------------------------------------------
