@@ -370,7 +370,7 @@ def test_training_script_128_is_deterministic(tmp_path):
         cmd += ["--convert-to", str(tmp_path / "out"), "--roundtrip-renders", "4"] if run == "a" else ["--roundtrip-renders", "0"]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         for when in ("vae", "decoder", "sampled decoder"):
-            assert (f"\n{when} round trip, shapes read right: circle small " in log.replace("] ", "\n")) == (run == "a"), log
+            assert bool(re.search(rf"^\[[\d:]+\] {when} round trip, shapes read right: circle small ", log, re.M)) == (run == "a"), log
         # --guided-states for the guided rounds, --later-states for every later stage's sampler states
         # with the options: the finish, agreement and canon rounds take four states a trajectory, and the encoder trains
         # compiled, at one length
@@ -381,6 +381,12 @@ def test_training_script_128_is_deterministic(tmp_path):
         files = sorted((tmp_path / run / "ckpt").rglob("*.safetensors")) + sorted((tmp_path / run / "ckpt").rglob("tokenizer.json"))
         hashes.append({str(f.relative_to(tmp_path / run)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files})
     assert len(hashes[0]) == 5 and hashes[0] == hashes[1]
+    # the sampled-decoder stage moved the decoder and left the encoder (the DiT's latent space) as it was
+    import torch
+
+    before, after = (torch.load(tmp_path / "a" / "work" / n) for n in ("vae_decoder.pt", "vae_sampled_decoder.pt"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     # A run carried over to another machine by a few files (docs/demo.md, "A run carried over"): the encoder's last
     # stage, the autoencoder and both backbones after the first canon round; every earlier DiT stage and the
     # language stage are skipped, everything else is recomputed from them, and the checkpoint is the same bytes.
@@ -568,7 +574,8 @@ def test_token_latents_invert_the_dit_tokens():
         mean = vae.encode(T.to_tensor(imgs)).latent_dist.mean
     back = T.token_latents(T.train_demo.latent_tokens(vae, imgs))
     assert back.shape == mean.shape == (2, 32, 16, 16)
-    assert (back - mean).abs().max().item() <= 1e-5 * mean.abs().max().item()
+    # float32 rounding of the scale and shift: 2.4e-7 measured against latents up to 2.5 (AMX Xeon)
+    assert (back - mean).abs().max().item() <= 4e-7 * mean.abs().max().item()
 
 
 def test_guided_states_several_per_trajectory_are_points_of_one_trajectory():
