@@ -483,12 +483,16 @@ def train_encoder(model, reader, read, toks, fill, steps: int, lr: float, pct_st
     corpus's longest caption so that one compilation serves every step: 36 tiny layers are thousands of kernel
     launches a step eagerly (0.369 against 0.292 s a step on the Zen 4, after about 90 s of compilation;
     docs/benchmarks.md). Right padding changes no feature (causal attention) and the readers and the invariance
-    read valid tokens only, so it computes the same losses; compiled code rounds differently, another model."""
+    read valid tokens only, so it computes the same losses; compiled code rounds differently, another model. And not
+    the same model twice: on a 2-core AMD EPYC Zen 3 (AVX2) three runs of a few steps each gave three different
+    encoders (the eager forward and the compiled DiT layers gave the same bytes every time), so the option is for
+    timing experiments, never for a model to ship."""
     params = list(model.parameters()) + list(reader.parameters())
     length = max(len(t) for pair in toks for t in pair) if COMPILE_TE else 0
     features = torch.compile(te_features, dynamic=False) if COMPILE_TE else te_features
     if COMPILE_TE:
-        log(f"{name}: the encoder's forward compiled whole, every batch padded to {length} tokens")
+        log(f"{name}: the encoder's forward compiled whole, every batch padded to {length} tokens; NOT deterministic "
+            f"(three runs, three encoders on an AMD EPYC Zen 3): for timing experiments only")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=pct_start)
     t0, smooth = time.time(), None
@@ -1637,7 +1641,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="run the DiT's layers through torch.compile (compiled; the default, as the shipped model was trained): 1.29x faster DiT stages on a Zen 4; --no-compile trains eagerly, a different model from the same seed (rounding), so keep its --work apart")
     ap.add_argument("--canon-states-per-trajectory", type=int, default=4, help="states each canon round takes from one sampler trajectory, at distinct steps (guided_states per): a quarter of the trajectories for the same states (4, the default, as the shipped model was trained: 91.9 %% against 90.5 %% with 1, and the canon rounds 1572 s against 1991 s on the Zen 4; docs/demo.md)")
     ap.add_argument("--finish-states-per-trajectory", type=int, default=1, help="the same for the finish and agreement rounds' sampler states (default 1, as the shipped model was trained; 4 made their states 90 and 60 s quicker on the Zen 4, but the one run with it and --compile-encoder scored 86.9 %%, below the bar: docs/demo.md, run q)")
-    ap.add_argument("--compile-encoder", action=argparse.BooleanOptionalAction, default=False, help="run the text encoder's training forward through torch.compile, whole, every batch padded to the corpus's longest caption (train_encoder): its stage 1135 s instead of ~1470 on a Zen 4, compilation included; another model (off by default: the one run with it and 4 --finish-states-per-trajectory scored 86.9 %%, docs/demo.md, run q)")
+    ap.add_argument("--compile-encoder", action=argparse.BooleanOptionalAction, default=False, help="run the text encoder's training forward through torch.compile, whole, every batch padded to the corpus's longest caption (train_encoder): its stage 1135 s instead of ~1470 on a Zen 4, compilation included; another model, and NOT deterministic: two runs can train different encoders (off by default: for timing experiments only; the one run with it and 4 --finish-states-per-trajectory scored 86.9 %%, docs/demo.md, run q)")
     ap.add_argument("--length-groups", action=argparse.BooleanOptionalAction, default=True, help="split each conditional DiT batch into runs of similar caption length (length_groups; the default, as the shipped model was trained); --no-length-groups runs the batch as one, padded to its longest caption: fewer, larger forwards, another model (rounding); its one whole run, on a 2-core AMX Xeon, took 1 h 20 min and scored 82.5 %%, below the bar (docs/demo.md, run r2)")
     ap.add_argument("--convert-to", type=Path, default=None, help="also run gguf-dit convert into this folder")
     ap.add_argument("--stop-after", choices=("language", "features", "vae", "latents", "dit"), default=None, help="stop after this stage (for checks)")
