@@ -24,16 +24,21 @@ import train_demo128 as T  # noqa: E402
 from train_demo import dit_forward  # noqa: E402
 
 
+def train_step(model, opt, x, t, feats, bf16: bool) -> None:
+    """One forward + backward + AdamW step at the script's shapes, a stand-in loss (benchmarks/train_roofline.py too)."""
+    with T.low_precision(bf16):
+        out = dit_forward(model, x, t, feats, (8, 8))
+    loss = out.float().pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def step_seconds(model, opt, x, t, feats, bf16: bool, reps: int) -> float:
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
-        with T.low_precision(bf16):
-            out = dit_forward(model, x, t, feats, (8, 8))
-        loss = out.float().pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, t, feats, bf16)
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 

@@ -29,8 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from gguf_dit.sysinfo import cpu_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_demo128 as T  # noqa: E402
-from train_demo import dit_forward  # noqa: E402
+from train_precision import train_step  # noqa: E402
 
 
 def best_of(fn, reps: int) -> float:
@@ -49,12 +50,7 @@ def measure(model, opt, batch: int, text_tokens: int, bf16: bool, reps: int, rng
     feats = [rng.standard_normal((text_tokens, T.DIT_CONFIG["llm_features_dim"])).astype(np.float32) for _ in range(batch)]
 
     def step():
-        with T.low_precision(bf16):
-            out = dit_forward(model, x, t, feats, (8, 8))
-        loss = out.float().pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, t, feats, bf16)
 
     with FlopCounterMode(display=False) as counter:
         step()
