@@ -486,7 +486,8 @@ def train_encoder(model, reader, read, toks, fill, steps: int, lr: float, pct_st
     read valid tokens only, so it computes the same losses; compiled code rounds differently, another model. And not
     the same model twice: on a 2-core AMD EPYC Zen 3 (AVX2) three runs of a few steps each gave three different
     encoders (the eager forward and the compiled DiT layers gave the same bytes every time), so the option is for
-    timing experiments, never for a model to ship."""
+    timing experiments, never for a model to ship. Likely cause: the compiled code follows Python's per-process
+    string-hash order (with PYTHONHASHSEED=0 three fresh compiles agreed; without, two differed; docs/demo.md)."""
     params = list(model.parameters()) + list(reader.parameters())
     length = max(len(t) for pair in toks for t in pair) if COMPILE_TE else 0
     features = torch.compile(te_features, dynamic=False) if COMPILE_TE else te_features
