@@ -2,16 +2,16 @@
 
     python scripts/train_demo128.py --root /tmp/demo128_ckpt --work /tmp/demo128_work --convert-to /tmp/demo128
 
-The defaults are the recipe of the shipped demo model (docs/demo.md); ``--root`` is its float checkpoint, written
-in bfloat16 (the shipped one: checkpoints/demo/). Measured: 2 h 12 min on a 2-core AMD EPYC Zen 4 (AVX512_BF16,
-bfloat16 autocast, ``--compile``, four states per trajectory in the canon rounds; the stage table in docs/demo.md;
-2 h 48 min eager with one); about 4 hours estimated on an AVX2-only Zen 3, which trains in float32
-(``--precision``). Needs the test extras (diffusers, transformers). Two faster options, off by default
-(``--compile-encoder``, ``--finish-states-per-trajectory 4``): one uninterrupted run with both took 2 h 06 min 36 s
-on the same Zen 4 but scored 86.9 %, below issue 13's bar (docs/demo.md, run q); ``--no-length-groups`` runs each
-conditional DiT batch as one, padded to its longest caption: the first phase about 1.1× faster on that Zen 4; the
-one whole run with it, on a 2-core AMX Xeon, took 1 h 20 min but scored 82.5 % (docs/demo.md, run r2), so it is
-off by default.
+The defaults are the recipe of the shipped demo model (docs/demo.md); ``--root`` is its float checkpoint, written in
+bfloat16 (the shipped one: checkpoints/demo/). Measured: 2 h 12 min on a 2-core AMD EPYC Zen 4 (AVX512_BF16, bfloat16
+autocast, ``--compile``, four states per trajectory in the canon rounds; the stage table in docs/demo.md; 2 h 48 min
+eager with one); about 3 h 16 min on a 2-core AVX2-only Zen 3, which trains in float32 (``--precision``; scaled by
+stage from a tenth-size run, docs/demo.md). Needs the test extras (diffusers, transformers). Two faster options, off
+by default (``--compile-encoder``, ``--finish-states-per-trajectory 4``): one uninterrupted run with both took 2 h 06
+min 36 s on the same Zen 4 but scored 86.9 %, below issue 13's bar (docs/demo.md, run q); ``--no-length-groups`` runs
+each conditional DiT batch as one, padded to its longest caption: the first phase about 1.1× faster on that Zen 4; the
+one whole run with it, on a 2-core AMX Xeon, took 1 h 20 min but scored 82.5 % (docs/demo.md, run r2), so it is off by
+default.
 
 The world (``gguf_dit/demo/scene.py``) and its captions (``gguf_dit/demo/captions.py``): one or two coloured shapes,
 nine places, two sizes, four backgrounds, and many ways to ask for them; a fixed split holds sentence patterns,
@@ -486,8 +486,10 @@ def train_encoder(model, reader, read, toks, fill, steps: int, lr: float, pct_st
     read valid tokens only, so it computes the same losses; compiled code rounds differently, another model. And not
     the same model twice: on a 2-core AMD EPYC Zen 3 (AVX2) three runs of a few steps each gave three different
     encoders (the eager forward and the compiled DiT layers gave the same bytes every time), so the option is for
-    timing experiments, never for a model to ship. Likely cause: the compiled code follows Python's per-process
-    string-hash order (with PYTHONHASHSEED=0 three fresh compiles agreed; without, two differed; docs/demo.md)."""
+    timing experiments, never for a model to ship. Cause not found: inductor generates the same code whatever
+    Python's hash seed, but its forward on two threads gives one of several outputs, nearly always the same within
+    a process and not between processes (under MKL's strict reproducibility mode too); on one thread three
+    processes agreed (docs/demo.md, run q1)."""
     params = list(model.parameters()) + list(reader.parameters())
     length = max(len(t) for pair in toks for t in pair) if COMPILE_TE else 0
     features = torch.compile(te_features, dynamic=False) if COMPILE_TE else te_features
