@@ -76,6 +76,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cond-steps", type=int, default=10200, help="conditional-backbone training steps of the recipe")
     ap.add_argument("--uncond-steps", type=int, default=3500, help="image-only-backbone training steps (no caption tokens)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's table of three conditional steps (where the time outside the matmuls goes)")
     a = ap.parse_args(argv)
     from diffusers import Ideogram4Transformer2DModel
 
@@ -100,6 +101,20 @@ def main(argv=None) -> None:
         at_mm += steps * flops / mm_rate
     print(f"{a.cond_steps} + {a.uncond_steps} steps: {at_step / 60:.0f} min at these steps' rates, "
           f"floor {at_mm / 60:.0f} min at the matmul rate (padded batches, no length groups or compile)")
+    if a.profile:
+        profile_step(model, opt, a.batch, a.text_tokens, bf16, rng)
+
+
+def profile_step(model, opt, batch: int, text_tokens: int, bf16: bool, rng) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    x, t = torch.randn(batch, 64, T.DIT_CONFIG["in_channels"]), torch.rand(batch)
+    feats = [rng.standard_normal((text_tokens, T.DIT_CONFIG["llm_features_dim"])).astype(np.float32) for _ in range(batch)]
+    train_step(model, opt, x, t, feats, bf16)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            train_step(model, opt, x, t, feats, bf16)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
 
 
 if __name__ == "__main__":
