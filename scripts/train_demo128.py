@@ -486,10 +486,10 @@ def train_encoder(model, reader, read, toks, fill, steps: int, lr: float, pct_st
     read valid tokens only, so it computes the same losses; compiled code rounds differently, another model. And not
     the same model twice: on a 2-core AMD EPYC Zen 3 (AVX2) three runs of a few steps each gave three different
     encoders (the eager forward and the compiled DiT layers gave the same bytes every time), so the option is for
-    timing experiments, never for a model to ship. Cause not found: inductor generates the same code whatever
-    Python's hash seed, but its forward on two threads gives one of several outputs, nearly always the same within
-    a process and not between processes (under MKL's strict reproducibility mode too); on one thread three
-    processes agreed (docs/demo.md, run q1)."""
+    timing experiments, never for a model to ship. Where: inductor's own C++ kernels on two threads give one of
+    several outputs, nearly always the same within a process and not between processes, from the same generated
+    code; ``backend="aot_eager"`` and ``options={"cpp.threads": 1}`` each agreed in six processes (docs/demo.md, run
+    q1, with the candidate fix and why it is not in yet)."""
     params = list(model.parameters()) + list(reader.parameters())
     length = max(len(t) for pair in toks for t in pair) if COMPILE_TE else 0
     features = torch.compile(te_features, dynamic=False) if COMPILE_TE else te_features
