@@ -44,10 +44,16 @@ def best_of(fn, reps: int) -> float:
     return min(times)
 
 
-def measure(model, opt, batch: int, text_tokens: int, bf16: bool, reps: int, rng) -> tuple[float, float, dict]:
-    """(FLOPs of one step, its best time, {GEMM shape: torch.mm FLOP/s}) at ``text_tokens`` caption tokens."""
+def step_inputs(batch: int, text_tokens: int, rng):
+    """Random latents, times and caption features at the script's shapes (the cost does not depend on the values)."""
     x, t = torch.randn(batch, 64, T.DIT_CONFIG["in_channels"]), torch.rand(batch)
     feats = [rng.standard_normal((text_tokens, T.DIT_CONFIG["llm_features_dim"])).astype(np.float32) for _ in range(batch)]
+    return x, t, feats
+
+
+def measure(model, opt, batch: int, text_tokens: int, bf16: bool, reps: int, rng) -> tuple[float, float, dict]:
+    """(FLOPs of one step, its best time, {GEMM shape: torch.mm FLOP/s}) at ``text_tokens`` caption tokens."""
+    x, t, feats = step_inputs(batch, text_tokens, rng)
 
     def step():
         train_step(model, opt, x, t, feats, bf16)
@@ -108,8 +114,7 @@ def main(argv=None) -> None:
 def profile_step(model, opt, batch: int, text_tokens: int, bf16: bool, rng) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    x, t = torch.randn(batch, 64, T.DIT_CONFIG["in_channels"]), torch.rand(batch)
-    feats = [rng.standard_normal((text_tokens, T.DIT_CONFIG["llm_features_dim"])).astype(np.float32) for _ in range(batch)]
+    x, t, feats = step_inputs(batch, text_tokens, rng)
     train_step(model, opt, x, t, feats, bf16)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
